@@ -1,0 +1,25 @@
+"""dode-lightning: distilled ODE solvers (D-ODE, Kim, Tang & Yu, CVPR 2024) for pretrained diffusion models."""
+from .denoisers import CountingDenoiser, DiscreteEpsDenoiser, eps_from_x0, x0_from_eps
+from .gmm import GaussianMixture, digits_mixture
+from .schedules import EDM, VE, VPContinuous, VPDiscrete, make_schedule
+from .solvers import SOLVERS, Solver, make_solver, run_stages
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CountingDenoiser",
+    "DiscreteEpsDenoiser",
+    "eps_from_x0",
+    "x0_from_eps",
+    "GaussianMixture",
+    "digits_mixture",
+    "EDM",
+    "VE",
+    "VPContinuous",
+    "VPDiscrete",
+    "make_schedule",
+    "SOLVERS",
+    "Solver",
+    "make_solver",
+    "run_stages",
+]

@@ -1,0 +1,112 @@
+"""The one denoiser interface (k-diffusion / EDM contract) and adapters to it.
+
+A denoiser is any callable `denoiser(x, sigma, class_labels=None) -> x0_hat` where `x` is the state in VE form
+(x = x₀ + σ·n, unit scale), `sigma` is a scalar or a per-sample tensor, and the result is the estimate of x₀.
+Solvers for scaled (VP) states divide by s before calling and multiply back themselves.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from .schedules import VPDiscrete
+
+__all__ = [
+    "Denoiser",
+    "eps_from_x0",
+    "x0_from_eps",
+    "broadcast_sigma",
+    "DiscreteEpsDenoiser",
+    "CountingDenoiser",
+]
+
+
+class Denoiser(Protocol):
+    def __call__(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor: ...
+
+
+def broadcast_sigma(sigma: Tensor | float, x: Tensor) -> Tensor:
+    """σ as a tensor of x's dtype shaped (N, 1, …, 1) (or a 0-d tensor for a scalar σ)."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    if sigma.ndim == 0:
+        return sigma
+    return sigma.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def eps_from_x0(x: Tensor, sigma: Tensor | float, x0: Tensor) -> Tensor:
+    """ε = (x − x₀)/σ for a VE-form state x (method.md §0.1 with α = 1)."""
+    return (x - x0) / broadcast_sigma(sigma, x)
+
+
+def x0_from_eps(x: Tensor, sigma: Tensor | float, eps: Tensor) -> Tensor:
+    """x₀ = x − σ·ε for a VE-form state x."""
+    return x - broadcast_sigma(sigma, x) * eps
+
+
+EpsModel = Callable[..., Tensor]
+
+
+class DiscreteEpsDenoiser(nn.Module):
+    """Wraps a discrete-time ε-model `eps_model(x_vp, t[, class_labels])` as a VE-form denoiser.
+
+    For a call at noise level σ the state is mapped to VP form, x_vp = x/√(1+σ²), and the model is called at the
+    timestep t(σ) of the ᾱ table. σ off the trained grid: t(σ) is the fractional timestep from DPM-Solver's
+    log-α interpolation; it is snapped to the nearest integer when within `snap` of one, rounded always when
+    `integer_timesteps=True`, and clamped to [0, T−1] (noise levels beyond the trained range reuse the end
+    timesteps). σ = 0 returns x unchanged. `time_shift` subtracts a constant from the model time (the iPNDM/DEIS
+    official code calls the network at t − 1).
+    """
+
+    def __init__(
+        self,
+        eps_model: EpsModel,
+        schedule: VPDiscrete,
+        *,
+        integer_timesteps: bool = False,
+        time_shift: float = 0.0,
+        snap: float = 1e-6,
+        conditional: bool = False,
+    ) -> None:
+        super().__init__()
+        self.eps_model = eps_model
+        self.schedule = schedule
+        self.integer_timesteps = integer_timesteps
+        self.time_shift = time_shift
+        self.snap = snap
+        self.conditional = conditional
+
+    def timestep(self, sigma: Tensor) -> Tensor:
+        """Model time for noise level σ (float64)."""
+        t = self.schedule.sigma_inv(sigma)
+        nearest = t.round()
+        t = torch.where((t - nearest).abs() < self.snap, nearest, t)
+        if self.integer_timesteps:
+            t = nearest
+        return (t - self.time_shift).clamp(0.0, self.schedule.num_timesteps - 1)
+
+    def forward(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
+        sigma_b = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma.reshape(-1)
+        t = self.timestep(sigma_b.cpu()).to(x.device)
+        scale = broadcast_sigma((1.0 / torch.sqrt(1.0 + sigma_b**2)), x)
+        t_model = t.long() if self.integer_timesteps else t.to(x.dtype)
+        args = (x * scale, t_model) + ((class_labels,) if self.conditional else ())
+        eps = self.eps_model(*args).to(x.dtype)
+        x0 = x0_from_eps(x, sigma_b.to(x.dtype), eps)
+        return torch.where(broadcast_sigma(sigma_b, x) == 0, x, x0)
+
+
+class CountingDenoiser:
+    """Counts denoiser calls (network evaluations) and records the σ of each call."""
+
+    def __init__(self, denoiser: Denoiser) -> None:
+        self.denoiser = denoiser
+        self.calls = 0
+        self.sigmas: list[Tensor] = []
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+        self.calls += 1
+        self.sigmas.append(torch.as_tensor(sigma).detach().clone())
+        return self.denoiser(x, sigma, class_labels)

@@ -1,0 +1,117 @@
+"""Solver specifications: a grid plus a stage generator, with NFE and λ bookkeeping, built by name."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..denoisers import Denoiser
+from ..grids import make_sigmas
+from ..schedules import EDM, Schedule
+from .stages import LambdaRule, Stage, StageGenerator, run_stages
+
+__all__ = ["Solver", "SOLVERS", "register_solver", "make_solver", "NFEError"]
+
+
+class NFEError(ValueError):
+    """An NFE the solver cannot realise; the message names the valid values."""
+
+
+class Solver(ABC):
+    """A solver on fixed noise levels: `stages()` yields one `Stage` per network evaluation.
+
+    `sigmas` are the step boundaries (descending, usually ending at 0); `scales` the state scales s(σ) at them
+    (all ones for VE/EDM-form integration). The initial state is `unit_prior ? z : s_0·σ_0·z`.
+    """
+
+    name: ClassVar[str]
+    prediction: ClassVar[str]
+
+    def __init__(self, sigmas: Tensor, scales: Tensor | None = None, unit_prior: bool = False) -> None:
+        self.sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+        self.scales = torch.ones_like(self.sigmas) if scales is None else torch.as_tensor(scales, dtype=torch.float64)
+        self.unit_prior = unit_prior
+
+    @classmethod
+    def from_grid(cls, sigmas: Tensor, schedule: Schedule) -> "Solver":
+        """Integrate the schedule's own scaled states (VP: s = 1/√(1+σ²), unit-noise prior)."""
+        return cls(sigmas, schedule.scale(sigmas), unit_prior=schedule.variance_preserving)
+
+    @classmethod
+    @abstractmethod
+    def steps_for_nfe(cls, nfe: int) -> int:
+        """Number of grid points (before any terminal 0) that gives this NFE; raises NFEError if none does."""
+
+    @property
+    @abstractmethod
+    def nfe(self) -> int:
+        """Network evaluations per run."""
+
+    @property
+    @abstractmethod
+    def target_sigmas(self) -> Tensor:
+        """Noise level of the state produced by each stage (one entry per stage, float64)."""
+
+    @property
+    @abstractmethod
+    def lambda_fitted(self) -> list[bool]:
+        """Per stage: whether λ_k is a free parameter (False where Δ_k is structurally absent)."""
+
+    @abstractmethod
+    def stages(self, denoiser: Denoiser, x: Tensor, class_labels: Tensor | None = None) -> StageGenerator:
+        """Stage generator from state x at sigmas[0]."""
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.target_sigmas)
+
+    def init_state(self, noise: Tensor) -> Tensor:
+        if self.unit_prior:
+            return noise.clone()
+        return noise * float(self.sigmas[0] * self.scales[0])
+
+    def sample(
+        self,
+        denoiser: Denoiser,
+        noise: Tensor,
+        lambdas: Tensor | None = None,
+        class_labels: Tensor | None = None,
+        observe: Callable[[int, Stage, Tensor], None] | None = None,
+    ) -> Tensor:
+        """Run from unit noise; `lambdas=None` is the base solver, otherwise the D-solver with these λ."""
+        rule: LambdaRule | None = None
+        if lambdas is not None:
+            if len(lambdas) != self.num_stages:
+                raise ValueError(f"{self.name} with NFE {self.nfe} has {self.num_stages} stages, got {len(lambdas)} λ")
+            rule = lambda k, _stage: lambdas[k]  # noqa: E731
+        return run_stages(self.stages(denoiser, self.init_state(noise), class_labels), rule, observe)
+
+
+SOLVERS: dict[str, type[Solver]] = {}
+
+
+def register_solver(cls: type[Solver]) -> type[Solver]:
+    SOLVERS[cls.name] = cls
+    return cls
+
+
+def make_solver(
+    name: str,
+    nfe: int,
+    schedule: Schedule | None = None,
+    grid: str | None = None,
+    **grid_kwargs: float,
+) -> Solver:
+    """Build a solver by name for a given NFE on a grid of the schedule.
+
+    Defaults: the EDM schedule; grid `uniform_torch` on discrete VP schedules, Karras ρ = 7 (+ σ = 0) otherwise.
+    """
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(sorted(SOLVERS))}")
+    cls = SOLVERS[name]
+    schedule = EDM() if schedule is None else schedule
+    grid = grid or ("uniform_torch" if hasattr(schedule, "num_timesteps") else "karras")
+    sigmas = make_sigmas(grid, cls.steps_for_nfe(nfe), schedule, **grid_kwargs)
+    return cls.from_grid(sigmas, schedule)
