@@ -1,0 +1,121 @@
+"""Pretrained denoisers from checkpoints: one entry point, `load_denoiser(source, path, **options)`.
+
+Config shape — the `denoiser:` section of a run config is exactly the keyword arguments of `load_denoiser`::
+
+    denoiser:
+      source: edm_pickle          # edm_pickle | diffusers | gmm_digits
+      path: checkpoints/edm-cifar10-32x32-cond-vp.pkl
+      # options of that source, e.g.
+      key: ema
+
+Sources and their options:
+
+* `edm_pickle` — an NVIDIA EDM network pickle (`edm-*.pkl`, `baseline-*.pkl`, `network-snapshot-*.pkl`), read
+  without executing anything from the file (`edm_pickle.py`). Options: `key` (snapshot entry, default `'ema'`),
+  `device` (default `'cpu'`). Schedule: `EDM(max(0.002, net.sigma_min), min(80, net.sigma_max))`, the range EDM's
+  sampler uses.
+* `diffusers` — a diffusers DDPM folder (google/ddpm-cifar10-32 layout, safetensors or 2022-era .bin), needs the
+  optional dependency diffusers (`diffusers_folder.py`). Options: `integer_timesteps` (round off-grid σ to the
+  nearest trained timestep instead of interpolating; default False), `device`. Schedule: `VPDiscrete` of the
+  folder's β table.
+* `gmm_digits` — the built-in exact Gaussian-mixture denoiser on 8×8 digits (no path). Options:
+  `covariance_floor` (default 1e-3), `device`. Schedule: `EDM(0.002, 80)`.
+
+Every source returns a `LoadedDenoiser` whose `denoiser(x, sigma, class_labels=None)` is the package's denoiser
+interface (x in VE form, returns x̂₀), in eval mode with gradients off.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from ..schedules import EDM, Schedule
+from .errors import CheckpointError, RefusedGlobalError
+
+__all__ = ["LoadedDenoiser", "load_denoiser", "SOURCES", "CheckpointError", "RefusedGlobalError"]
+
+EDM_RELEASE_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
+
+
+@dataclass
+class LoadedDenoiser:
+    """A denoiser ready for the solvers, with what a run needs to know about it."""
+
+    denoiser: nn.Module
+    """`denoiser(x, sigma, class_labels=None) -> x̂₀`, eval mode, requires_grad False."""
+    image_shape: tuple[int, int, int]
+    """(C, H, W) of one sample."""
+    label_dim: int
+    """Number of classes for one-hot `class_labels`; 0 = unconditional."""
+    schedule: Schedule
+    """Noise schedule the model was trained on (its σ range bounds the solver grids)."""
+    identity: str
+    """sha256 of the checkpoint file(s), or the built-in model's name."""
+    source: str
+    """The `source` it was loaded from."""
+
+
+def _require_path(source: str, path: str | os.PathLike | None, expected: str) -> Path:
+    if path is None:
+        raise ValueError(f"source {source!r} needs a path: {expected}")
+    return Path(path).expanduser()
+
+
+def _load_edm_pickle(path: str | os.PathLike | None, key: str = "ema", device: str = "cpu") -> LoadedDenoiser:
+    from .edm_pickle import load_edm_network
+
+    expected = f"an EDM network pickle such as edm-cifar10-32x32-cond-vp.pkl, public release at {EDM_RELEASE_URL}"
+    file = _require_path("edm_pickle", path, expected)
+    if not file.is_file():
+        raise FileNotFoundError(f"EDM network pickle not found: {file}; expected {expected}")
+    net, digest = load_edm_network(file, key=key)
+    schedule = EDM(max(0.002, float(net.sigma_min)), min(80.0, float(net.sigma_max)))
+    image_shape = (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
+    return LoadedDenoiser(net.to(device), image_shape, int(net.label_dim), schedule, digest, "edm_pickle")
+
+
+def _load_diffusers(path: str | os.PathLike | None, integer_timesteps: bool = False, device: str = "cpu") -> LoadedDenoiser:
+    from .diffusers_folder import load_diffusers_folder
+
+    folder = _require_path("diffusers", path, "a diffusers DDPM folder such as google/ddpm-cifar10-32 from the Hugging Face hub")
+    denoiser, schedule, image_shape, digest = load_diffusers_folder(folder, integer_timesteps=integer_timesteps)
+    return LoadedDenoiser(denoiser.to(device), image_shape, 0, schedule, digest, "diffusers")
+
+
+def _load_gmm_digits(path: str | os.PathLike | None, covariance_floor: float = 1e-3, device: str = "cpu") -> LoadedDenoiser:
+    from ..gmm import DIGITS_SHAPE, digits_mixture
+
+    if path is not None:
+        raise ValueError("source 'gmm_digits' is built in and takes no path")
+    mixture = digits_mixture(covariance_floor).eval().requires_grad_(False)
+    identity = "gmm_digits" if covariance_floor == 1e-3 else f"gmm_digits(covariance_floor={covariance_floor})"
+    return LoadedDenoiser(mixture.to(device), DIGITS_SHAPE, mixture.label_dim, EDM(0.002, 80.0), identity, "gmm_digits")
+
+
+SOURCES: dict[str, Callable[..., LoadedDenoiser]] = {
+    "edm_pickle": _load_edm_pickle,
+    "diffusers": _load_diffusers,
+    "gmm_digits": _load_gmm_digits,
+}
+
+
+def load_denoiser(source: str, path: str | os.PathLike | None = None, **options: Any) -> LoadedDenoiser:
+    """Load a denoiser from `source` (`edm_pickle`, `diffusers`, `gmm_digits`); options per source in the module doc.
+
+    Raises FileNotFoundError for a missing checkpoint (naming the expected file and the public release),
+    `CheckpointError` (a ValueError) for a file that is malformed or of the wrong format, ValueError for an
+    unknown source or option, ImportError naming the install command when an optional dependency is missing.
+    """
+    loader = SOURCES.get(source)
+    if loader is None:
+        raise ValueError(f"unknown denoiser source {source!r}; choose one of {', '.join(SOURCES)}")
+    accepted = [name for name in inspect.signature(loader).parameters if name != "path"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for source {source!r}; accepted: {', '.join(accepted)}")
+    return loader(path, **options)
