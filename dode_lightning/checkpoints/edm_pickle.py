@@ -186,7 +186,9 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 """Every global an EDM snapshot needs (checkpoints.md §4), old (`numpy.core`) and new (`numpy._core`) names."""
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Pure-Python unpickler: its memo is a dict, so a corrupt memo index cannot force a huge allocation."""
+
     def find_class(self, module: str, name: str) -> Any:
         try:
             return ALLOWED_GLOBALS[(module, name)]
@@ -197,23 +199,29 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("persistent ids do not occur in EDM network pickles")
 
 
-class _HashingReader(io.RawIOBase):
-    """Read-only file view that hashes what passes through and never reads past the end (no huge allocations
-    from a corrupt length field)."""
+class _HashingReader:
+    """Read-only view of a file for the unpickler: hashes what passes through, and clamps every read to the bytes
+    left, so a corrupt length field cannot make it allocate more than the file size."""
 
     def __init__(self, raw: io.BufferedReader, size: int) -> None:
-        super().__init__()
         self._raw, self._remaining = raw, size
         self.digest = hashlib.sha256()
 
-    def readable(self) -> bool:
-        return True
+    def _take(self, data: bytes) -> bytes:
+        self.digest.update(data)
+        self._remaining -= len(data)
+        return data
+
+    def read(self, n: int = -1) -> bytes:
+        return self._take(self._raw.read(self._remaining if n is None or n < 0 else min(n, self._remaining)))
+
+    def readline(self) -> bytes:
+        return self._take(self._raw.readline(self._remaining))
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")[: self._remaining]
         count = self._raw.readinto(view)
-        self.digest.update(view[:count])
-        self._remaining -= count
+        self._take(bytes(view[:count]))
         return count
 
     def drain(self) -> None:
@@ -233,9 +241,8 @@ def read_snapshot(path: str | os.PathLike) -> tuple[Any, str]:
             raise CheckpointError(f"{path.name}: not a pickle (no protocol header), so not an EDM network pickle")
         raw.seek(0)
         reader = _HashingReader(raw, size)
-        buffered = io.BufferedReader(reader, buffer_size=1 << 20)
         try:
-            snapshot = _RestrictedUnpickler(buffered).load()
+            snapshot = _RestrictedUnpickler(reader).load()
         except RefusedGlobalError as err:
             raise RefusedGlobalError(f"{path.name}: {err}") from None
         except MemoryError:
