@@ -26,7 +26,7 @@ from torch import nn
 from ..networks import edm as edm_layers
 from ..networks.precond import PRECONDITIONERS
 
-__all__ = ["PLACEHOLDER_SOURCE", "persistent_record", "network_record", "snapshot_bytes", "write_edm_snapshot"]
+__all__ = ["PLACEHOLDER_SOURCE", "persistent_record", "network_record", "dumps", "snapshot_bytes", "write_edm_snapshot"]
 
 PLACEHOLDER_SOURCE = "# training/networks.py placeholder written by dode_lightning.checkpoints.edm_writer; never executed\n"
 _LOSS_SOURCE = "# training/loss.py placeholder written by dode_lightning.checkpoints.edm_writer; never executed\n"
@@ -156,6 +156,13 @@ def _dump(handle: Any, net: nn.Module, dataset_kwargs: dict | None, extra: dict 
     data = dict(ema=network_record(net), loss_fn=loss, augment_pipe=None, dataset_kwargs=dataset_kwargs or default_dataset)
     data.update(extra or {})
     _SnapshotPickler(handle, protocol=4).dump(data)
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle any tree of records (from `persistent_record`/`network_record`) the way EDM snapshots are pickled."""
+    buffer = io.BytesIO()
+    _SnapshotPickler(buffer, protocol=4).dump(obj)
+    return buffer.getvalue()
 
 
 def snapshot_bytes(net: nn.Module, dataset_kwargs: dict | None = None, extra: dict | None = None) -> bytes:
