@@ -1,0 +1,144 @@
+"""diffusers DDPM folders: the fixture written by diffusers 0.42.1, its 2022-era variant, and the optional-extra path."""
+import builtins
+import json
+import shutil
+
+import pytest
+import torch
+
+from dode_lightning.checkpoints import CheckpointError, load_denoiser
+from dode_lightning.checkpoints.diffusers_folder import DIFFUSERS_INSTALL_HINT, DiffusersDDIMClip, convert_legacy_attention_names
+from dode_lightning.schedules import VPDiscrete
+from dode_lightning.solvers import make_solver
+from tests.conftest import fixture_path
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict:
+    return torch.load(fixture_path("diffusers", "tiny-ddpm.expected.pt"), weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    pytest.importorskip("diffusers")
+    return load_denoiser("diffusers", fixture_path("diffusers", "tiny-ddpm"))
+
+
+def test_fields_and_schedule(loaded, expected):
+    assert loaded.image_shape == (3, 32, 32) and loaded.label_dim == 0 and loaded.source == "diffusers"
+    assert isinstance(loaded.schedule, VPDiscrete) and loaded.schedule.num_timesteps == 1000
+    torch.testing.assert_close(loaded.schedule.betas, expected["betas"].double(), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.schedule.alphas_cumprod, expected["alphas_cumprod"].double(), rtol=0, atol=1e-6)
+    assert len(loaded.identity) == 64
+    assert not loaded.denoiser.training and not any(p.requires_grad for p in loaded.denoiser.parameters())
+
+
+def test_eps_at_recorded_timesteps(loaded, expected):
+    with torch.no_grad():
+        eps = loaded.denoiser.eps_model(expected["x"], expected["timesteps"])
+    torch.testing.assert_close(eps, expected["eps"], rtol=0, atol=1e-5)
+
+
+def test_denoiser_is_eps_model_in_sigma_form(loaded, expected):
+    """D(x̄; σ_t) = x̄ − σ_t·ε(√ᾱ_t·x̄, t) with x̄ = x_t/√ᾱ_t (checkpoints.md §10)."""
+    schedule = loaded.schedule
+    t = expected["timesteps"]
+    sigma = schedule.sigma(t.double())
+    x_bar = expected["x"].double() / schedule.alphas_cumprod[t].sqrt().reshape(-1, 1, 1, 1)
+    with torch.no_grad():
+        denoised = loaded.denoiser(x_bar, sigma)
+    eps = (x_bar - denoised) / sigma.reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(eps, expected["eps"].double(), rtol=0, atol=1e-5)
+
+
+def test_ddim_reproduces_diffusers(loaded, expected):
+    ddim = expected["ddim"]
+    solver = make_solver("ddim", 10, loaded.schedule)
+    assert torch.equal(loaded.schedule.sigma_inv(solver.sigmas[:-1]).round().long(), ddim["timesteps"])
+    with torch.no_grad():
+        final = solver.sample(DiffusersDDIMClip(loaded.denoiser, solver.sigmas), ddim["latents"])
+    torch.testing.assert_close(final, ddim["final"], rtol=0, atol=1e-3)
+    torch.testing.assert_close((final / 2 + 0.5).clamp(0, 1), ddim["image01"], rtol=0, atol=1e-3)
+
+
+def test_ddim_clip_wrapper_is_tied_to_its_grid(loaded):
+    solver = make_solver("ddim", 10, loaded.schedule)
+    wrapped = DiffusersDDIMClip(loaded.denoiser, solver.sigmas)
+    with pytest.raises(ValueError, match="tied to its grid"):
+        wrapped(torch.zeros(1, 3, 32, 32), 5.0)
+
+
+def _legacy_copy(tmp_path, expected):
+    """The fixture folder rewritten in the 2022 layout: .bin weights (torch.save) with the old attention names."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "ddpm-2022"
+    shutil.copytree(fixture_path("diffusers", "tiny-ddpm"), folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    renamed = {}
+    for name, value in state.items():
+        for new, old in ((".to_q.", ".query."), (".to_k.", ".key."), (".to_v.", ".value."), (".to_out.0.", ".proj_attn.")):
+            name = name.replace(new, old)
+        renamed[name] = value
+    assert sorted(renamed) == sorted(expected["legacy_tensor_names"])
+    weights.unlink()
+    torch.save(renamed, folder / "unet" / "diffusion_pytorch_model.bin")
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    del config["prediction_type"]  # absent in old configs: the default (epsilon) applies
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_legacy_layout(tmp_path, expected, loaded, monkeypatch):
+    folder = _legacy_copy(tmp_path, expected)
+    loads = []
+    original_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k.get("weights_only")) or original_load(*a, **k))
+    legacy = load_denoiser("diffusers", folder)
+    assert loads == [True]  # .bin weights read with weights_only=True
+    for (name, a), (_, b) in zip(legacy.denoiser.state_dict().items(), loaded.denoiser.state_dict().items()):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        eps = legacy.denoiser.eps_model(expected["x"], expected["timesteps"])
+    torch.testing.assert_close(eps, expected["eps"], rtol=0, atol=1e-5)
+
+
+def test_legacy_name_conversion():
+    state = {"mid_block.attentions.0.proj_attn.weight": 1, "mid_block.attentions.0.query.bias": 2, "down_blocks.0.resnets.0.conv1.weight": 3}
+    assert list(convert_legacy_attention_names(state)) == [
+        "mid_block.attentions.0.to_out.0.weight", "mid_block.attentions.0.to_q.bias", "down_blocks.0.resnets.0.conv1.weight"
+    ]
+
+
+def test_bad_and_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="google/ddpm-cifar10-32"):
+        load_denoiser("diffusers", tmp_path / "nowhere")
+    pytest.importorskip("diffusers")
+    folder = tmp_path / "copy"
+    shutil.copytree(fixture_path("diffusers", "tiny-ddpm"), folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError) as err:
+        load_denoiser("diffusers", folder)
+    assert "\n" not in str(err.value)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors"):
+        load_denoiser("diffusers", folder)
+    torch.save({"conv_in.weight": torch.zeros(1)}, folder / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_denoiser("diffusers", folder)
+
+
+def test_missing_diffusers_says_how_to_install(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_diffusers(name, *args, **kwargs):
+        if name == "diffusers" or name.startswith("diffusers."):
+            raise ImportError("No module named 'diffusers'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_diffusers)
+    with pytest.raises(ImportError, match=r"pip install 'dode-lightning\[diffusers\]'") as err:
+        load_denoiser("diffusers", fixture_path("diffusers", "tiny-ddpm"))
+    assert str(err.value) == DIFFUSERS_INSTALL_HINT
