@@ -1,6 +1,10 @@
 """Solvers as stage generators (plain tensor code, no Lightning)."""
 from .base import SOLVERS, NFEError, Solver, make_solver, register_solver
+from .deis import DEIS, DEIS1, DEIS2, DEIS3, deis_coefficients, deis_stages
+from .dpm_solver import DPMSolver, DPMSolver2, DPMSolver3, dpm_solver_stages, singlestep_orders
+from .dpm_solver_pp import DPMSolverPP, DPMSolverPP2M, DPMSolverPP3M, dpm_solver_pp_stages, multistep_orders
 from .first_order import DDIM, Euler, Heun, ddim_stages, heun_stages
+from .ipndm import IPNDM, ipndm_stages
 from .stages import LambdaRule, Stage, StageGenerator, run_stages
 
 __all__ = [
@@ -14,6 +18,24 @@ __all__ = [
     "Heun",
     "ddim_stages",
     "heun_stages",
+    "IPNDM",
+    "ipndm_stages",
+    "DEIS",
+    "DEIS1",
+    "DEIS2",
+    "DEIS3",
+    "deis_coefficients",
+    "deis_stages",
+    "DPMSolver",
+    "DPMSolver2",
+    "DPMSolver3",
+    "dpm_solver_stages",
+    "singlestep_orders",
+    "DPMSolverPP",
+    "DPMSolverPP2M",
+    "DPMSolverPP3M",
+    "dpm_solver_pp_stages",
+    "multistep_orders",
     "LambdaRule",
     "Stage",
     "StageGenerator",

@@ -40,6 +40,14 @@ class Solver(ABC):
         return cls(sigmas, schedule.scale(sigmas), unit_prior=schedule.variance_preserving)
 
     @classmethod
+    def default_grid(cls, schedule: Schedule) -> tuple[str, dict[str, float | bool]]:
+        """Grid name and `make_sigmas` keywords `make_solver` uses when no grid is named.
+
+        Default: `uniform_torch` on discrete VP schedules, Karras ρ = 7 (+ σ = 0) otherwise.
+        """
+        return ("uniform_torch" if hasattr(schedule, "num_timesteps") else "karras"), {}
+
+    @classmethod
     @abstractmethod
     def steps_for_nfe(cls, nfe: int) -> int:
         """Number of grid points (before any terminal 0) that gives this NFE; raises NFEError if none does."""
@@ -106,12 +114,15 @@ def make_solver(
 ) -> Solver:
     """Build a solver by name for a given NFE on a grid of the schedule.
 
-    Defaults: the EDM schedule; grid `uniform_torch` on discrete VP schedules, Karras ρ = 7 (+ σ = 0) otherwise.
+    Defaults: the EDM schedule and the solver's `default_grid` (whose keywords apply only to that default grid;
+    explicit `grid_kwargs` win).
     """
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(sorted(SOLVERS))}")
     cls = SOLVERS[name]
     schedule = EDM() if schedule is None else schedule
-    grid = grid or ("uniform_torch" if hasattr(schedule, "num_timesteps") else "karras")
+    if grid is None:
+        grid, defaults = cls.default_grid(schedule)
+        grid_kwargs = {**defaults, **grid_kwargs}
     sigmas = make_sigmas(grid, cls.steps_for_nfe(nfe), schedule, **grid_kwargs)
     return cls.from_grid(sigmas, schedule)

@@ -1,0 +1,162 @@
+"""Singlestep DPM-Solver-2/3 (Lu et al. 2022, noise prediction) and D-DPM-Solver as stage generators (method.md §3.4).
+
+In the DPM-Solver notation α_u = s_u, σ^vp_u = s_u·σ_u and ℓ_u = −log σ_u, so every term σ^vp_u·(e^{ℓ_u − ℓ_s} − 1)
+of the paper's updates equals s_u(σ_s − σ_u); the updates below are the paper's, written with that identity.
+"""
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+from torch import Tensor
+
+from ..denoisers import Denoiser
+from ..schedules import Schedule
+from .base import NFEError, Solver, register_solver
+from .stages import Stage, StageGenerator
+
+__all__ = ["singlestep_orders", "dpm_solver_stages", "DPMSolver", "DPMSolver2", "DPMSolver3"]
+
+
+def singlestep_orders(nfe: int, order: int) -> list[int]:
+    """Orders of the outer steps for a given NFE [official `get_orders_and_timesteps_for_singlestep_solver`].
+
+    Order 3: NFE ≡ 0 (mod 3) → [3]·(K−2) + [2, 1]; ≡ 1 → [3]·(K−1) + [1]; ≡ 2 → [3]·(K−1) + [2], K = NFE//3 + 1.
+    Order 2: [2]·(NFE//2), plus [1] when NFE is odd. Order 1: [1]·NFE.
+    """
+    if order == 3:
+        k = nfe // 3 + 1
+        return [3] * (k - 2) + [2, 1] if nfe % 3 == 0 else [3] * (k - 1) + [nfe % 3]
+    if order == 2:
+        return [2] * (nfe // 2) + [1] * (nfe % 2)
+    if order == 1:
+        return [1] * nfe
+    raise ValueError(f"DPM-Solver order must be 1, 2 or 3, got {order}")
+
+
+def dpm_solver_stages(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    scales: Tensor,
+    orders: list[int],
+    class_labels: Tensor | None = None,
+) -> StageGenerator:
+    """Singlestep DPM-Solver (`solver_type="dpmsolver"`) on the node grid `sigmas`; one stage per evaluation.
+
+    An outer step s → t of order q spans q node intervals; its inner nodes s₁ (, s₂) are the grid points inside it,
+    and evaluation j produces the state at node j + 1. With h = ℓ_t − ℓ_s and r_m = (ℓ_{s_m} − ℓ_s)/h, each stage's
+    Δ is its coefficient times (fresh ε − the evaluation just before it); ε_prev := x_T at the first step [official].
+    Inside an outer step every update starts from the outer-step start state x, so λ_a reaches x_t only through the
+    point where ε_{s₁} is evaluated (method.md §3.4).
+    """
+    if sum(orders) != len(sigmas) - 1:
+        raise ValueError(f"orders {orders} need {sum(orders) + 1} nodes, got {len(sigmas)}")
+    sig = [float(v) for v in sigmas]
+    sc = [float(v) for v in scales]
+
+    def eps_at(state: Tensor, n: int) -> Tensor:
+        state_ve = state / sc[n]
+        return (state_ve - denoiser(state_ve, sig[n], class_labels).to(state.dtype)) / sig[n]
+
+    def first_order(x_ve: Tensor, eps_s: Tensor, s: int, u: int) -> Tensor:
+        """α_u/α_s·x − σ^vp_u(e^{ℓ_u − ℓ_s} − 1)ε_s = DDIM from node s to node u."""
+        return sc[u] * (x_ve + (sig[u] - sig[s]) * eps_s)
+
+    eps_prev = x
+    s = 0
+    for q in orders:
+        t = s + q
+        x_ve = x / sc[s]
+        eps_s = eps_at(x, s)
+        coeff_a = sc[s + 1] * (sig[s + 1] - sig[s])  # −σ^vp_{s₁}φ₁₁ (φ₁ for q = 1)
+        state = yield Stage(first_order(x_ve, eps_s, s, s + 1), coeff_a * (eps_s - eps_prev), coeff_a, sig[s], sig[s + 1])
+        eps_prev = eps_s
+        if q > 1:
+            h = math.log(sig[s] / sig[t])
+            r1 = math.log(sig[s] / sig[s + 1]) / h
+            eps_1 = eps_at(state, s + 1)
+            if q == 2:
+                coeff_b = sc[t] * (sig[t] - sig[s]) / (2 * r1)  # −σ^vp_t φ₁/(2r₁)
+                base = first_order(x_ve, eps_s, s, t) + coeff_b * (eps_1 - eps_s)
+                state = yield Stage(base, coeff_b * (eps_1 - eps_s), coeff_b, sig[s + 1], sig[t])
+            else:
+                r2 = math.log(sig[s] / sig[s + 2]) / h
+                phi_22 = sc[s + 2] * (sig[s] - sig[s + 2]) / (r2 * h) - sc[s + 2] * sig[s + 2]  # σ^vp_{s₂}φ₂₂
+                coeff_b = -(r2 / r1) * phi_22
+                base = first_order(x_ve, eps_s, s, s + 2) + coeff_b * (eps_1 - eps_s)
+                state = yield Stage(base, coeff_b * (eps_1 - eps_s), coeff_b, sig[s + 1], sig[s + 2])
+                eps_2 = eps_at(state, s + 2)
+                phi_2 = sc[t] * (sig[s] - sig[t]) / h - sc[t] * sig[t]  # σ^vp_t φ₂
+                coeff_c = -phi_2 / r2
+                base = first_order(x_ve, eps_s, s, t) + coeff_c * (eps_2 - eps_s)
+                state = yield Stage(base, coeff_c * (eps_2 - eps_1), coeff_c, sig[s + 2], sig[t])
+                eps_1 = eps_2
+            eps_prev = eps_1
+        x, s = state, t
+    return x
+
+
+class DPMSolver(Solver):
+    """Singlestep DPM-Solver / D-DPM-Solver of a fixed order (noise prediction); NFE = Σ orders ≥ order.
+
+    `sigmas` is the node grid (NFE + 1 values, every stage state lies on it). Every λ is fitted. A node at σ = 0
+    is allowed only as the end of a final first-order step (h = ∞ degenerates the higher-order ratios).
+    """
+
+    prediction: ClassVar[str] = "noise"
+    order: ClassVar[int]
+
+    def __init__(self, sigmas: Tensor, scales: Tensor | None = None, unit_prior: bool = False) -> None:
+        super().__init__(sigmas, scales, unit_prior)
+        self.orders = singlestep_orders(self.steps_for_nfe(len(self.sigmas) - 1), self.order)
+        zero_ok = len(self.sigmas) - 1 if self.orders[-1] == 1 else len(self.sigmas)
+        if bool((self.sigmas[:zero_ok] <= 0).any()):
+            raise ValueError(
+                f"{self.name}: σ = 0 is only allowed at the end of a final first-order step (orders {self.orders}); "
+                "build the grid with terminal_zero=False"
+            )
+
+    @classmethod
+    def default_grid(cls, schedule: Schedule) -> tuple[str, dict[str, float | bool]]:
+        """Time-uniform nodes ending at t_min (official `time_uniform`, t ∈ [1/T, 1]); logSNR-uniform on EDM/VE."""
+        uniform_time = schedule.variance_preserving
+        return ("time_uniform" if uniform_time else "logsnr_uniform"), {"terminal_zero": False}
+
+    @classmethod
+    def steps_for_nfe(cls, nfe: int) -> int:
+        if nfe < cls.order:
+            raise NFEError(f"{cls.name} (singlestep order {cls.order}) needs NFE ≥ {cls.order}, got {nfe}")
+        return nfe
+
+    @property
+    def nfe(self) -> int:
+        return sum(self.orders)
+
+    @property
+    def target_sigmas(self) -> Tensor:
+        return self.sigmas[1:]
+
+    @property
+    def lambda_fitted(self) -> list[bool]:
+        return [True] * self.nfe
+
+    def stages(self, denoiser: Denoiser, x: Tensor, class_labels: Tensor | None = None) -> StageGenerator:
+        return dpm_solver_stages(denoiser, x, self.sigmas, self.scales, self.orders, class_labels)
+
+
+@register_solver
+class DPMSolver2(DPMSolver):
+    """Singlestep DPM-Solver-2 (the official launch script's order)."""
+
+    name = "dpm_solver_2"
+    order = 2
+
+
+@register_solver
+class DPMSolver3(DPMSolver):
+    """Singlestep DPM-Solver-3 (the order the paper reports)."""
+
+    name = "dpm_solver_3"
+    order = 3
+
