@@ -1,0 +1,303 @@
+"""D-ODE calibration as plain tensor functions (method.md §1, §5): teacher targets, closed-form and stagewise fits.
+
+No Lightning here; `dode_lightning.lightning` wires these into a LightningModule/DataModule.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Literal
+
+import torch
+from torch import Tensor
+
+from .denoisers import Denoiser
+from .grids import make_sigmas
+from .schedules import Schedule
+from .solvers import SOLVERS, Solver, Stage, run_stages
+
+__all__ = [
+    "SolverSetup",
+    "seeded_noise",
+    "build_teacher",
+    "teacher_targets",
+    "fit_closed_form",
+    "evaluate_lambdas",
+    "stagewise_losses",
+    "StageFit",
+    "rmse",
+]
+
+TargetMode = Literal["aligned", "paper"]
+# Pools the two per-stage sums across processes (identity on one process).
+Reduce = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class SolverSetup:
+    """Everything that determines a student solver: name, NFE, schedule and grid."""
+
+    name: str
+    nfe: int
+    schedule: Schedule
+    grid: str
+    grid_kwargs: dict
+
+    @classmethod
+    def resolve(cls, name: str, nfe: int, schedule: Schedule, grid: str | None = None, **grid_kwargs: float) -> "SolverSetup":
+        if name not in SOLVERS:
+            raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(sorted(SOLVERS))}")
+        if grid is None:
+            grid, defaults = SOLVERS[name].default_grid(schedule)
+            grid_kwargs = {**defaults, **grid_kwargs}
+        return cls(name, nfe, schedule, grid, dict(grid_kwargs))
+
+    def build(self) -> Solver:
+        cls = SOLVERS[self.name]
+        sigmas = make_sigmas(self.grid, cls.steps_for_nfe(self.nfe), self.schedule, **self.grid_kwargs)
+        return cls.from_grid(sigmas, self.schedule)
+
+
+def seeded_noise(
+    seeds: Iterable[int], shape: tuple[int, ...], label_dim: int = 0, dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, Tensor | None]:
+    """Latents and one-hot labels from one generator per seed, as EDM's generate.py draws them.
+
+    Each sample depends only on its seed: randn(shape) in float32 first, then (if label_dim > 0) one label index.
+    """
+    latents, labels = [], []
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(int(seed) % (1 << 32))
+        latents.append(torch.randn(shape, generator=gen))
+        if label_dim:
+            labels.append(torch.randint(label_dim, (1,), generator=gen))
+    noise = torch.stack(latents).to(dtype)
+    if not label_dim:
+        return noise, None
+    return noise, torch.eye(label_dim, dtype=dtype)[torch.cat(labels)]
+
+
+def _default_teacher(student: str) -> str:
+    # iPNDM and DEIS are distilled from their own family (method.md §3.2–3.3); everything else from DDIM/Euler,
+    # whose base trajectory is the same for noise and data prediction.
+    family = student.split("_")[0]
+    return student if family in ("ipndm", "deis") else "euler"
+
+
+def _refine(sigmas: Tensor, setup: SolverSetup, factors: list[int]) -> Tensor:
+    """Split each interval [σ_j, σ_{j+1}] into factors[j] steps, equally spaced in the grid's own coordinate.
+
+    The terminal step to σ = 0 is never split (method.md §5.3.4).
+    """
+    schedule, grid = setup.schedule, setup.grid
+    rho = float(setup.grid_kwargs.get("rho", 7.0))
+    if grid == "karras":
+        forward, inverse = (lambda s: s ** (1 / rho)), (lambda u: u**rho)
+    elif grid == "logsnr_uniform":
+        forward, inverse = torch.log, torch.exp
+    else:  # time-uniform, quadratic and the integer grids are refined in the schedule's time t
+        forward, inverse = schedule.sigma_inv, schedule.sigma
+    integer = grid in ("uniform_torch", "uniform", "quad", "linspace_int")
+    points = [sigmas[:1]]
+    for j in range(len(sigmas) - 1):
+        hi, lo = sigmas[j], sigmas[j + 1]
+        if float(lo) == 0.0:
+            points.append(lo.reshape(1))
+            continue
+        u = torch.linspace(float(forward(hi)), float(forward(lo)), factors[j] + 1, dtype=torch.float64)[1:-1]
+        if integer:
+            u = torch.unique_consecutive(u.floor())
+            u = u[(u < float(forward(hi)).__round__()) & (u > float(forward(lo)).__round__())]
+        # The knot itself is appended exactly: a round trip through the coordinate would move it by an ulp.
+        points.append(torch.cat([inverse(u).reshape(-1), lo.reshape(1)]))
+    return torch.cat(points)
+
+
+def build_teacher(
+    student: Solver, setup: SolverSetup, scale: int, mode: TargetMode = "aligned", teacher: str | None = None
+) -> tuple[Solver, list[int]]:
+    """The teacher solver and, per student stage, the index m of the teacher state xs[m] it is compared with.
+
+    `paper` (official, method.md §5.1): the teacher has M = C·NFE steps on its own grid of the student's kind
+    (integer grids: M = min(T, C·NFE); DPM-Solver: DDIM's `uniform_torch`), target of stage j is xs[(j+1)·(M//K)]
+    and the last is xs[M]. `aligned` (§5.3): the teacher grid refines the student's state times R = C times per
+    interval (Heun: 2C, terminal step unrefined) and each target is the teacher state at the student state's σ.
+    """
+    if scale < 1:
+        raise ValueError(f"the teacher scale C must be ≥ 1, got {scale}")
+    name = teacher or _default_teacher(setup.name)
+    if name not in SOLVERS:
+        raise ValueError(f"unknown teacher solver {name!r}; choose one of {', '.join(sorted(SOLVERS))}")
+    cls = SOLVERS[name]
+    num_stages = student.num_stages
+    if mode == "paper":
+        grid = setup.grid
+        num_timesteps = getattr(setup.schedule, "num_timesteps", None)
+        if setup.name.startswith("dpm_solver_") and not setup.name.startswith("dpm_solver_pp") and num_timesteps:
+            grid = "uniform_torch"  # official D-DPM-Solver: DDIM teacher on the integer grid
+        steps = scale * num_stages
+        if grid in ("uniform_torch", "uniform", "quad", "linspace_int"):
+            steps = min(num_timesteps, steps)
+        sigmas = make_sigmas(grid, steps, setup.schedule, **setup.grid_kwargs)
+        stride = steps // num_stages
+        indices = [(j + 1) * stride for j in range(num_stages - 1)] + [steps]
+    elif mode == "aligned":
+        knots = torch.unique_consecutive(torch.cat([student.sigmas[:1], student.target_sigmas]))
+        factor = 2 * scale if setup.name == "heun" else scale
+        sigmas = _refine(knots, setup, [factor] * (len(knots) - 1))
+        position = {float(s): m for m, s in enumerate(sigmas)}
+        indices = [position[float(s)] for s in student.target_sigmas]
+    else:
+        raise ValueError(f"unknown target mode {mode!r}; choose 'aligned' or 'paper'")
+    vp_states = bool((student.scales != 1).any())
+    scales = setup.schedule.scale(sigmas) if vp_states else None
+    return cls(sigmas, scales, unit_prior=student.unit_prior), indices
+
+
+def teacher_targets(
+    teacher: Solver,
+    indices: list[int],
+    denoiser: Denoiser,
+    noise: Tensor,
+    class_labels: Tensor | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Tensor:
+    """Run the teacher once and keep only the states xs[m] for m in `indices`: (K, B, …), memory O(K·B·D).
+
+    The teacher's own stage j produces xs[j+1]; for a multi-stage teacher (Heun) xs counts stage outputs.
+    """
+    wanted = {m: [] for m in set(indices)}
+    if 0 in wanted:
+        wanted[0].append(teacher.init_state(noise))
+
+    def keep(j: int, stage: Stage, state: Tensor) -> None:
+        if j + 1 in wanted:
+            wanted[j + 1].append(state.clone())
+        if progress is not None:
+            progress(j)
+
+    teacher.sample(denoiser, noise, class_labels=class_labels, observe=keep)
+    return torch.stack([wanted[m][0] for m in indices])
+
+
+@dataclass
+class StageFit:
+    """Per-stage record of a fit: λ, the squared-error sums before/after the correction, and ⟨Δ,r⟩, ⟨Δ,Δ⟩."""
+
+    lambdas: Tensor
+    loss_base: Tensor
+    loss_fit: Tensor
+    delta_dot_residual: Tensor
+    delta_dot_delta: Tensor
+    coeffs: Tensor
+    sigmas: Tensor
+    elements: float
+    """Number of squared errors each loss averages over (pooled)."""
+
+    def natural_scales(self) -> Tensor:
+        """c_k = ‖x*_k − x̃_k‖ / ‖Δ_k‖, the Cauchy–Schwarz bound on |λ_k| (1 where Δ_k vanishes).
+
+        Taken at λ = 0 it puts every stage's λ on an O(1) scale for gradient fits (paper-unit λ can reach 10³
+        where two evaluations at the same σ nearly agree).
+        """
+        scales = torch.sqrt(self.loss_base * self.elements / self.delta_dot_delta)
+        return torch.where(self.delta_dot_delta > 0, scales, torch.ones_like(scales))
+
+
+def fit_closed_form(
+    student: Solver,
+    denoiser: Denoiser,
+    noise: Tensor,
+    targets: Tensor,
+    class_labels: Tensor | None = None,
+    reduce: Reduce | None = None,
+) -> StageFit:
+    """The paper's sequential least squares (Eq. 14): stage by stage λ_k = ⟨Δ_k, x*_k − x̃_k⟩ / ⟨Δ_k, Δ_k⟩.
+
+    Sums run over batch × pixels in float64; the student continues from its own corrected state. `reduce` pools
+    the per-stage sums across processes, making every rank's λ equal to the fit on the union batch (§1).
+    Losses are mean squared errors per element over the pooled batch.
+    """
+    return _stage_pass(student, denoiser, noise, targets, class_labels, reduce, None)
+
+
+def evaluate_lambdas(
+    student: Solver,
+    denoiser: Denoiser,
+    noise: Tensor,
+    targets: Tensor,
+    lambdas: Tensor,
+    class_labels: Tensor | None = None,
+    reduce: Reduce | None = None,
+) -> StageFit:
+    """The same per-stage statistics as `fit_closed_form`, for given λ (e.g. from the Adam fit)."""
+    return _stage_pass(student, denoiser, noise, targets, class_labels, reduce, lambdas)
+
+
+def _stage_pass(
+    student: Solver,
+    denoiser: Denoiser,
+    noise: Tensor,
+    targets: Tensor,
+    class_labels: Tensor | None,
+    reduce: Reduce | None,
+    fixed: Tensor | None,
+) -> StageFit:
+    reduce = reduce or (lambda t: t)
+    num = student.num_stages
+    record = {key: torch.zeros(num, dtype=torch.float64) for key in ("lam", "base", "fit", "dr", "dd", "coeff", "sigma")}
+    count = reduce(torch.tensor(float(targets[0].numel()), dtype=torch.float64))
+
+    def choose(k: int, stage: Stage) -> Tensor:
+        residual = (targets[k] - stage.base).to(torch.float64)
+        delta = stage.delta.to(torch.float64)
+        sums = reduce(torch.stack([(delta * residual).sum(), (delta * delta).sum()]))
+        record["dr"][k], record["dd"][k] = sums
+        if fixed is not None:
+            lam = fixed[k].detach().to(torch.float64)
+        else:
+            lam = sums[0] / sums[1] if sums[1] > 0 else torch.zeros((), dtype=torch.float64)
+        record["lam"][k] = lam
+        return lam
+
+    def observe(k: int, stage: Stage, state: Tensor) -> None:
+        record["base"][k] = reduce(((targets[k] - stage.base).to(torch.float64) ** 2).sum()) / count
+        record["fit"][k] = reduce(((targets[k] - state).to(torch.float64) ** 2).sum()) / count
+        record["coeff"][k], record["sigma"][k] = stage.coeff, stage.sigma
+
+    with torch.no_grad():
+        run_stages(student.stages(denoiser, student.init_state(noise), class_labels), choose, observe)
+    return StageFit(
+        record["lam"], record["base"], record["fit"], record["dr"], record["dd"], record["coeff"], record["sigma"], float(count)
+    )
+
+
+def stagewise_losses(
+    student: Solver,
+    denoiser: Denoiser,
+    noise: Tensor,
+    targets: Tensor,
+    lambdas: Tensor,
+    class_labels: Tensor | None = None,
+) -> Tensor:
+    """Per-stage mean squared error ‖x*_k − (x̃_k + λ_kΔ_k)‖² / n; differentiable in λ only.
+
+    The network runs under no-grad and the state sent on is detached (run_stages), so stage k's loss reaches only
+    λ_k: the gradient of the sum is the per-stage objective of the closed form, for the Adam fit.
+    """
+    losses = []
+
+    def observe(k: int, stage: Stage, state: Tensor) -> None:
+        losses.append(((targets[k] - state).to(torch.float64) ** 2).mean())
+
+    def denoise(x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
+        with torch.no_grad():
+            return denoiser(x, sigma, labels)
+
+    run_stages(student.stages(denoise, student.init_state(noise), class_labels), lambda k, _s: lambdas[k], observe)
+    return torch.stack(losses)
+
+
+def rmse(x: Tensor, reference: Tensor) -> float:
+    """Root mean squared error over all elements."""
+    return math.sqrt(float(((x.to(torch.float64) - reference.to(torch.float64)) ** 2).mean()))

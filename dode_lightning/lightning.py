@@ -1,0 +1,380 @@
+"""Lightning edges of calibration: the teacher-target DataModule and the D-ODE LightningModule.
+
+The math lives in `dode_lightning.distill` (plain tensor functions); this module only wires it to Lightning:
+devices, logging, caching, and the fit loop.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from .checkpoints import load_denoiser
+from .distill import (
+    SolverSetup,
+    StageFit,
+    build_teacher,
+    evaluate_lambdas,
+    fit_closed_form,
+    seeded_noise,
+    stagewise_losses,
+    teacher_targets,
+)
+from .lambda_file import schedule_id
+from .solvers import NFEError, Solver
+
+__all__ = ["DODECalibration", "TeacherTargets", "ConfigError"]
+
+CACHE_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; train.py reports it in one line with exit code 2."""
+
+
+def image_grid(images: Tensor, columns: int = 8) -> Tensor:
+    """(N, C, H, W) in [−1, 1] → one (C, rows·H, columns·W) image in [0, 1] for TensorBoard."""
+    images = ((images.float() + 1) / 2).clamp(0, 1)
+    count, channels, height, width = images.shape
+    rows = -(-count // columns)
+    grid = images.new_zeros(channels, rows * height, columns * width)
+    for i, img in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[:, r * height : (r + 1) * height, c * width : (c + 1) * width] = img
+    return grid
+
+
+class DODECalibration(pl.LightningModule):
+    """Fits the λ of a D-ODE solver for a frozen denoiser against cached teacher targets.
+
+    Args:
+        denoiser: the `denoiser:` section, keyword arguments of `load_denoiser` (`source`, `path`, options).
+        solver: solver name (`heun`, `euler`, `ddim`, …); nfe: network evaluations of the student.
+        grid: time grid (default: the solver's default for the schedule); sigma_min/sigma_max/rho: grid range.
+        fit: `closed_form` (the paper's sequential least squares), `adam` (gradient fit of the same per-stage
+            objective), or `compare` (both; the closed-form λ are kept).
+        adam_lr, adam_steps: Adam settings. state_dtype: dtype of solver states (EDM side: float64 officially).
+        output: where to write the λ file (default: `<log dir>/lambdas.safetensors`).
+    """
+
+    def __init__(
+        self,
+        denoiser: dict[str, Any] | None = None,
+        solver: str = "heun",
+        nfe: int = 9,
+        grid: str | None = None,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        rho: float | None = None,
+        fit: str = "closed_form",
+        adam_lr: float = 0.1,
+        adam_steps: int = 300,
+        state_dtype: Literal["float32", "float64"] = "float64",
+        output: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if fit not in ("closed_form", "adam", "compare"):
+            raise ConfigError(f"unknown fit method {fit!r}; choose closed_form, adam or compare")
+        if adam_steps < 1 or adam_lr <= 0:
+            raise ConfigError(f"adam needs adam_steps ≥ 1 and adam_lr > 0, got {adam_steps} and {adam_lr}")
+        self.loaded = load_denoiser(**(denoiser or {"source": "gmm_digits"}))
+        self.denoiser = self.loaded.denoiser.eval().requires_grad_(False)
+        grid_kwargs = {k: v for k, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)) if v is not None}
+        try:
+            self.setup_spec = SolverSetup.resolve(solver, nfe, self.loaded.schedule, grid, **grid_kwargs)
+            self.student: Solver = self.setup_spec.build()
+        except NFEError as err:
+            raise ConfigError(str(err)) from None
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.fit_method = fit
+        self.dtype_ = getattr(torch, state_dtype)
+        self.lambdas = nn.Parameter(torch.zeros(self.student.num_stages, dtype=torch.float64))
+        # Adam runs on λ_k / c_k (c_k: StageFit.natural_scales at λ = 0); folded back into λ when the fit ends.
+        self.register_buffer("lambda_scale", torch.ones(self.student.num_stages, dtype=torch.float64), persistent=False)
+        self.automatic_optimization = False
+        self.adam_iterations = 0
+        self.closed_form: StageFit | None = None
+        self.timings: dict[str, float] = {}
+        self.comparison: dict[str, Any] = {}
+
+    def metadata(self) -> dict[str, Any]:
+        """What determines the student (also the λ file's identity fields)."""
+        return {
+            "solver": self.setup_spec.name,
+            "nfe": self.student.nfe,
+            "num_stages": self.student.num_stages,
+            "grid": self.setup_spec.grid,
+            "grid_kwargs": self.setup_spec.grid_kwargs,
+            "schedule": schedule_id(self.setup_spec.schedule),
+            "prediction": self.student.prediction,
+            "denoiser": self.loaded.identity,
+            "state_dtype": str(self.dtype_).replace("torch.", ""),
+        }
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam([self.lambdas], lr=self.hparams.adam_lr)
+
+    def _pool(self, value: Tensor) -> Tensor:
+        """Sum over ranks (the pooled fit of method.md §1); identity on one process."""
+        if self.trainer.world_size == 1:
+            return value
+        return self.trainer.strategy.reduce(value.to(self.device), reduce_op="sum").cpu()
+
+    def run_closed_form(self, noise: Tensor, labels: Tensor | None, targets: Tensor) -> StageFit:
+        start = time.perf_counter()
+        result = fit_closed_form(self.student, self.denoiser, noise, targets, labels, reduce=self._pool)
+        self.timings["closed_form"] = time.perf_counter() - start
+        return result
+
+    def on_train_start(self) -> None:
+        if self.fit_method == "compare":
+            self.closed_form = self.run_closed_form(*self.trainer.datamodule.full_batch(self.device))
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+        noise, labels, targets = batch
+        labels = labels if labels.shape[-1] else None
+        targets = targets.transpose(0, 1)  # (B, K, …) → (K, B, …)
+        if self.fit_method == "closed_form":
+            self.closed_form = self.run_closed_form(noise, labels, targets)
+            with torch.no_grad():
+                self.lambdas.copy_(self.closed_form.lambdas)
+            self._log_stage_values(self.closed_form.loss_fit)
+            self.trainer.should_stop = True
+            return
+        start = time.perf_counter()
+        if self.adam_iterations == 0:
+            with torch.no_grad():
+                at_zero = evaluate_lambdas(self.student, self.denoiser, noise, targets, torch.zeros_like(self.lambdas), labels, self._pool)
+                self.lambda_scale.copy_(at_zero.natural_scales())
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        losses = stagewise_losses(self.student, self.denoiser, noise, targets, self.lambdas * self.lambda_scale, labels)
+        self.manual_backward(losses.sum())
+        optimizer.step()
+        self.adam_iterations += 1
+        self.timings["adam"] = self.timings.get("adam", 0.0) + time.perf_counter() - start
+        self._log_stage_values(losses.detach())
+        self.log("loss/total", losses.sum().detach(), on_step=True, prog_bar=True, batch_size=len(noise))
+        if self.adam_iterations >= self.hparams.adam_steps:
+            self.trainer.should_stop = True
+
+    def _log_stage_values(self, losses: Tensor) -> None:
+        values = {}
+        for k, free in enumerate(self.student.lambda_fitted):
+            if free:
+                values[f"lambda/stage_{k:02d}"] = (self.lambdas[k] * self.lambda_scale[k]).detach().float()
+                values[f"loss/stage_{k:02d}"] = losses[k].float()
+        self.log_dict(values, on_step=True, on_epoch=False, batch_size=1)
+
+    def evaluate(self) -> StageFit:
+        """Per-stage statistics of the current λ on the whole (pooled) calibration set."""
+        noise, labels, targets = self.trainer.datamodule.full_batch(self.device)
+        return evaluate_lambdas(self.student, self.denoiser, noise, targets, self.lambdas.detach(), labels, reduce=self._pool)
+
+    def on_train_end(self) -> None:
+        with torch.no_grad():
+            self.lambdas.mul_(self.lambda_scale)
+            self.lambda_scale.fill_(1.0)
+        if self.fit_method == "compare" and self.closed_form is not None:
+            self.comparison = {
+                "closed_form": self.closed_form,
+                "adam": self.evaluate(),
+                "closed_form_seconds": self.timings.get("closed_form", 0.0),
+                "adam_seconds": self.timings.get("adam", 0.0),
+                "adam_iterations": self.adam_iterations,
+            }
+            with torch.no_grad():
+                self.lambdas.copy_(self.closed_form.lambdas)
+        self._log_figures()
+
+    def _log_figures(self) -> None:
+        logger = self.logger
+        if logger is None or not hasattr(logger, "experiment") or self.global_rank != 0:
+            return
+        writer = logger.experiment
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        sigmas = [float(s) for s in self.student.target_sigmas]
+        free = self.student.lambda_fitted
+        ax.plot([s for s, f in zip(sigmas, free) if f], [float(l) for l, f in zip(self.lambdas.detach(), free) if f], "o-")
+        ax.set_xscale("symlog", linthresh=1e-2)
+        ax.set_xlabel("σ of the stage's state")
+        ax.set_ylabel("λ (paper units)")
+        ax.set_title(f"{self.setup_spec.name}, NFE {self.student.nfe}")
+        fig.tight_layout()
+        writer.add_figure("lambda_vs_sigma", fig, global_step=self.global_step)
+        noise, labels, targets = self.trainer.datamodule.full_batch(self.device)
+        noise, labels, targets = noise[:64], None if labels is None else labels[:64], targets[:, :64]
+        with torch.no_grad():
+            base = self.student.sample(self.denoiser, noise, class_labels=labels)
+            d_student = self.student.sample(self.denoiser, noise, self.lambdas.detach(), labels)
+        for tag, images in (("teacher", targets[-1]), ("base_student", base), ("d_student", d_student)):
+            writer.add_image(f"samples/{tag}", image_grid(images.cpu()), global_step=self.global_step)
+        writer.flush()
+
+
+class TeacherTargets(pl.LightningDataModule):
+    """Calibration latents (per-seed generators) and the teacher states the student's stages are compared with.
+
+    Args:
+        scale: C, teacher evaluations per student evaluation (≥ 2). batch_size: |B|, calibration samples.
+        seed: first seed; the batch uses seeds seed … seed + |B| − 1, split across ranks.
+        target_mode: `aligned` (default; targets at the student states' noise levels) or `paper` (official index rule).
+        teacher: teacher solver name (default: Euler/DDIM; iPNDM and DEIS use their own family).
+        class_conditional: draw labels (default: when the denoiser has labels).
+        adam_batch_size: minibatch for the Adam fit. cache_dir: where targets are cached (None: no cache).
+    """
+
+    def __init__(
+        self,
+        scale: int = 10,
+        batch_size: int = 100,
+        seed: int = 0,
+        target_mode: Literal["aligned", "paper"] = "aligned",
+        teacher: str | None = None,
+        class_conditional: bool | None = None,
+        adam_batch_size: int = 100,
+        cache_dir: str | None = "runs/cache",
+    ) -> None:
+        super().__init__()
+        if scale < 2:
+            raise ConfigError(f"the teacher scale C must be ≥ 2 (the paper uses 10), got {scale}")
+        if batch_size < 1 or adam_batch_size < 1:
+            raise ConfigError(f"batch sizes must be ≥ 1, got batch_size={batch_size}, adam_batch_size={adam_batch_size}")
+        self.scale, self.batch_size, self.seed = scale, batch_size, seed
+        self.target_mode, self.teacher_name = target_mode, teacher
+        self.class_conditional, self.adam_batch_size = class_conditional, adam_batch_size
+        self.cache_dir = cache_dir
+        self.data: TensorDataset | None = None
+        self.teacher_seconds = 0.0
+        self.teacher_nfe = 0
+        self.cache_hit = False
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(range(self.seed, self.seed + self.batch_size))
+
+    def rank_seeds(self) -> list[int]:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return self.seeds[rank::world]
+
+    def metadata(self, module: DODECalibration) -> dict[str, Any]:
+        teacher, _ = build_teacher(module.student, module.setup_spec, self.scale, self.target_mode, self.teacher_name)
+        return {
+            "teacher": teacher.name,
+            "teacher_nfe": teacher.nfe,
+            "scale": self.scale,
+            "batch_size": self.batch_size,
+            "target_mode": self.target_mode,
+            "seeds": [self.seed, self.seed + self.batch_size - 1],
+            "class_conditional": self._conditional(module),
+        }
+
+    def _conditional(self, module: DODECalibration) -> bool:
+        if self.class_conditional is None:
+            return module.loaded.label_dim > 0
+        if self.class_conditional and module.loaded.label_dim == 0:
+            raise ConfigError("class_conditional is true but the denoiser has no class labels")
+        return self.class_conditional
+
+    def setup(self, stage: str) -> None:
+        if self.data is not None:
+            return
+        module: DODECalibration = self.trainer.lightning_module
+        try:
+            teacher, indices = build_teacher(module.student, module.setup_spec, self.scale, self.target_mode, self.teacher_name)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.teacher_nfe = teacher.nfe
+        label_dim = module.loaded.label_dim if self._conditional(module) else 0
+        seeds = self.rank_seeds()
+        key = self._cache_key(module, teacher, seeds, label_dim)
+        cached = self._load_cache(key)
+        if cached is not None:
+            noise, labels, targets = cached
+            self.cache_hit = True
+        else:
+            noise, labels = seeded_noise(seeds, module.loaded.image_shape, label_dim, module.dtype_)
+            start = time.perf_counter()
+            with tqdm(total=teacher.nfe, desc=f"teacher ({teacher.name}, NFE {teacher.nfe})", disable=self.trainer.global_rank != 0) as bar:
+                with torch.no_grad():
+                    targets = teacher_targets(
+                        teacher, indices, module.denoiser, noise.to(module.device), None if labels is None else labels.to(module.device), lambda _j: bar.update(1)
+                    ).cpu()
+            self.teacher_seconds = time.perf_counter() - start
+            self._save_cache(key, noise, labels, targets)
+        labels = labels if labels is not None else noise.new_zeros(len(noise), 0)
+        self.data = TensorDataset(noise, labels, targets.transpose(0, 1).contiguous())
+
+    def full_batch(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor | None, Tensor]:
+        """The rank's whole calibration set: noise (B, …), labels or None, targets (K, B, …)."""
+        noise, labels, targets = self.data.tensors
+        return noise.to(device), (labels.to(device) if labels.shape[-1] else None), targets.transpose(0, 1).to(device)
+
+    def train_dataloader(self) -> DataLoader:
+        module: DODECalibration = self.trainer.lightning_module
+        if module.fit_method == "closed_form":
+            return DataLoader(self.data, batch_size=len(self.data), shuffle=False)
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.data, batch_size=min(self.adam_batch_size, len(self.data)), shuffle=True, generator=generator, drop_last=True)
+
+    def _cache_key(self, module: DODECalibration, teacher: Solver, seeds: list[int], label_dim: int) -> str:
+        identity = {
+            "version": CACHE_VERSION,
+            **module.metadata(),
+            "teacher": teacher.name,
+            "teacher_sigmas": hashlib.sha256(teacher.sigmas.numpy().tobytes()).hexdigest(),
+            "scale": self.scale,
+            "target_mode": self.target_mode,
+            "seeds": seeds,
+            "label_dim": label_dim,
+        }
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+    def _cache_path(self, key: str) -> Path | None:
+        return None if self.cache_dir is None else Path(self.cache_dir) / f"targets-{key[:24]}.pt"
+
+    def _load_cache(self, key: str) -> tuple[Tensor, Tensor | None, Tensor] | None:
+        path = self._cache_path(key)
+        if path is None or not path.exists():
+            return None
+        try:
+            blob = torch.load(path, weights_only=True, map_location="cpu")
+            if blob.get("key") != key:
+                raise ValueError("key mismatch")
+            return blob["noise"], blob.get("labels"), blob["targets"]
+        except Exception as err:  # any unreadable cache is rebuilt, never trusted
+            warnings.warn(f"teacher-target cache {path} is unreadable ({type(err).__name__}: {err}); rebuilding it")
+            return None
+
+    def _save_cache(self, key: str, noise: Tensor, labels: Tensor | None, targets: Tensor) -> None:
+        path = self._cache_path(key)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save({"key": key, "noise": noise, "labels": labels, "targets": targets}, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
