@@ -186,8 +186,23 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 """Every global an EDM snapshot needs (checkpoints.md §4), old (`numpy.core`) and new (`numpy._core`) names."""
 
 
+_DROPPED_BLOB = object()
+"""Memo stand-in for a large bytes object; it fails every type check if a file refers back to it."""
+
+
 class _RestrictedUnpickler(pickle._Unpickler):
     """Pure-Python unpickler: its memo is a dict, so a corrupt memo index cannot force a huge allocation."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def load_memoize(self) -> None:
+        # Each storage blob is used once, by _load_from_bytes. Memoising the bytes (or the 1-tuple of arguments
+        # holding them) would keep a second copy of every weight alive until the end of the load.
+        top = self.stack[-1]
+        blob = top[0] if isinstance(top, tuple) and len(top) == 1 else top
+        self.memo[len(self.memo)] = _DROPPED_BLOB if isinstance(blob, bytes) and len(blob) > 4096 else top
+
+    dispatch[pickle.MEMOIZE[0]] = load_memoize
 
     def find_class(self, module: str, name: str) -> Any:
         try:
