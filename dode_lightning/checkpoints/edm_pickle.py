@@ -17,9 +17,10 @@ import io
 import os
 import pickle
 import struct
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -67,8 +68,7 @@ class _FrozenClass(type):
 class ModuleDictRecord(metaclass=_FrozenClass):
     """Stand-in for `torch.nn.ModuleDict`: keeps the `__dict__` that BUILD hands to `__setstate__`."""
 
-    def __init__(self) -> None:
-        self.state: dict = {}
+    state: Mapping[str, Any] = types.MappingProxyType({})  # until BUILD provides one
 
     def __setstate__(self, state: dict) -> None:
         if not isinstance(state, dict):
@@ -311,13 +311,18 @@ def build_network(record: PersistentRecord) -> nn.Module:
     try:
         with torch.device("meta"):
             net = cls(*record.init_args, **record.init_kwargs)
-    except (TypeError, ValueError) as err:
+    except Exception as err:  # the kwargs come from the file: any failure to build is the file's fault
         raise CheckpointError(f"cannot rebuild {record.class_name} from the stored init kwargs: {one_line(err)}") from None
-    expected = net.state_dict()
-    mismatch = state_dict_mismatch(expected, state_dict)
+    mismatch = state_dict_mismatch(net.state_dict(), state_dict)
     if mismatch:
         raise CheckpointError(f"{record.class_name} weights do not match the network its init kwargs describe: {mismatch}")
-    net.load_state_dict(state_dict, strict=True, assign=True)
+    not_float = [name for name, tensor in state_dict.items() if not tensor.is_floating_point()]
+    if not_float:
+        raise CheckpointError(f"{len(not_float)} non-floating-point weight tensors (first {not_float[0]})")
+    try:
+        net.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"cannot load the weights into {record.class_name}: {one_line(err)}") from None
     return net.float().eval().requires_grad_(False)
 
 
