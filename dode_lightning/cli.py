@@ -25,6 +25,8 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "enable_checkpointing": False,
     "enable_model_summary": False,
     "num_sanity_val_steps": 0,
+    # TeacherTargets shards the calibration seeds across ranks itself; a DistributedSampler would split them again.
+    "use_distributed_sampler": False,
     "logger": {
         "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
         "init_args": {"save_dir": "runs", "name": "calibration", "default_hp_metric": False},
@@ -122,9 +124,9 @@ def train_main(args: list[str] | None = None) -> int:
         trainer.fit(module, datamodule=data)
     except (ConfigError, CheckpointError, FileNotFoundError, ImportError) as err:
         return _fail(str(err))
+    fit = module.evaluate()  # a collective under DDP: every rank takes part
     if trainer.global_rank != 0:
         return 0
-    fit = module.evaluate()
     metadata = {**module.metadata(), **data.metadata(module), "fit": module.fit_method}
     tensors = {
         "lambdas": module.lambdas.detach().cpu(),

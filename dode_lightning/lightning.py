@@ -362,7 +362,8 @@ class TeacherTargets(pl.LightningDataModule):
                 raise ValueError("key mismatch")
             return blob["noise"], blob.get("labels"), blob["targets"]
         except Exception as err:  # any unreadable cache is rebuilt, never trusted
-            warnings.warn(f"teacher-target cache {path} is unreadable ({type(err).__name__}: {err}); rebuilding it")
+            reason = (str(err).splitlines() or [""])[0][:120]
+            warnings.warn(f"teacher-target cache {path} is unreadable ({type(err).__name__}: {reason}); rebuilding it")
             return None
 
     def _save_cache(self, key: str, noise: Tensor, labels: Tensor | None, targets: Tensor) -> None:
