@@ -18,6 +18,16 @@ def fixture_path(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def single_thread():
+    """One intra-op thread: on a shared 2-core machine torch's spinning thread pool makes the small einsums and
+    tiny networks of these tests 10–100× slower under contention, and they are too small to gain from two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def digits() -> GaussianMixture:
     return digits_mixture()

@@ -247,7 +247,8 @@ def test_train_py_end_to_end_writes_lambdas_and_tensorboard(tmp_path):
         (["--model.denoiser", '{"source": "edm_pickle", "path": "nowhere.pkl"}'], "not found"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, args, message):
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.setattr(sys, "argv", ["train.py"])  # as from the shell: pytest's own arguments are not ours
     config = tmp_path / "c.yaml"
     config.write_text("trainer: {logger: false}\nmodel: {denoiser: {source: gmm_digits}, solver: heun, nfe: 5}\ndata: {batch_size: 4, cache_dir: null}\n")
     assert train_main(["--config", str(config), *args]) == 2
@@ -255,7 +256,8 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, args, message):
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
-def test_unwritable_output_fails_before_running_the_teacher(tmp_path, capsys):
+def test_unwritable_output_fails_before_running_the_teacher(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train.py"])
     blocker = tmp_path / "file"
     blocker.write_text("")
     config = tmp_path / "c.yaml"

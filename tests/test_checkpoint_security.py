@@ -16,9 +16,7 @@ from dode_lightning.checkpoints.edm_pickle import ALLOWED_GLOBALS, ModuleDictRec
 from dode_lightning.checkpoints.edm_writer import dumps, persistent_record, snapshot_bytes
 from dode_lightning.networks import EDMPrecond
 from tests.conftest import fixture_path
-from tests.checkpoint_helpers import single_thread  # noqa: F401  (fixture used by pytestmark)
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 TINY = dict(img_resolution=8, img_channels=1, model_type="SongUNet", model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[])
 

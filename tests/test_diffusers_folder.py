@@ -11,9 +11,6 @@ from dode_lightning.checkpoints.diffusers_folder import DIFFUSERS_INSTALL_HINT, 
 from dode_lightning.schedules import VPDiscrete
 from dode_lightning.solvers import make_solver
 from tests.conftest import fixture_path
-from tests.checkpoint_helpers import single_thread  # noqa: F401  (fixture used by pytestmark)
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -33,14 +33,6 @@ TOL = 1e-5
 FLOAT32_TOL = 1e-4  # stock diffusers: σ table and coefficient arithmetic in float32 (e.g. DEIS's ind_fn differences)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def vp():
     return make_schedule("vp_linear")

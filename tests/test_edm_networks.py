@@ -11,9 +11,7 @@ from dode_lightning.checkpoints.edm_pickle import read_snapshot, recover_state_d
 from dode_lightning.checkpoints.edm_writer import dumps, network_record, persistent_record, write_edm_snapshot
 from dode_lightning.networks import EDMPrecond, SongUNet, VEPrecond, VPPrecond, iDDPMPrecond
 from dode_lightning.networks.edm import Conv2d, UNetBlock
-from tests.checkpoint_helpers import single_thread  # noqa: F401  (fixture used by pytestmark)
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 SONG_SMALL = dict(img_resolution=16, img_channels=3, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
 NCSNPP = dict(embedding_type="fourier", encoder_type="residual", decoder_type="standard", channel_mult_noise=2, resample_filter=[1, 3, 3, 1])

@@ -12,9 +12,7 @@ from dode_lightning.networks import EDMPrecond, SongUNet
 from dode_lightning.schedules import EDM
 from dode_lightning.solvers import make_solver
 from tests.conftest import fixture_path
-from tests.checkpoint_helpers import single_thread  # noqa: F401  (fixture used by pytestmark)
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 PICKLE = ("edm", "tiny-cifar10-32x32-uncond-ddpmpp-edmprecond.pkl")
 EXPECTED = ("edm", "tiny-cifar10-32x32-uncond-ddpmpp-edmprecond.expected.pt")

@@ -26,15 +26,6 @@ HIGH_ORDER = ["ipndm", "dpm_solver_2", "dpm_solver_3", "dpm_solver_pp_2m", "dpm_
 LABELS = torch.arange(10) % 10
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """The exact mixture's small einsums slow down ~50× when two threads share a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _states(solver, denoiser, noise, lambdas=None, labels=None):
     states = []
     solver.sample(denoiser, noise, lambdas, labels, observe=lambda k, stage, x: states.append(x.clone()))
