@@ -1,0 +1,67 @@
+"""The shipped configs parse, name their checkpoint when it is missing, and run through train.py on fixture files."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dode_lightning.lambda_file import load_lambdas
+from tests.conftest import fixture_path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def _train(tmp_path, config, *extra):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--config", str(config), "--trainer.logger", "false",
+         "--data.cache_dir", str(tmp_path / "cache"), "--trainer.enable_progress_bar", "false", *extra],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+
+
+def test_every_config_is_listed():
+    assert {c.name for c in CONFIGS} == {"gmm_digits.yaml", "edm_ffhq.yaml", "edm_cifar10.yaml", "edm_imagenet64.yaml", "ddpm_cifar10.yaml"}
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c.name != "gmm_digits.yaml"], ids=lambda c: c.name)
+def test_missing_checkpoint_names_the_file_and_the_release(tmp_path, config):
+    result = _train(tmp_path, config)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "checkpoints/" in lines[-1]
+    assert ("nvlabs-fi-cdn" in lines[-1]) or ("google/ddpm-cifar10-32" in lines[-1])
+
+
+def test_edm_config_runs_on_the_fixture_pickle(tmp_path):
+    pickle = fixture_path("edm", "tiny-cifar10-32x32-uncond-ddpmpp-edmprecond.pkl")
+    out = tmp_path / "l.safetensors"
+    result = _train(
+        tmp_path, ROOT / "configs" / "edm_cifar10.yaml",
+        "--model.denoiser", json.dumps({"source": "edm_pickle", "path": str(pickle)}),
+        "--model.nfe", "3", "--data.scale", "2", "--data.batch_size", "2", "--data.class_conditional", "false",
+        "--trainer.accelerator", "cpu", "--model.output", str(out),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    tensors, meta = load_lambdas(out)
+    import hashlib
+
+    assert meta["solver"] == "heun" and meta["denoiser"] == hashlib.sha256(pickle.read_bytes()).hexdigest()
+    assert tensors["lambdas"].shape == (3,)
+
+
+def test_diffusers_config_runs_on_the_fixture_folder(tmp_path):
+    pytest.importorskip("diffusers")
+    folder = fixture_path("diffusers", "tiny-ddpm")
+    out = tmp_path / "l.safetensors"
+    result = _train(
+        tmp_path, ROOT / "configs" / "ddpm_cifar10.yaml",
+        "--model.denoiser", json.dumps({"source": "diffusers", "path": str(folder)}),
+        "--model.nfe", "3", "--data.scale", "2", "--data.batch_size", "2", "--trainer.accelerator", "cpu",
+        "--model.output", str(out),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    tensors, meta = load_lambdas(out)
+    assert meta["solver"] == "ddim" and meta["schedule"].startswith("VPDiscrete") and meta["state_dtype"] == "float32"
+    assert bool((tensors["lambdas"] != 0).all())  # noise-side DDIM fits every λ, λ_0 included
