@@ -1,4 +1,5 @@
 """dode-lightning: distilled ODE solvers (D-ODE, Kim, Tang & Yu, CVPR 2024) for pretrained diffusion models."""
+from .checkpoints import LoadedDenoiser, load_denoiser
 from .denoisers import CountingDenoiser, DiscreteEpsDenoiser, eps_from_x0, x0_from_eps
 from .gmm import GaussianMixture, digits_mixture
 from .schedules import EDM, VE, VPContinuous, VPDiscrete, make_schedule
@@ -7,6 +8,8 @@ from .solvers import SOLVERS, Solver, make_solver, run_stages
 __version__ = "0.1.0"
 
 __all__ = [
+    "LoadedDenoiser",
+    "load_denoiser",
     "CountingDenoiser",
     "DiscreteEpsDenoiser",
     "eps_from_x0",

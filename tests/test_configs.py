@@ -1,4 +1,5 @@
 """The shipped configs parse, name their checkpoint when it is missing, and run through train.py on fixture files."""
+import hashlib
 import json
 import subprocess
 import sys
@@ -45,8 +46,6 @@ def test_edm_config_runs_on_the_fixture_pickle(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     tensors, meta = load_lambdas(out)
-    import hashlib
-
     assert meta["solver"] == "heun" and meta["denoiser"] == hashlib.sha256(pickle.read_bytes()).hexdigest()
     assert tensors["lambdas"].shape == (3,)
 

@@ -12,7 +12,7 @@ from ..grids import make_sigmas
 from ..schedules import EDM, Schedule
 from .stages import LambdaRule, Stage, StageGenerator, run_stages
 
-__all__ = ["Solver", "SOLVERS", "register_solver", "make_solver", "NFEError"]
+__all__ = ["Solver", "OneStagePerStep", "SOLVERS", "register_solver", "make_solver", "NFEError"]
 
 
 class NFEError(ValueError):
@@ -95,6 +95,39 @@ class Solver(ABC):
                 raise ValueError(f"{self.name} with NFE {self.nfe} has {self.num_stages} stages, got {len(lambdas)} λ")
             rule = lambda k, _stage: lambdas[k]  # noqa: E731
         return run_stages(self.stages(denoiser, self.init_state(noise), class_labels), rule, observe)
+
+
+class OneStagePerStep(Solver):
+    """Solvers with one network evaluation per grid interval: stage k takes σ_k → σ_{k+1}, NFE = steps.
+
+    `min_nfe` is the smallest NFE the solver's order allows; `first_lambda_fitted` is False where stage 0 has no
+    previous output (λ_0 ≡ 0, data-prediction solvers) and True where the official code uses d̂_{−1} := x_T.
+    """
+
+    min_nfe: ClassVar[int] = 1
+    first_lambda_fitted: ClassVar[bool]
+
+    def __init__(self, sigmas: Tensor, scales: Tensor | None = None, unit_prior: bool = False) -> None:
+        super().__init__(sigmas, scales, unit_prior)
+        self.steps_for_nfe(len(self.sigmas) - 1)
+
+    @classmethod
+    def steps_for_nfe(cls, nfe: int) -> int:
+        if nfe < cls.min_nfe:
+            raise NFEError(f"{cls.name} needs NFE ≥ {cls.min_nfe}, got {nfe}")
+        return nfe
+
+    @property
+    def nfe(self) -> int:
+        return len(self.sigmas) - 1
+
+    @property
+    def target_sigmas(self) -> Tensor:
+        return self.sigmas[1:]
+
+    @property
+    def lambda_fitted(self) -> list[bool]:
+        return [self.first_lambda_fitted or k > 0 for k in range(self.nfe)]
 
 
 SOLVERS: dict[str, type[Solver]] = {}

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..denoisers import Denoiser
 from ..schedules import Schedule, VPDiscrete
-from .base import NFEError, Solver, register_solver
+from .base import OneStagePerStep, register_solver
 from .stages import Stage, StageGenerator
 
 __all__ = ["deis_coefficients", "deis_stages", "DEIS", "DEIS1", "DEIS2", "DEIS3"]
@@ -119,7 +119,7 @@ def deis_stages(
     return x
 
 
-class DEIS(Solver):
+class DEIS(OneStagePerStep):
     """tAB-DEIS of order r / D-DEIS (noise prediction); r = degree of the ε polynomial (r + 1 nodes, the DEIS paper's
     numbering; diffusers' `solver_order` is r + 1). NFE = number of steps ≥ r; every λ is fitted.
 
@@ -131,6 +131,7 @@ class DEIS(Solver):
 
     prediction: ClassVar[str] = "noise"
     order: ClassVar[int]
+    first_lambda_fitted = True
 
     def __init__(
         self,
@@ -142,7 +143,6 @@ class DEIS(Solver):
         lower_order_final_below: int = 0,
     ) -> None:
         super().__init__(sigmas, scales, unit_prior)
-        self.steps_for_nfe(len(self.sigmas) - 1)
         if basis == "t":
             coordinate = (lambda s: s.clone()) if schedule is None else schedule.sigma_inv
         elif basis == "log_sigma":
@@ -164,24 +164,6 @@ class DEIS(Solver):
         """The official int(linspace(T−1, 0, N+1)) grid on discrete VP schedules, Karras (+ 0) otherwise (§4)."""
         return ("linspace_int" if hasattr(schedule, "num_timesteps") else "karras"), {}
 
-    @classmethod
-    def steps_for_nfe(cls, nfe: int) -> int:
-        if nfe < cls.order:
-            raise NFEError(f"{cls.name} (tAB-DEIS order {cls.order}) needs NFE ≥ {cls.order}, got {nfe}")
-        return nfe
-
-    @property
-    def nfe(self) -> int:
-        return len(self.sigmas) - 1
-
-    @property
-    def target_sigmas(self) -> Tensor:
-        return self.sigmas[1:]
-
-    @property
-    def lambda_fitted(self) -> list[bool]:
-        return [True] * self.nfe
-
     def stages(self, denoiser: Denoiser, x: Tensor, class_labels: Tensor | None = None) -> StageGenerator:
         return deis_stages(denoiser, x, self.sigmas, self.scales, self.coefficients, class_labels)
 
@@ -191,7 +173,7 @@ class DEIS1(DEIS):
     """tAB-DEIS order 1 (linear ε extrapolation)."""
 
     name = "deis_1"
-    order = 1
+    order = min_nfe = 1
 
 
 @register_solver
@@ -199,7 +181,7 @@ class DEIS2(DEIS):
     """tAB-DEIS order 2."""
 
     name = "deis_2"
-    order = 2
+    order = min_nfe = 2
 
 
 @register_solver
@@ -207,4 +189,4 @@ class DEIS3(DEIS):
     """tAB-DEIS order 3, the order the paper reports."""
 
     name = "deis_3"
-    order = 3
+    order = min_nfe = 3

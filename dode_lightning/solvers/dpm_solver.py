@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..denoisers import Denoiser
 from ..schedules import Schedule
-from .base import NFEError, Solver, register_solver
+from .base import OneStagePerStep, register_solver
 from .stages import Stage, StageGenerator
 
 __all__ = ["singlestep_orders", "dpm_solver_stages", "DPMSolver", "DPMSolver2", "DPMSolver3"]
@@ -97,7 +97,7 @@ def dpm_solver_stages(
     return x
 
 
-class DPMSolver(Solver):
+class DPMSolver(OneStagePerStep):
     """Singlestep DPM-Solver / D-DPM-Solver of a fixed order (noise prediction); NFE = Σ orders ≥ order.
 
     `sigmas` is the node grid (NFE + 1 values, every stage state lies on it). Every λ is fitted. A node at σ = 0
@@ -106,10 +106,11 @@ class DPMSolver(Solver):
 
     prediction: ClassVar[str] = "noise"
     order: ClassVar[int]
+    first_lambda_fitted = True
 
     def __init__(self, sigmas: Tensor, scales: Tensor | None = None, unit_prior: bool = False) -> None:
         super().__init__(sigmas, scales, unit_prior)
-        self.orders = singlestep_orders(self.steps_for_nfe(len(self.sigmas) - 1), self.order)
+        self.orders = singlestep_orders(len(self.sigmas) - 1, self.order)
         zero_ok = len(self.sigmas) - 1 if self.orders[-1] == 1 else len(self.sigmas)
         if bool((self.sigmas[:zero_ok] <= 0).any()):
             raise ValueError(
@@ -123,24 +124,6 @@ class DPMSolver(Solver):
         uniform_time = schedule.variance_preserving
         return ("time_uniform" if uniform_time else "logsnr_uniform"), {"terminal_zero": False}
 
-    @classmethod
-    def steps_for_nfe(cls, nfe: int) -> int:
-        if nfe < cls.order:
-            raise NFEError(f"{cls.name} (singlestep order {cls.order}) needs NFE ≥ {cls.order}, got {nfe}")
-        return nfe
-
-    @property
-    def nfe(self) -> int:
-        return sum(self.orders)
-
-    @property
-    def target_sigmas(self) -> Tensor:
-        return self.sigmas[1:]
-
-    @property
-    def lambda_fitted(self) -> list[bool]:
-        return [True] * self.nfe
-
     def stages(self, denoiser: Denoiser, x: Tensor, class_labels: Tensor | None = None) -> StageGenerator:
         return dpm_solver_stages(denoiser, x, self.sigmas, self.scales, self.orders, class_labels)
 
@@ -150,7 +133,7 @@ class DPMSolver2(DPMSolver):
     """Singlestep DPM-Solver-2 (the official launch script's order)."""
 
     name = "dpm_solver_2"
-    order = 2
+    order = min_nfe = 2
 
 
 @register_solver
@@ -158,5 +141,5 @@ class DPMSolver3(DPMSolver):
     """Singlestep DPM-Solver-3 (the order the paper reports)."""
 
     name = "dpm_solver_3"
-    order = 3
+    order = min_nfe = 3
 

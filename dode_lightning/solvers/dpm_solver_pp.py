@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..denoisers import Denoiser
 from ..schedules import Schedule
-from .base import NFEError, Solver, register_solver
+from .base import OneStagePerStep, register_solver
 from .stages import Stage, StageGenerator
 
 __all__ = ["multistep_orders", "dpm_solver_pp_stages", "DPMSolverPP", "DPMSolverPP2M", "DPMSolverPP3M"]
@@ -78,7 +78,7 @@ def dpm_solver_pp_stages(
     return x
 
 
-class DPMSolverPP(Solver):
+class DPMSolverPP(OneStagePerStep):
     """DPM-Solver++ multistep / D-DPM-Solver++ (data prediction) of a fixed order; NFE = steps ≥ order.
 
     `lower_order_final_below` (default 15, diffusers' rule; the DPM-Solver reference sampler uses 10; 0 disables)
@@ -87,12 +87,12 @@ class DPMSolverPP(Solver):
 
     prediction: ClassVar[str] = "data"
     order: ClassVar[int]
+    first_lambda_fitted = False
 
     def __init__(
         self, sigmas: Tensor, scales: Tensor | None = None, unit_prior: bool = False, lower_order_final_below: int = 15
     ) -> None:
         super().__init__(sigmas, scales, unit_prior)
-        self.steps_for_nfe(len(self.sigmas) - 1)
         self.orders = multistep_orders(self.sigmas, self.order, lower_order_final_below)
 
     @classmethod
@@ -101,24 +101,6 @@ class DPMSolverPP(Solver):
         if schedule.variance_preserving:
             return "logsnr_uniform", {"terminal_zero": False}
         return "karras", {}
-
-    @classmethod
-    def steps_for_nfe(cls, nfe: int) -> int:
-        if nfe < cls.order:
-            raise NFEError(f"{cls.name} (multistep order {cls.order}) needs NFE ≥ {cls.order}, got {nfe}")
-        return nfe
-
-    @property
-    def nfe(self) -> int:
-        return len(self.sigmas) - 1
-
-    @property
-    def target_sigmas(self) -> Tensor:
-        return self.sigmas[1:]
-
-    @property
-    def lambda_fitted(self) -> list[bool]:
-        return [k > 0 for k in range(self.nfe)]
 
     def stages(self, denoiser: Denoiser, x: Tensor, class_labels: Tensor | None = None) -> StageGenerator:
         return dpm_solver_pp_stages(denoiser, x, self.sigmas, self.scales, self.orders, class_labels)
@@ -129,7 +111,7 @@ class DPMSolverPP2M(DPMSolverPP):
     """DPM-Solver++(2M), midpoint form."""
 
     name = "dpm_solver_pp_2m"
-    order = 2
+    order = min_nfe = 2
 
 
 @register_solver
@@ -137,4 +119,4 @@ class DPMSolverPP3M(DPMSolverPP):
     """DPM-Solver++(3M)."""
 
     name = "dpm_solver_pp_3m"
-    order = 3
+    order = min_nfe = 3

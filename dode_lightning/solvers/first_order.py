@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..denoisers import Denoiser
 from ..schedules import Schedule
-from .base import NFEError, Solver, register_solver
+from .base import NFEError, OneStagePerStep, Solver, register_solver
 from .stages import Stage, StageGenerator
 
 __all__ = ["ddim_stages", "heun_stages", "DDIM", "Euler", "Heun"]
@@ -75,28 +75,10 @@ def heun_stages(
     return x
 
 
-class _DDIM(Solver):
+class _DDIM(OneStagePerStep):
     """DDIM on the schedule's own states; NFE = number of steps."""
 
     prediction: ClassVar[str]
-
-    @classmethod
-    def steps_for_nfe(cls, nfe: int) -> int:
-        if nfe < 1:
-            raise NFEError(f"{cls.name} needs NFE ≥ 1, got {nfe}")
-        return nfe
-
-    @property
-    def nfe(self) -> int:
-        return len(self.sigmas) - 1
-
-    @property
-    def target_sigmas(self) -> Tensor:
-        return self.sigmas[1:]
-
-    @property
-    def lambda_fitted(self) -> list[bool]:
-        return [self.prediction == "noise" or k > 0 for k in range(self.nfe)]
 
     def stages(self, denoiser: Denoiser, x: Tensor, class_labels: Tensor | None = None) -> StageGenerator:
         return ddim_stages(denoiser, x, self.sigmas, self.scales, self.prediction, class_labels)
@@ -108,6 +90,7 @@ class DDIM(_DDIM):
 
     name = "ddim"
     prediction = "noise"
+    first_lambda_fitted = True  # ε̂_{−1} := x_T (official noise side)
 
 
 @register_solver
@@ -116,6 +99,7 @@ class Euler(_DDIM):
 
     name = "euler"
     prediction = "data"
+    first_lambda_fitted = False
 
 
 @register_solver

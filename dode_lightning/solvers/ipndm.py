@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..denoisers import Denoiser
 from ..schedules import Schedule
-from .base import NFEError, Solver, register_solver
+from .base import OneStagePerStep, register_solver
 from .stages import Stage, StageGenerator
 
 __all__ = ["IPNDM_WEIGHTS", "ipndm_stages", "IPNDM"]
@@ -53,7 +53,7 @@ def ipndm_stages(
 
 
 @register_solver
-class IPNDM(Solver):
+class IPNDM(OneStagePerStep):
     """iPNDM / D-iPNDM (noise prediction). NFE = number of steps; every λ is fitted.
 
     `order` caps the Adams–Bashforth order (default 4, the official value). The official "call the network at
@@ -61,11 +61,11 @@ class IPNDM(Solver):
     """
 
     name = "ipndm"
+    first_lambda_fitted = True  # ε̃_{−1} := x_T
     prediction: ClassVar[str] = "noise"
 
     def __init__(self, sigmas: Tensor, scales: Tensor | None = None, unit_prior: bool = False, order: int = 4) -> None:
         super().__init__(sigmas, scales, unit_prior)
-        self.steps_for_nfe(len(self.sigmas) - 1)
         if not 1 <= order <= len(IPNDM_WEIGHTS):
             raise ValueError(f"iPNDM order must be 1…{len(IPNDM_WEIGHTS)}, got {order}")
         self.order = order
@@ -74,24 +74,6 @@ class IPNDM(Solver):
     def default_grid(cls, schedule: Schedule) -> tuple[str, dict[str, float | bool]]:
         """The official int(linspace(T−1, 0, N+1)) grid on discrete VP schedules, Karras (+ 0) otherwise (§4)."""
         return ("linspace_int" if hasattr(schedule, "num_timesteps") else "karras"), {}
-
-    @classmethod
-    def steps_for_nfe(cls, nfe: int) -> int:
-        if nfe < 1:
-            raise NFEError(f"{cls.name} needs NFE ≥ 1 (its warm-up starts at order 1), got {nfe}")
-        return nfe
-
-    @property
-    def nfe(self) -> int:
-        return len(self.sigmas) - 1
-
-    @property
-    def target_sigmas(self) -> Tensor:
-        return self.sigmas[1:]
-
-    @property
-    def lambda_fitted(self) -> list[bool]:
-        return [True] * self.nfe
 
     def stages(self, denoiser: Denoiser, x: Tensor, class_labels: Tensor | None = None) -> StageGenerator:
         return ipndm_stages(denoiser, x, self.sigmas, self.scales, self.order, class_labels)
