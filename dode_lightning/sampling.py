@@ -1,0 +1,422 @@
+"""Sampling at scale: seeds → images through `trainer.predict`, with resumable, atomic output on disk.
+
+The math is two plain functions (`sample_seeds`, `to_uint8`); the rest wires them to Lightning:
+
+* `SeedData` — a dataset of seeds. Under DDP Lightning's predict loop shards it with an unrepeated distributed
+  sampler (rank r gets items r, r + W, …; no padding), so every seed belongs to exactly one rank.
+* `DODESampler` — the LightningModule: loads the denoiser and student from the config's `model` section (the same
+  keys as calibration) and the λ file, and turns a batch of seeds into uint8 images.
+* `ImageStore` — the output folder: EDM's PNG layout and/or `.npz` shards, every file written under a temporary
+  name and renamed, so a killed run leaves only whole files; a rerun skips seeds already written.
+* `SampleWriter` — the `BasePredictionWriter` that hands each batch to the store.
+
+Images depend only on their seed: latents and labels come from one generator per seed (`seeded_noise`), so world
+size and batch size do not change them (see docs/sampling.md for the floating-point caveat of the exact model).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from pytorch_lightning.callbacks import BasePredictionWriter, Callback
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from .distill import seeded_noise
+from .lambda_file import LambdaFileError, load_lambdas
+from .lightning import ConfigError, build_student
+from .solvers import Solver
+
+__all__ = [
+    "parse_seeds",
+    "format_seeds",
+    "to_uint8",
+    "sample_seeds",
+    "ImageStore",
+    "SeedData",
+    "DODESampler",
+    "SampleWriter",
+    "SampleBatch",
+    "PredictTimer",
+    "atomic_write_bytes",
+]
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "dode-lightning/samples/1"
+Format = Literal["png", "npz", "both"]
+
+
+def parse_seeds(spec: str) -> list[int]:
+    """`0-49999`, `5`, `0,10-19,100` → sorted list of distinct non-negative seeds (ranges are inclusive)."""
+    seeds: set[int] = set()
+    for part in str(spec).split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if match is None:
+            raise ConfigError(f"malformed seed range {spec!r}: use e.g. 0-49999, 7 or 0,10-19 (non-negative, inclusive)")
+        first = int(match[1])
+        last = int(match[2]) if match[2] is not None else first
+        if last < first:
+            raise ConfigError(f"malformed seed range {spec!r}: {first}-{last} is empty (write the smaller seed first)")
+        seeds.update(range(first, last + 1))
+    return sorted(seeds)
+
+
+def format_seeds(seeds: Sequence[int]) -> str:
+    """Inverse of `parse_seeds` for a sorted list: consecutive runs collapse to `a-b`."""
+    runs: list[str] = []
+    start = prev = None
+    for seed in seeds:
+        if prev is not None and seed == prev + 1:
+            prev = seed
+            continue
+        if start is not None:
+            runs.append(f"{start}" if start == prev else f"{start}-{prev}")
+        start = prev = seed
+    if start is not None:
+        runs.append(f"{start}" if start == prev else f"{start}-{prev}")
+    return ",".join(runs)
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """EDM's generate.py quantisation, uint8(clip(x·127.5 + 128, 0, 255)) (truncation = round-half-up of 127.5(x+1))."""
+    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+def sample_seeds(
+    solver: Solver,
+    denoiser: nn.Module,
+    seeds: Sequence[int],
+    image_shape: tuple[int, ...],
+    label_dim: int = 0,
+    lambdas: Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, Tensor | None]:
+    """Final states (N, C, H, W) and one-hot labels (or None) for `seeds`; each sample depends only on its seed."""
+    noise, labels = seeded_noise(seeds, image_shape, label_dim, dtype)
+    labels = None if labels is None else labels.to(device)
+    return solver.sample(denoiser, noise.to(device), lambdas, labels), labels
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write under a hidden temporary name in the same folder, then rename: readers see the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    """(C, H, W) uint8 → PNG bytes (grey for one channel, RGB for three), as EDM saves them."""
+    pil = Image.fromarray(image[0], "L") if image.shape[0] == 1 else Image.fromarray(image.transpose(1, 2, 0), "RGB")
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@dataclass
+class SampleBatch:
+    """What `DODESampler.predict_step` returns: all seeds of the batch with their uint8 images.
+
+    `fresh` marks the ones generated now (the others were read back from disk for FID, or are zero placeholders
+    when nothing needs them); `labels` holds the class index of fresh samples (−1: unconditional or not fresh).
+    """
+
+    seeds: Tensor
+    images: Tensor
+    fresh: Tensor
+    labels: Tensor
+
+
+class ImageStore:
+    """The output folder: PNGs at `<outdir>/<seed − seed % 1000:06d>/<seed:06d>.png` and/or `.npz` shards in
+    `<outdir>/npz/` (keys `seeds` (N,), `images` uint8 (N, H, W, C), `labels` (N,), −1 when unconditional)."""
+
+    def __init__(self, outdir: str | Path, fmt: Format = "png") -> None:
+        if fmt not in ("png", "npz", "both"):
+            raise ConfigError(f"unknown output format {fmt!r}; choose png, npz or both")
+        self.outdir = Path(outdir)
+        self.png = fmt in ("png", "both")
+        self.npz = fmt in ("npz", "both")
+        self.shard_of: dict[int, Path] = {}
+
+    def png_path(self, seed: int) -> Path:
+        return self.outdir / f"{seed - seed % 1000:06d}" / f"{seed:06d}.png"
+
+    @property
+    def shard_dir(self) -> Path:
+        return self.outdir / "npz"
+
+    def remove_temporaries(self) -> int:
+        """Delete `.*.tmp` files a killed run left behind; call before any rank writes."""
+        count = 0
+        for tmp in self.outdir.rglob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+            count += 1
+        return count
+
+    def scan(self) -> None:
+        """Index the seeds held by existing shards (reads only their `seeds` arrays)."""
+        self.shard_of = {}
+        if not self.shard_dir.is_dir():
+            return
+        for shard in sorted(self.shard_dir.glob("seeds-*.npz")):
+            with np.load(shard) as data:
+                for seed in data["seeds"].tolist():
+                    self.shard_of[int(seed)] = shard
+
+    def has_png(self, seed: int) -> bool:
+        return self.png_path(seed).is_file()
+
+    def done(self, seed: int) -> bool:
+        """Written in every requested format."""
+        return (not self.png or self.has_png(seed)) and (not self.npz or seed in self.shard_of)
+
+    def load(self, seed: int) -> np.ndarray:
+        """The stored uint8 image (C, H, W) of a written seed."""
+        if self.has_png(seed):
+            with Image.open(self.png_path(seed)) as pil:
+                array = np.asarray(pil)
+            return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+        seeds, images = _read_shard(self.shard_of[seed])
+        return images[int(np.flatnonzero(seeds == seed)[0])].transpose(2, 0, 1)
+
+    def write(self, seeds: Sequence[int], images: np.ndarray, labels: Sequence[int]) -> None:
+        """Write the formats each seed still lacks; PNGs one by one, the npz part as one shard named by its first seed.
+
+        A seed is in at most one shard: a rerun regenerates only seeds missing from the index built by `scan`.
+        """
+        if self.png:
+            for seed, image in zip(seeds, images):
+                path = self.png_path(seed)
+                if not path.is_file():
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    atomic_write_bytes(path, _png_bytes(image))
+        if self.npz:
+            keep = [i for i, seed in enumerate(seeds) if seed not in self.shard_of]
+            if not keep:
+                return
+            self.shard_dir.mkdir(parents=True, exist_ok=True)
+            shard = self.shard_dir / f"seeds-{seeds[keep[0]]:06d}-n{len(keep)}.npz"
+            buffer = io.BytesIO()
+            np.savez(
+                buffer,
+                seeds=np.asarray([seeds[i] for i in keep], dtype=np.int64),
+                images=np.ascontiguousarray(images[keep].transpose(0, 2, 3, 1)),
+                labels=np.asarray([labels[i] for i in keep], dtype=np.int64),
+            )
+            atomic_write_bytes(shard, buffer.getvalue())
+            for i in keep:
+                self.shard_of[seeds[i]] = shard
+
+    def collect(self, seeds: Iterable[int]) -> np.ndarray:
+        """Stored images of `seeds` as (N, C, H, W) uint8 (tests and benchmarks)."""
+        return np.stack([self.load(int(seed)) for seed in seeds])
+
+
+@functools.lru_cache(maxsize=4)
+def _read_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path) as data:
+        return data["seeds"], data["images"]
+
+
+class SeedImages(Dataset):
+    """Item i: (seed, already written, the stored image if it is needed for FID else zeros)."""
+
+    def __init__(self, seeds: Sequence[int], store: ImageStore, image_shape: tuple[int, ...], load_written: bool) -> None:
+        self.seeds, self.store, self.image_shape, self.load_written = list(seeds), store, tuple(image_shape), load_written
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def __getitem__(self, index: int) -> tuple[int, bool, Tensor]:
+        seed = self.seeds[index]
+        # The done check is race-free under DDP: the sampler gives each seed to exactly one rank.
+        done = self.store.done(seed)
+        if done and self.load_written:
+            return seed, True, torch.from_numpy(np.ascontiguousarray(self.store.load(seed)))
+        return seed, done, torch.zeros(self.image_shape, dtype=torch.uint8)
+
+
+class SeedData(pl.LightningDataModule):
+    """The seeds to sample, batched; `load_written` reads already-written images back (FID needs every image)."""
+
+    def __init__(self, seeds: Sequence[int], store: ImageStore, batch_size: int = 64, load_written: bool = False) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ConfigError(f"--batch-size must be ≥ 1, got {batch_size}")
+        self.seeds, self.store, self.batch_size, self.load_written = list(seeds), store, batch_size, load_written
+        self.already_written = 0
+
+    def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        if trainer.global_rank == 0:
+            self.store.outdir.mkdir(parents=True, exist_ok=True)
+            self.store.remove_temporaries()
+        trainer.strategy.barrier("dode_store_clean")  # no rank writes before the leftovers are gone
+        self.store.scan()
+        self.already_written = sum(self.store.done(seed) for seed in self.seeds)
+
+    def predict_dataloader(self) -> DataLoader:
+        module: DODESampler = self.trainer.lightning_module
+        dataset = SeedImages(self.seeds, self.store, module.image_shape, self.load_written)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class DODESampler(pl.LightningModule):
+    """Samples a D-ODE (or base) solver for a frozen denoiser.
+
+    The first eight arguments are the sampling-relevant keys of the config's `model` section, with the same meaning
+    as in `DODECalibration`. `lambdas`: λ file from train.py, or None / "none" for the base solver; a file fitted for
+    another solver, NFE, grid, schedule or denoiser is refused. `class_conditional`: draw one label per seed after its
+    latents (EDM); default: what the λ file was fitted with, else whether the denoiser has labels.
+    """
+
+    def __init__(
+        self,
+        denoiser: dict[str, Any] | None = None,
+        solver: str = "heun",
+        nfe: int = 9,
+        grid: str | None = None,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        rho: float | None = None,
+        state_dtype: Literal["float32", "float64"] = "float64",
+        lambdas: str | None = None,
+        class_conditional: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.built = build_student(denoiser, solver, nfe, grid, sigma_min, sigma_max, rho, state_dtype)
+        self.denoiser = self.built.loaded.denoiser
+        self.student = self.built.solver
+        self.lambda_file: dict[str, Any] | None = None
+        fitted_conditional = None
+        lam = None
+        if lambdas is not None and str(lambdas).lower() != "none":
+            tensors, meta = load_lambdas(lambdas, expect=self.built.metadata())
+            lam = tensors["lambdas"].to(torch.float64)
+            if lam.shape != (self.student.num_stages,):
+                raise LambdaFileError(f"{lambdas} holds {tuple(lam.shape)} λ, this solver has {self.student.num_stages} stages; refit with train.py")
+            self.lambda_file = {"path": str(Path(lambdas).resolve()), "sha256": file_sha256(lambdas), "metadata": meta}
+            fitted_conditional = meta.get("class_conditional")
+        self.register_buffer("lambdas", lam, persistent=False)
+        label_dim = self.built.loaded.label_dim
+        if class_conditional is None:
+            class_conditional = fitted_conditional if fitted_conditional is not None else label_dim > 0
+        if class_conditional and label_dim == 0:
+            raise ConfigError("class_conditional is true but the denoiser has no class labels")
+        self.label_dim = label_dim if class_conditional else 0
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.built.loaded.image_shape
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the images of a seed; a rerun into the same folder must agree on all of it."""
+        return {
+            **self.built.metadata(),
+            "class_conditional": self.label_dim > 0,
+            "lambdas": None if self.lambda_file is None else self.lambda_file["sha256"],
+        }
+
+    def predict_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> SampleBatch:
+        seeds, done, images = batch
+        fresh = ~done
+        images = images.clone()
+        labels = torch.full((len(seeds),), -1, dtype=torch.long)
+        if fresh.any():
+            x, onehot = sample_seeds(
+                self.student, self.denoiser, seeds[fresh].tolist(), self.image_shape, self.label_dim, self.lambdas, self.built.dtype, self.device
+            )
+            images[fresh.to(images.device)] = to_uint8(x).to(images.device)
+            if onehot is not None:
+                labels[fresh.cpu()] = onehot.argmax(-1).cpu()
+        return SampleBatch(seeds.cpu(), images, fresh.cpu(), labels)
+
+
+def write_manifest(outdir: Path, manifest: dict[str, Any]) -> None:
+    atomic_write_bytes(outdir / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_manifest(outdir: Path) -> dict[str, Any] | None:
+    path = Path(outdir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path} is unreadable ({err}); choose another --outdir") from None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ConfigError(f"{path} is not a dode-lightning sample manifest; choose another --outdir")
+    return manifest
+
+
+class SampleWriter(BasePredictionWriter):
+    """Writes each predicted batch through the store as it arrives, and the manifest (rank 0) at the start."""
+
+    def __init__(self, store: ImageStore, manifest: dict[str, Any]) -> None:
+        super().__init__(write_interval="batch")
+        self.store, self.manifest = store, manifest
+        self.written = 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.global_rank == 0:
+            write_manifest(self.store.outdir, self.manifest)
+
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: SampleBatch,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        keep = prediction.fresh.nonzero().flatten()
+        if len(keep) == 0:
+            return
+        seeds = prediction.seeds[keep].tolist()
+        self.store.write(seeds, prediction.images[keep].cpu().numpy(), prediction.labels[keep].tolist())
+        self.written += len(seeds)
+
+
+class PredictTimer(Callback):
+    """Wall time of the predict loop alone (process start-up and DDP launch excluded), between barriers on all ranks."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.seconds = 0.0
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.strategy.barrier("dode_predict_start")
+        self.started = time.perf_counter()
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.strategy.barrier("dode_predict_end")
+        self.seconds = time.perf_counter() - self.started
