@@ -19,12 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-# checkpoints.md §8: edm-ffhq-64x64-uncond-vp, init kwargs in train.py order (num_blocks/attn_resolutions absent).
-FFHQ_DDPMPP = dict(
-    model_type="SongUNet", embedding_type="positional", encoder_type="standard", decoder_type="standard",
-    channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[1, 2, 2, 2], augment_dim=9,
-    dropout=0.05, use_fp16=False, img_resolution=64, img_channels=3, label_dim=0,
-)
 PAPER_PARAMS_M = 61.81
 
 
@@ -83,6 +77,7 @@ def main() -> None:
 
     import torch
 
+    from benchmarks.common import FFHQ_DDPMPP
     from dode_lightning.checkpoints.edm_writer import write_edm_snapshot
     from dode_lightning.networks import EDMPrecond
 

@@ -1,0 +1,241 @@
+"""Shared helpers of the benchmark scripts: solver families, exact reference states, distances, timing, output.
+
+Every benchmark prints its Markdown table and, for a full run, replaces its own section of docs/benchmarks.md
+(between `<!-- begin NAME -->` and `<!-- end NAME -->`) and writes its PNGs next to it under docs/benchmarks/.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from dode_lightning.denoisers import Denoiser
+from dode_lightning.distill import evaluate_lambdas, stagewise_losses
+from dode_lightning.gmm import GaussianMixture
+from dode_lightning.schedules import Schedule, make_schedule
+from dode_lightning.solvers import Solver
+
+# checkpoints.md §8: edm-ffhq-64x64-uncond-vp, init kwargs in train.py order (num_blocks/attn_resolutions absent).
+FFHQ_DDPMPP = dict(
+    model_type="SongUNet", embedding_type="positional", encoder_type="standard", decoder_type="standard",
+    channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[1, 2, 2, 2], augment_dim=9,
+    dropout=0.05, use_fp16=False, img_resolution=64, img_channels=3, label_dim=0,
+)
+
+CALIBRATION_SEEDS = range(100)
+HELD_OUT_START = 1_000_000
+SCALE = 10
+
+
+@dataclass(frozen=True)
+class Family:
+    """A solver family as benchmarked: registry name, schedule, and how the tables label it."""
+
+    solver: str
+    schedule: str
+    label: str
+
+    def make_schedule(self) -> Schedule:
+        return make_schedule(self.schedule)
+
+
+FAMILIES = [
+    Family("ddim", "vp_linear", "DDIM-ε (VP linear, uniform_torch grid)"),
+    Family("euler", "edm", "Euler-x₀ = EDM DDIM (Karras)"),
+    Family("heun", "edm", "Heun = EDM (Karras)"),
+    Family("ipndm", "vp_linear", "iPNDM (VP linear, int-linspace grid)"),
+    Family("dpm_solver_2", "vp_linear", "DPM-Solver-2 (VP linear, time-uniform)"),
+    Family("dpm_solver_3", "vp_linear", "DPM-Solver-3 (VP linear, time-uniform)"),
+    Family("dpm_solver_pp_2m", "edm", "DPM-Solver++ 2M (Karras)"),
+    Family("dpm_solver_pp_3m", "edm", "DPM-Solver++ 3M (Karras)"),
+    Family("deis_3", "vp_linear", "DEIS-3 (tAB, VP linear, int-linspace grid)"),
+]
+
+
+def family(name: str) -> Family:
+    """The benchmarked family with this solver name."""
+    for candidate in FAMILIES:
+        if candidate.solver == name:
+            return candidate
+    raise ValueError(f"unknown family {name!r}; choose one of {', '.join(f.solver for f in FAMILIES)}")
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every benchmark shares: --quick and --out-dir."""
+    result = argparse.ArgumentParser(description=doc.splitlines()[0])
+    result.add_argument("--quick", action="store_true", help="smoke run (< 2 minutes); writes nothing unless --out-dir is given")
+    result.add_argument("--out-dir", default=None, help="where benchmarks.md and the PNGs go (default: docs/ for a full run)")
+    return result
+
+
+def output_dir(args: argparse.Namespace) -> Path | None:
+    """docs/ for a full run, nothing for --quick, or the explicit --out-dir."""
+    if args.out_dir is not None:
+        return Path(args.out_dir)
+    return None if args.quick else Path("docs")
+
+
+def machine() -> str:
+    """One line naming the machine a measurement ran on."""
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared with other work), "
+        f"Python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} torch thread(s)"
+    )
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_section(out_dir: Path, name: str, text: str) -> Path:
+    """Replace (or append) the `name` section of out_dir/benchmarks.md, leaving hand-written text alone."""
+    path = out_dir / "benchmarks.md"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    block = f"{begin}\n{text.strip()}\n{end}"
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        new = head + block + rest.split(end, 1)[1]
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(new)
+    return path
+
+
+def figure_path(out_dir: Path, name: str) -> Path:
+    """docs/benchmarks/<name>.png (created folder); link it from benchmarks.md as benchmarks/<name>.png."""
+    folder = out_dir / "benchmarks"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{name}.png"
+
+
+def median_cpu_time(run: Callable[[], object], repeats: int, warmup: bool = True) -> float:
+    """Median CPU time of `repeats` calls, in seconds (after one untimed warm-up call unless `warmup` is False).
+
+    CPU time of this process rather than wall time: with one torch thread the two agree on an idle machine, and
+    CPU time stays meaningful when other jobs share the cores (wall time then measures the neighbours).
+    """
+    if warmup:
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        run()
+        times.append(time.process_time() - start)
+    return statistics.median(times)
+
+
+def adam_lambdas(student: Solver, denoiser: Denoiser, noise: Tensor, targets: Tensor, steps: int, lr: float) -> Tensor:
+    """Adam on the per-stage objective, parametrised as DODECalibration does: λ_k = c_k·θ_k, c_k = natural scale at λ = 0."""
+    at_zero = evaluate_lambdas(student, denoiser, noise, targets, torch.zeros(student.num_stages, dtype=torch.float64))
+    scale = at_zero.natural_scales()
+    theta = torch.zeros(student.num_stages, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.Adam([theta], lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        stagewise_losses(student, denoiser, noise, targets, theta * scale).sum().backward()
+        optimizer.step()
+    return (theta * scale).detach()
+
+
+def _integrate(mixture: GaussianMixture, x: Tensor, sigma_from: float, sigma_to: float) -> Tensor:
+    """Probability-flow ODE from σ_from to σ_to > 0 (DOP853 in u = log σ, rtol 1e-10), for runs ending above 0."""
+    from scipy.integrate import solve_ivp
+
+    shape = x.shape
+
+    def velocity(u: float, flat):
+        state = torch.from_numpy(flat).reshape(shape)
+        return (state - mixture(state, math.exp(u))).reshape(-1).numpy()
+
+    solution = solve_ivp(velocity, (math.log(sigma_from), math.log(sigma_to)), x.reshape(-1).numpy(), method="DOP853", rtol=1e-10, atol=1e-12)
+    if not solution.success:
+        raise RuntimeError(f"integration failed: {solution.message}")
+    return torch.from_numpy(solution.y[:, -1]).reshape(shape)
+
+
+class ExactStates:
+    """Exact ODE states where each solver run ends, computed once per (start σ, end σ) and reused.
+
+    A run starts at solver.init_state(noise) (VE form: divided by the state scale s₀) and ends at σ_end, in the
+    solver's own scaled form s_end·x(σ_end). The unconditional mixture has no closed form: σ_end = 0 uses
+    `exact_endpoint` (DOP853), σ_end > 0 (DPM-Solver, iPNDM, DEIS end at t = 0) the same integrator stopped there.
+    Batches of `chunk` keep DOP853's step count driven by few samples (faster than one big system).
+    """
+
+    def __init__(self, mixture: GaussianMixture, noise: Tensor, chunk: int = 100) -> None:
+        self.mixture, self.noise, self.chunk = mixture, noise, chunk
+        self.cache: dict[tuple[float, float], Tensor] = {}
+        self.seconds = 0.0
+
+    def __call__(self, solver: Solver) -> Tensor:
+        sigma_start, sigma_end = float(solver.sigmas[0]), float(solver.sigmas[-1])
+        key = (sigma_start, sigma_end)
+        if key not in self.cache:
+            start = time.perf_counter()
+            x = solver.init_state(self.noise) / float(solver.scales[0])
+            parts = []
+            for chunk in torch.split(x, self.chunk):
+                if sigma_end == 0.0:
+                    parts.append(self.mixture.exact_endpoint(chunk, sigma_start))
+                else:
+                    parts.append(_integrate(self.mixture, chunk, sigma_start, sigma_end))
+            self.cache[key] = torch.cat(parts)
+            self.seconds += time.perf_counter() - start
+        return self.cache[key] * float(solver.scales[-1])
+
+
+def mixture_moments(mixture: GaussianMixture, sigma: float = 0.0, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Exact mean and covariance of s·(x₀ + σn), x₀ from the mixture: the ODE's marginal at σ (flattened, float64)."""
+    weights = mixture.log_weights.exp()
+    mean = weights @ mixture.means
+    second = torch.einsum("k,kde->de", weights, mixture.covariances + torch.einsum("kd,ke->kde", mixture.means, mixture.means))
+    cov = second - torch.outer(mean, mean) + sigma**2 * torch.eye(len(mean), dtype=torch.float64)
+    return scale * mean, scale**2 * cov
+
+
+def frechet_distance(samples: Tensor, mean: Tensor, cov: Tensor) -> float:
+    """Fréchet (2-Wasserstein between Gaussians) distance in pixel space of the samples' moments to (mean, cov)."""
+    flat = samples.reshape(len(samples), -1).to(torch.float64)
+    mu = flat.mean(0)
+    sample_cov = torch.cov(flat.T)
+    evals, evecs = torch.linalg.eigh(cov)
+    root = evecs @ torch.diag(evals.clamp(min=0).sqrt()) @ evecs.T
+    cross = torch.linalg.eigvalsh(root @ sample_cov @ root).clamp(min=0).sqrt().sum()
+    return float(((mu - mean) ** 2).sum() + torch.trace(sample_cov) + torch.trace(cov) - 2 * cross)
+
+
+def exact_fd(mixture: GaussianMixture, solver: Solver, samples: Tensor) -> float:
+    """Fréchet distance of a run's final states to the exact marginal at the σ where that run ends."""
+    sigma_end, scale_end = float(solver.sigmas[-1]), float(solver.scales[-1])
+    return frechet_distance(samples, *mixture_moments(mixture, sigma_end, scale_end))
+
+
+def peak_rss_growth(run: Callable[[], object]) -> tuple[object, float]:
+    """Run and return (result, peak resident-memory growth in MiB): VmHWM is reset first via /proc/self/clear_refs."""
+
+    def status(field: str) -> float:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+        raise RuntimeError(f"no {field} in /proc/self/status")
+
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    before = status("VmRSS")
+    result = run()
+    return result, status("VmHWM") - before

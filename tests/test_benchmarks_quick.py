@@ -1,0 +1,45 @@
+"""Smoke runs of the benchmark scripts' --quick modes (about 2 minutes together; not part of CI)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.common import write_section
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CASES = [
+    ("quality", ["quality_rmse.png", "quality_fd.png"]),
+    ("cost", []),
+    ("overhead", []),
+    ("trajectories", ["fig2_cosine.png", "fig5_trajectory.png"]),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,figures", CASES)
+def test_quick_mode_prints_a_table_and_writes_its_section(tmp_path, script, figures):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    command = [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--quick", "--out-dir", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "|---|" in result.stdout
+    section = (tmp_path / "benchmarks.md").read_text()
+    assert f"<!-- begin {script} -->" in section and f"<!-- end {script} -->" in section
+    assert "--quick" in section
+    for name in figures:
+        assert (tmp_path / "benchmarks" / name).stat().st_size > 10_000
+
+
+def test_sections_are_replaced_in_place(tmp_path):
+    (tmp_path / "benchmarks.md").write_text("# Benchmarks\n\nhand-written intro\n")
+    write_section(tmp_path, "a", "first")
+    write_section(tmp_path, "b", "other")
+    write_section(tmp_path, "a", "second")
+    text = (tmp_path / "benchmarks.md").read_text()
+    assert "hand-written intro" in text and "second" in text and "first" not in text
+    assert text.index("<!-- begin a -->") < text.index("<!-- begin b -->")
