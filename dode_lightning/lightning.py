@@ -11,6 +11,7 @@ import os
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from .checkpoints import load_denoiser
+from .checkpoints import LoadedDenoiser, load_denoiser
 from .distill import (
     SolverSetup,
     StageFit,
@@ -34,7 +35,7 @@ from .distill import (
 from .lambda_file import schedule_id
 from .solvers import NFEError, Solver
 
-__all__ = ["DODECalibration", "TeacherTargets", "ConfigError"]
+__all__ = ["DODECalibration", "TeacherTargets", "ConfigError", "BuiltStudent", "build_student"]
 
 CACHE_VERSION = 1
 
@@ -53,6 +54,54 @@ def image_grid(images: Tensor, columns: int = 8) -> Tensor:
         r, c = divmod(i, columns)
         grid[:, r * height : (r + 1) * height, c * width : (c + 1) * width] = img
     return grid
+
+
+@dataclass
+class BuiltStudent:
+    """A loaded denoiser and the student solver a config's `model` section describes (shared by fit and sampling)."""
+
+    loaded: LoadedDenoiser
+    setup: SolverSetup
+    solver: Solver
+    dtype: torch.dtype
+
+    def metadata(self) -> dict[str, Any]:
+        """What determines the student (also the λ file's identity fields)."""
+        return {
+            "solver": self.setup.name,
+            "nfe": self.solver.nfe,
+            "num_stages": self.solver.num_stages,
+            "grid": self.setup.grid,
+            "grid_kwargs": self.setup.grid_kwargs,
+            "schedule": schedule_id(self.setup.schedule),
+            "prediction": self.solver.prediction,
+            "denoiser": self.loaded.identity,
+            "state_dtype": str(self.dtype).replace("torch.", ""),
+        }
+
+
+def build_student(
+    denoiser: dict[str, Any] | None,
+    solver: str,
+    nfe: int,
+    grid: str | None = None,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    rho: float | None = None,
+    state_dtype: str = "float64",
+) -> BuiltStudent:
+    """Load the denoiser (default: the built-in exact model) and build the student; bad settings → ConfigError."""
+    loaded = load_denoiser(**(denoiser or {"source": "gmm_digits"}))
+    loaded.denoiser.eval().requires_grad_(False)
+    grid_kwargs = {k: v for k, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)) if v is not None}
+    try:
+        setup = SolverSetup.resolve(solver, nfe, loaded.schedule, grid, **grid_kwargs)
+        student: Solver = setup.build()
+    except (NFEError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+    if state_dtype not in ("float32", "float64"):
+        raise ConfigError(f"state_dtype must be float32 or float64, got {state_dtype!r}")
+    return BuiltStudent(loaded, setup, student, getattr(torch, state_dtype))
 
 
 class DODECalibration(pl.LightningModule):
@@ -89,18 +138,11 @@ class DODECalibration(pl.LightningModule):
             raise ConfigError(f"unknown fit method {fit!r}; choose closed_form, adam or compare")
         if adam_steps < 1 or adam_lr <= 0:
             raise ConfigError(f"adam needs adam_steps ≥ 1 and adam_lr > 0, got {adam_steps} and {adam_lr}")
-        self.loaded = load_denoiser(**(denoiser or {"source": "gmm_digits"}))
-        self.denoiser = self.loaded.denoiser.eval().requires_grad_(False)
-        grid_kwargs = {k: v for k, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)) if v is not None}
-        try:
-            self.setup_spec = SolverSetup.resolve(solver, nfe, self.loaded.schedule, grid, **grid_kwargs)
-            self.student: Solver = self.setup_spec.build()
-        except NFEError as err:
-            raise ConfigError(str(err)) from None
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+        self.built = build_student(denoiser, solver, nfe, grid, sigma_min, sigma_max, rho, state_dtype)
+        self.loaded, self.setup_spec, self.student = self.built.loaded, self.built.setup, self.built.solver
+        self.denoiser = self.loaded.denoiser
         self.fit_method = fit
-        self.dtype_ = getattr(torch, state_dtype)
+        self.dtype_ = self.built.dtype
         self.lambdas = nn.Parameter(torch.zeros(self.student.num_stages, dtype=torch.float64))
         # Adam runs on λ_k / c_k (c_k: StageFit.natural_scales at λ = 0); folded back into λ when the fit ends.
         self.register_buffer("lambda_scale", torch.ones(self.student.num_stages, dtype=torch.float64), persistent=False)
@@ -112,17 +154,7 @@ class DODECalibration(pl.LightningModule):
 
     def metadata(self) -> dict[str, Any]:
         """What determines the student (also the λ file's identity fields)."""
-        return {
-            "solver": self.setup_spec.name,
-            "nfe": self.student.nfe,
-            "num_stages": self.student.num_stages,
-            "grid": self.setup_spec.grid,
-            "grid_kwargs": self.setup_spec.grid_kwargs,
-            "schedule": schedule_id(self.setup_spec.schedule),
-            "prediction": self.student.prediction,
-            "denoiser": self.loaded.identity,
-            "state_dtype": str(self.dtype_).replace("torch.", ""),
-        }
+        return self.built.metadata()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam([self.lambdas], lr=self.hparams.adam_lr)
