@@ -324,6 +324,7 @@ class FIDCallback(Callback):
         self.detector, self.reference, self.outdir, self.batch_size = detector, reference, Path(outdir), batch_size
         self.extra = extra or {}
         self.value: float | None = None
+        self.num_generated = 0
         self.metric: FrechetInceptionDistance | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -349,7 +350,8 @@ class FIDCallback(Callback):
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.value = clamped_fid(self.metric)
-        n_fake = int(self.metric.fake_features_num_samples)
+        # compute() restores the local states after syncing, so the pooled count is reduced separately.
+        self.num_generated = n_fake = int(trainer.strategy.reduce(self.metric.fake_features_num_samples.clone(), reduce_op="sum"))
         if trainer.global_rank != 0:
             return
         record = {

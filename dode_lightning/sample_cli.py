@@ -46,7 +46,7 @@ SAMPLING_TRAINER_DEFAULTS: dict[str, Any] = {
     },
 }
 # Keys the config's `model` section may hold for calibration that do not change how a seed is sampled.
-_SAMPLER_KEYS = [name for name in inspect.signature(DODESampler.__init__).parameters if name not in ("self", "lambdas", "class_conditional")]
+_SAMPLER_KEYS = [name for name in inspect.signature(DODESampler.__init__).parameters if name not in ("self", "lambdas", "class_conditional", "eval_batch")]
 _CALIBRATION_ONLY = [name for name in inspect.signature(DODECalibration.__init__).parameters if name not in ("self", *_SAMPLER_KEYS)]
 _EXPECTED = (ConfigError, LambdaFileError, CheckpointError, FileNotFoundError, ImportError)
 
@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", required=True, help="inclusive ranges, e.g. 0-49999 or 0,10-19")
     parser.add_argument("--outdir", required=True, help="output folder (rerunning the same command resumes)")
     parser.add_argument("--batch-size", type=int, default=64, help="seeds per predict batch and rank (default 64)")
+    parser.add_argument("--eval-batch", type=int, default=64, help="samples per network call, padded (default 64); images are bit-identical for any --batch-size and world size at the same --eval-batch")
     parser.add_argument("--format", choices=("png", "npz", "both"), default="png", help="PNG files, npz shards, or both")
     parser.add_argument("--fid", action="store_true", help="compute FID of the seeds against --fid-ref")
     parser.add_argument("--fid-ref", help="reference: EDM-style npz (mu, sigma), a folder of images, or 'exact' (built-in model)")
@@ -125,13 +126,14 @@ def _read_config(path: str, overrides: dict[str, dict[str, Any]]) -> dict[str, A
     return config
 
 
-def _model_args(config: dict[str, Any], lambdas: str) -> dict[str, Any]:
+def _model_args(config: dict[str, Any], lambdas: str, eval_batch: int) -> dict[str, Any]:
     model = dict(config.get("model") or {})
     unknown = sorted(set(model) - set(_SAMPLER_KEYS) - set(_CALIBRATION_ONLY))
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(unknown)} in the model section; accepted: {', '.join(_SAMPLER_KEYS + _CALIBRATION_ONLY)}")
     args = {k: v for k, v in model.items() if k in _SAMPLER_KEYS}
     args["lambdas"] = None if lambdas.lower() == "none" else lambdas
+    args["eval_batch"] = eval_batch
     conditional = (config.get("data") or {}).get("class_conditional")
     if conditional is not None:
         args["class_conditional"] = conditional
@@ -176,7 +178,7 @@ def _manifest(args: argparse.Namespace, config: dict[str, Any], module: DODESamp
         "lambda_file": module.lambda_file,
         "image_shape": list(module.image_shape),
         "seeds": format_seeds(requested),
-        "last_command": {"seeds": args.seeds, "format": args.format, "batch_size": args.batch_size},
+        "last_command": {"seeds": args.seeds, "format": args.format, "batch_size": args.batch_size, "eval_batch": args.eval_batch},
     }
 
 
@@ -193,7 +195,7 @@ def sample_main(argv: list[str] | None = None) -> int:
         outdir = Path(args.outdir)
         check_writable(outdir)
         store = ImageStore(outdir, args.format)
-        model_args = _model_args(config, args.lambdas)
+        model_args = _model_args(config, args.lambdas, args.eval_batch)
         want_fid = args.fid or args.fid_ref is not None
         if want_fid and args.fid_ref is None:
             raise ConfigError("--fid needs reference statistics: --fid-ref <npz|folder> (or 'exact' for the built-in model)")
@@ -240,8 +242,7 @@ def sample_main(argv: list[str] | None = None) -> int:
     print(f"\n{module.built.setup.name}, NFE {module.student.nfe}, {kind}")
     print(f"{len(seeds)} seeds ({args.seeds}): {fresh} generated on {trainer.world_size} process(es), {data.already_written} already in {outdir}; predict {seconds:.2f} s{rate}; total {time.perf_counter() - started:.2f} s")
     if fid is not None:
-        n = int(fid.metric.fake_features_num_samples) if trainer.world_size == 1 else len(seeds)
-        print(f"{fid.detector.metric_name}: {fid.value:.6g} (n = {n}, reference {fid.reference.describe()}); {outdir / 'metrics.json'}")
+        print(f"{fid.detector.metric_name}: {fid.value:.6g} (n = {fid.num_generated}, reference {fid.reference.describe()}); {outdir / 'metrics.json'}")
     return 0
 
 
