@@ -16,11 +16,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from pytorch_lightning.cli import LightningCLI
 
 from .checkpoints import CheckpointError
-from .fid import FIDCallback, Reference, image_files, iter_image_batches, load_detector, load_reference_npz, make_metric, metric_stats, save_reference
+from .fid import Detector, FIDCallback, Reference, image_files, iter_image_batches, load_detector, load_reference_npz, make_metric, metric_stats, save_reference
 from .lambda_file import LambdaFileError
 from .lightning import ConfigError, DODECalibration
 from .sampling import (
@@ -213,6 +214,10 @@ def sample_main(argv: list[str] | None = None) -> int:
                 seed_everything_default=False,
             )
         module, trainer = cli.model, cli.trainer
+        processes = trainer.num_devices * trainer.num_nodes
+        if len(seeds) < processes:
+            # A rank without batches skips predict's hooks, and the others would wait for it at the barriers.
+            raise ConfigError(f"{len(seeds)} seed(s) for {processes} processes: give at least one seed per process")
         # The FID detector needs the model's image shape, so the callbacks join the trainer after the CLI built both.
         timer = PredictTimer()
         callbacks: list[Any] = [timer]
@@ -273,10 +278,8 @@ def fid_ref_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def reference_stats(files: list[Path], detector: Any, batch_size: int = 64) -> tuple[Any, Any, int]:
+def reference_stats(files: list[Path], detector: Detector, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(μ, Σ, n) of the detector's features over image files, through the same torchmetrics states as the FID."""
-    import torch
-
     metric = make_metric(detector)
     with torch.no_grad():
         for images in iter_image_batches(files, batch_size):

@@ -22,7 +22,6 @@ from dode_lightning.fid import (
     load_reference_npz,
     load_stats,
     make_metric,
-    save_reference,
     tf1_resize,
 )
 from dode_lightning.lightning import ConfigError
