@@ -211,7 +211,7 @@ def _bad_npz(path: Path, **arrays) -> str:
 
 @pytest.mark.parametrize(
     "case",
-    ["seeds", "outdir_under_file", "lambda_other_nfe", "fid_without_reference", "npz_keys", "npz_shape", "lambda_missing"],
+    ["seeds", "outdir_under_file", "lambda_other_nfe", "fid_without_reference", "npz_keys", "npz_shape", "lambda_missing", "fewer_seeds_than_processes"],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys, case):
     monkeypatch.chdir(tmp_path)
@@ -233,6 +233,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, 
         put("--lambdas", str(tmp_path / "nope.safetensors"))
     elif case == "fid_without_reference":
         args.append("--fid")
+    elif case == "fewer_seeds_than_processes":
+        put("--seeds", "0")
+        args += ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
     elif case == "npz_keys":
         args += ["--fid-ref", _bad_npz(tmp_path / "ref.npz", mean=np.zeros(64), cov=np.eye(64))]
     elif case == "npz_shape":
@@ -248,6 +251,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, 
         "fid_without_reference": "--fid needs reference statistics",
         "npz_keys": "lacks ['mu', 'sigma']",
         "npz_shape": "this detector needs (64,)",
+        "fewer_seeds_than_processes": "at least one seed per process",
     }[case]
     assert expected in err[0]
     assert not outdir.exists()
