@@ -13,7 +13,7 @@ from pytorch_lightning.cli import LightningCLI
 from .checkpoints import CheckpointError
 from .distill import StageFit, rmse, seeded_noise
 from .lambda_file import save_lambdas
-from .lightning import ConfigError, DODECalibration, TeacherTargets
+from .lightning import ConfigError, DODECalibration, TeacherTargets, limit_threads_for_builtin
 
 __all__ = ["train_main", "HELD_OUT_SEED"]
 
@@ -119,10 +119,7 @@ def train_main(args: list[str] | None = None) -> int:
             seed_everything_default=0,
         )
         module, data, trainer = cli.model, cli.datamodule, cli.trainer
-        if module.loaded.source == "gmm_digits" and module.device.type == "cpu":
-            # The exact model's einsums are far too small for intra-op threads; on a busy machine the thread
-            # pool's spin-waits make them 10–100× slower than one thread.
-            torch.set_num_threads(1)
+        limit_threads_for_builtin(module.loaded, trainer.strategy.root_device)
         output = _output_path(module, trainer)
         _check_writable(output)
         trainer.fit(module, datamodule=data)

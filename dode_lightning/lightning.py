@@ -35,7 +35,7 @@ from .distill import (
 from .lambda_file import schedule_id
 from .solvers import NFEError, Solver
 
-__all__ = ["DODECalibration", "TeacherTargets", "ConfigError", "BuiltStudent", "build_student"]
+__all__ = ["DODECalibration", "TeacherTargets", "ConfigError", "BuiltStudent", "build_student", "limit_threads_for_builtin"]
 
 CACHE_VERSION = 1
 
@@ -54,6 +54,16 @@ def image_grid(images: Tensor, columns: int = 8) -> Tensor:
         r, c = divmod(i, columns)
         grid[:, r * height : (r + 1) * height, c * width : (c + 1) * width] = img
     return grid
+
+
+def limit_threads_for_builtin(loaded: LoadedDenoiser, device: torch.device) -> None:
+    """One intra-op thread for the built-in exact model on CPU.
+
+    Its einsums are far too small for intra-op threads; on a busy machine the thread pool's spin-waits make them
+    10–100× slower than one thread.
+    """
+    if loaded.source == "gmm_digits" and device.type == "cpu":
+        torch.set_num_threads(1)
 
 
 @dataclass

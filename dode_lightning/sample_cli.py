@@ -23,7 +23,7 @@ from pytorch_lightning.cli import LightningCLI
 from .checkpoints import CheckpointError
 from .fid import Detector, FIDCallback, Reference, image_files, iter_image_batches, load_detector, load_reference_npz, make_metric, metric_stats, save_reference
 from .lambda_file import LambdaFileError
-from .lightning import ConfigError, DODECalibration
+from .lightning import ConfigError, DODECalibration, limit_threads_for_builtin
 from .sampling import (
     MANIFEST_FORMAT,
     PredictTimer,
@@ -214,6 +214,7 @@ def sample_main(argv: list[str] | None = None) -> int:
                 seed_everything_default=False,
             )
         module, trainer = cli.model, cli.trainer
+        limit_threads_for_builtin(module.built.loaded, trainer.strategy.root_device)
         processes = trainer.num_devices * trainer.num_nodes
         if len(seeds) < processes:
             # A rank without batches skips predict's hooks, and the others would wait for it at the barriers.
