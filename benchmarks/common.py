@@ -93,10 +93,12 @@ def machine() -> str:
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    """A GitHub-flavoured Markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+    """A GitHub-flavoured Markdown table (a '|' inside a cell is escaped)."""
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    return "\n".join([line(header), "|" + "---|" * len(header)] + [line(row) for row in rows])
 
 
 def write_section(out_dir: Path, name: str, text: str) -> Path:
@@ -122,20 +124,33 @@ def figure_path(out_dir: Path, name: str) -> Path:
     return folder / f"{name}.png"
 
 
-def median_cpu_time(run: Callable[[], object], repeats: int, warmup: bool = True) -> float:
-    """Median CPU time of `repeats` calls, in seconds (after one untimed warm-up call unless `warmup` is False).
+def median_cpu_time(run: Callable[[], object], repeats: int) -> float:
+    """Median CPU time of `repeats` calls, in seconds (after one untimed warm-up call).
 
     CPU time of this process rather than wall time: with one torch thread the two agree on an idle machine, and
     CPU time stays meaningful when other jobs share the cores (wall time then measures the neighbours).
     """
-    if warmup:
-        run()
+    run()
     times = []
     for _ in range(repeats):
         start = time.process_time()
         run()
         times.append(time.process_time() - start)
     return statistics.median(times)
+
+
+def paired_cpu_times(first: Callable[[], object], second: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median CPU times of two calls measured alternately (after one warm-up of each), so drifts in machine load
+    hit both alike."""
+    first()
+    second()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for run, bucket in ((first, times[0]), (second, times[1])):
+            start = time.process_time()
+            run()
+            bucket.append(time.process_time() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def adam_lambdas(student: Solver, denoiser: Denoiser, noise: Tensor, targets: Tensor, steps: int, lr: float) -> Tensor:

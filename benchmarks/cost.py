@@ -202,7 +202,7 @@ def main() -> None:
 
 `{command}` — {machine()}; {seconds:.0f} s wall.
 
-Unit: wall time to sample the same |B| images with the 10-step DDIM of the same side (noise-prediction DDIM on VP
+Unit: the time to sample the same |B| images with the 10-step DDIM of the same side (noise-prediction DDIM on VP
 linear for the VP families, Euler = EDM DDIM on Karras for the EDM families), as in the paper's Table 1. Calibration
 = one teacher run (keeping only the K target states) + one closed-form fitting pass, C = {SCALE}. The floor counts
 network evaluations only: (teacher NFE + student NFE)/10. "Table-1 total for 50k samples" = calibration once +

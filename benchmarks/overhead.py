@@ -19,7 +19,7 @@ from benchmarks.common import (
     family,
     machine,
     markdown_table,
-    median_cpu_time,
+    paired_cpu_times,
     output_dir,
     parser,
     write_section,
@@ -28,16 +28,14 @@ from dode_lightning.denoisers import Denoiser
 from dode_lightning.distill import SolverSetup, seeded_noise
 from dode_lightning.gmm import digits_mixture
 from dode_lightning.networks import EDMPrecond
-from dode_lightning.schedules import EDM
 
 
-def ratio_row(fam: Family, nfe: int, denoiser: Denoiser, noise: torch.Tensor, repeats: int, warmup: bool) -> list[str]:
-    """Base and D-solver CPU time (λ = 0.1 everywhere: the cost does not depend on the values) and their ratio."""
+def ratio_row(fam: Family, nfe: int, denoiser: Denoiser, noise: torch.Tensor, repeats: int) -> list[str]:
+    """Base and D-solver CPU time, measured alternately (λ = 0.1 everywhere: the cost does not depend on the values)."""
     solver = SolverSetup.resolve(fam.solver, nfe, fam.make_schedule()).build()
     lambdas = torch.full((solver.num_stages,), 0.1, dtype=torch.float64)
     with torch.no_grad():
-        base = median_cpu_time(lambda: solver.sample(denoiser, noise), repeats, warmup)
-        d_ode = median_cpu_time(lambda: solver.sample(denoiser, noise, lambdas), repeats, warmup)
+        base, d_ode = paired_cpu_times(lambda: solver.sample(denoiser, noise), lambda: solver.sample(denoiser, noise, lambdas), repeats)
     return [fam.solver, str(solver.nfe), str(len(noise)), f"{base * 1e3:.1f}", f"{d_ode * 1e3:.1f}", f"{d_ode / base:.3f}"]
 
 
@@ -50,22 +48,21 @@ def main() -> None:
     start = time.perf_counter()
     mixture = digits_mixture()
     exact_rows = []
+    exact_repeats, net_repeats = (3, 1) if args.quick else (25, 3)
     families = [family("euler"), family("dpm_solver_3")] if args.quick else FAMILIES
     for batch in (100,) if args.quick else (100, 1000):
         noise, _ = seeded_noise(range(HELD_OUT_START, HELD_OUT_START + batch), (1, 8, 8))
         for fam in families:
-            exact_rows.append(ratio_row(fam, 9 if fam.solver == "heun" else 10, mixture, noise, 3 if args.quick else 7, True))
+            exact_rows.append(ratio_row(fam, 9 if fam.solver == "heun" else 10, mixture, noise, exact_repeats))
             print("| " + " | ".join(exact_rows[-1]) + " |", flush=True)
     torch.manual_seed(0)
     net = EDMPrecond(**FFHQ_DDPMPP).eval().requires_grad_(False)
     params = sum(p.numel() for p in net.parameters()) / 1e6
     image, _ = seeded_noise([HELD_OUT_START], (3, 64, 64))
-    with torch.no_grad():
-        net(image, 1.0)  # warm-up: first-call allocations
     net_cases = [("euler", 2)] if args.quick else [("euler", 5), ("heun", 5), ("dpm_solver_pp_3m", 5)]
     net_rows = []
     for name, nfe in net_cases:
-        net_rows.append(ratio_row(family(name), nfe, net, image, 1 if args.quick else 3, False))
+        net_rows.append(ratio_row(family(name), nfe, net, image, net_repeats))
         print("| " + " | ".join(net_rows[-1]) + " |", flush=True)
     exact_table = markdown_table(HEADER, exact_rows)
     net_table = markdown_table(HEADER, net_rows)
@@ -80,15 +77,16 @@ def main() -> None:
 
 `{command}` — {machine()}; {seconds:.0f} s wall.
 
-CPU time of one sampling run (median), single thread, λ = 0.1 at every stage (the cost does not depend on the
-values). The D-solver adds one x̃ + λ·Δ per stage; Δ is formed by the base path as well. The "DDP on 2 processes vs 1"
+CPU time of one sampling run of this single-threaded process (median; base and D runs alternate after one warm-up
+of each, so load drifts from other jobs on the shared cores hit both alike), λ = 0.1 at every stage (the cost does
+not depend on the values). The D-solver adds one x̃ + λ·Δ per stage; Δ is formed by the base path as well. The "DDP on 2 processes vs 1"
 part of the issue is measured elsewhere (it needs the sampling entry point).
 
-### FFHQ-64 DDPM++ (EDMPrecond + SongUNet, {params:.2f} M parameters, random weights), batch 1, EDM schedule, median of {1 if args.quick else 3}
+### FFHQ-64 DDPM++ (EDMPrecond + SongUNet, {params:.2f} M parameters, random weights), batch 1, EDM schedule, median of {net_repeats}
 
 {net_table}
 
-### Exact digits mixture (8×8, float64), median of {3 if args.quick else 7} after a warm-up
+### Exact digits mixture (8×8, float64), median of {exact_repeats}
 
 {exact_table}
 """

@@ -165,6 +165,7 @@ def plot(rows: list[dict], families: list[Family], path, column: int, ylabel: st
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     cols = 3
     nrows = -(-len(families) // cols)
@@ -179,6 +180,8 @@ def plot(rows: list[dict], families: list[Family], path, column: int, ylabel: st
             ax.plot(nfes, [r["fd_floor"] for r in mine], ":", color="grey", label="exact ODE (sample floor)")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(nfes, [str(n) for n in nfes])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(fam.label, fontsize=9)
         ax.set_xlabel("NFE")
         ax.set_ylabel(ylabel)
