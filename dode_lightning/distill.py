@@ -166,18 +166,22 @@ def teacher_targets(
 
     The teacher's own stage j produces xs[j+1]; for a multi-stage teacher (Heun) xs counts stage outputs.
     """
-    wanted = {m: [] for m in set(indices)}
-    if 0 in wanted:
-        wanted[0].append(teacher.init_state(noise))
+    # Written in place into one preallocated (K, B, …) tensor, so the peak is the cache itself, not twice it.
+    targets = noise.new_empty((len(indices), *noise.shape))
+    slots: dict[int, list[int]] = {}
+    for k, m in enumerate(indices):
+        slots.setdefault(m, []).append(k)
+    for k in slots.get(0, []):
+        targets[k] = teacher.init_state(noise)
 
     def keep(j: int, stage: Stage, state: Tensor) -> None:
-        if j + 1 in wanted:
-            wanted[j + 1].append(state.clone())
+        for k in slots.get(j + 1, []):
+            targets[k] = state
         if progress is not None:
             progress(j)
 
     teacher.sample(denoiser, noise, class_labels=class_labels, observe=keep)
-    return torch.stack([wanted[m][0] for m in indices])
+    return targets
 
 
 @dataclass

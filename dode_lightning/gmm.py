@@ -98,20 +98,21 @@ class GaussianMixture(nn.Module):
         sigma_start: float,
         class_labels: Tensor | None = None,
         *,
+        sigma_end: float = 0.0,
         rtol: float = 1e-10,
         sigma_tail: float = 1e-7,
     ) -> Tensor:
-        """Exact probability-flow ODE endpoint x(σ = 0) from a VE-form state x at σ_start (float64).
+        """Exact probability-flow ODE solution x(σ_end) (default: the endpoint σ = 0) from a VE-form state x at σ_start.
 
         Single component (K = 1 or one-hot labels): closed form (§9.4). Mixture: adaptive 8th-order Dormand–Prince
-        (scipy DOP853, relative tolerance `rtol`) on dx/du = x − D*(x; e^u), u = log σ, from σ_start to σ_tail,
-        closed by the single-Gaussian map from σ_tail to 0 (error O(σ_tail²/min s_k)).
+        (scipy DOP853, relative tolerance `rtol`) on dx/du = x − D*(x; e^u), u = log σ, down to σ_end; for σ_end = 0
+        down to σ_tail, closed by the single-Gaussian map from σ_tail to 0 (error O(σ_tail²/min s_k)). float64.
         """
         from scipy.integrate import solve_ivp
 
         x = x.to(torch.float64)
         if self._single_component(class_labels):
-            return self.flow(x, sigma_start, 0.0, class_labels)
+            return self.flow(x, sigma_start, sigma_end, class_labels)
         shape, device = x.shape, x.device
 
         def velocity(u: float, flat: np.ndarray) -> np.ndarray:
@@ -120,7 +121,7 @@ class GaussianMixture(nn.Module):
 
         solution = solve_ivp(
             velocity,
-            (math.log(sigma_start), math.log(sigma_tail)),
+            (math.log(sigma_start), math.log(sigma_end or sigma_tail)),
             x.reshape(-1).cpu().numpy(),
             method="DOP853",
             rtol=rtol,
@@ -129,7 +130,7 @@ class GaussianMixture(nn.Module):
         if not solution.success:
             raise RuntimeError(f"exact_endpoint integration failed: {solution.message}")
         x = torch.from_numpy(solution.y[:, -1]).reshape(shape).to(device)
-        return self.flow(x, sigma_tail, 0.0, class_labels)
+        return x if sigma_end > 0 else self.flow(x, sigma_tail, 0.0, class_labels)
 
     def _single_component(self, class_labels: Tensor | None) -> bool:
         if self.num_components == 1:

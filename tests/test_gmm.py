@@ -71,6 +71,8 @@ def test_integrator_matches_closed_form_on_a_single_gaussian(digits):
     integrated = twin.exact_endpoint(x, 80.0)
     rel = (integrated - closed).norm() / closed.norm()
     assert rel < 1e-6, rel
+    midway = twin.exact_endpoint(x, 80.0, sigma_end=0.5)
+    assert (midway - twin.flow(x, 80.0, 0.5)).norm() / midway.norm() < 1e-6
 
 
 def test_mixture_endpoint_is_converged(digits):
