@@ -79,8 +79,8 @@ def main() -> None:
 
 CPU time of one sampling run of this single-threaded process (median; base and D runs alternate after one warm-up
 of each, so load drifts from other jobs on the shared cores hit both alike), λ = 0.1 at every stage (the cost does
-not depend on the values). The D-solver adds one x̃ + λ·Δ per stage; Δ is formed by the base path as well. The "DDP on 2 processes vs 1"
-part of the issue is measured elsewhere (it needs the sampling entry point).
+not depend on the values). The D-solver adds one x̃ + λ·Δ per stage; Δ is formed by the base path as well. DDP on 2 processes vs 1 is
+measured through the sampling entry point by `benchmarks/sampling.py` (see Findings).
 
 ### FFHQ-64 DDPM++ (EDMPrecond + SongUNet, {params:.2f} M parameters, random weights), batch 1, EDM schedule, median of {net_repeats}
 

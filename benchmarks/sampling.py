@@ -28,22 +28,24 @@ TINY_EDM = dict(img_resolution=16, img_channels=3, model_type="SongUNet", model_
 RATE = re.compile(r"predict ([\d.]+) s, ([\d.]+) images/s")
 
 
-def _python(args: list[str], cwd: Path) -> str:
-    # One intra-op thread per process: on a shared 2-core machine a 2-thread pool spins against other jobs (10–20×
-    # slowdowns seen); Lightning's DDP launcher makes the same choice (cores / processes) for 2 processes.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+def _python(args: list[str], cwd: Path, threads: int = 1) -> str:
+    # One intra-op thread per process unless asked: on a shared 2-core machine a 2-thread pool spins against other
+    # jobs (10–20× slowdowns seen); Lightning's DDP launcher makes the same choice (cores / processes).
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(threads)}
     result = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{result.stderr[-2000:]}")
     return result.stdout
 
 
-def _sample(cwd: Path, config: Path, outdir: Path, seeds: str, lambdas: str = "none", processes: int = 1, *extra: str) -> tuple[float, float]:
+def _sample(
+    cwd: Path, config: Path, outdir: Path, seeds: str, lambdas: str = "none", processes: int = 1, *extra: str, threads: int = 1
+) -> tuple[float, float]:
     """(predict seconds, images/s) of one fresh sample.py run."""
     args = [str(ROOT / "sample.py"), "--config", str(config), "--lambdas", lambdas, "--seeds", seeds, "--outdir", str(outdir), *extra]
     if processes > 1:
         args += ["--trainer.devices", str(processes), "--trainer.strategy", "ddp"]
-    match = RATE.search(_python(args, cwd))
+    match = RATE.search(_python(args, cwd, threads))
     return float(match[1]), float(match[2])
 
 
@@ -91,8 +93,8 @@ def main() -> None:
         f"`python benchmarks/sampling.py{' --quick' if args.quick else ''}` — {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. Every figure is one fresh "
         "`sample.py` run; images/s = generated images / predict-loop seconds (start-up and DDP launch excluded). "
-        "Base solver unless stated; `--batch-size 64 --eval-batch 64`; one thread per process. The machine was "
-        f"shared with other jobs (load average {os.getloadavg()[0]:.1f} at the start), so treat ratios as rough.",
+        "Base solver unless stated; `--batch-size 64 --eval-batch 64`; one thread per process unless the table says "
+        f"otherwise. Load average {os.getloadavg()[0]:.1f} at the start (other jobs on the machine make ratios rough).",
         "",
     ]
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,9 +105,13 @@ def main() -> None:
             ("built-in digits mixture (8×8), Heun NFE 9", gmm_config, n_gmm),
             (f"tiny EDM SongUNet ({edm_params / 1e3:.0f} k params, 3×16×16), Heun NFE 9", edm_config, n_edm),
         ):
-            for processes in (1, 2):
-                seconds, rate = _sample(work, config, work / f"{config.stem}-{processes}", f"0-{count - 1}", "none", processes)
-                rows.append(f"| {label} | {count} | {processes} × 1 | {seconds:.2f} | {rate:.1f} |")
+            # 1 × 2 against 2 × 1 is the equal-total-cores comparison; sample.py always runs the built-in model
+            # on one thread, so it has no 1 × 2 row.
+            layouts = ((1, 1), (2, 1)) if config == gmm_config else ((1, 1), (1, 2), (2, 1))
+            for processes, threads in layouts:
+                outdir = work / f"{config.stem}-{processes}x{threads}"
+                seconds, rate = _sample(work, config, outdir, f"0-{count - 1}", "none", processes, threads=threads)
+                rows.append(f"| {label} | {count} | {processes} × {threads} | {seconds:.2f} | {rate:.1f} |")
                 print(rows[-1], flush=True)
         lines += ["## Throughput", "", *rows, ""]
 
