@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from .lightning import ConfigError
-from .sampling import SampleBatch, atomic_write_bytes, to_uint8
+from .atomic import atomic_write_bytes
+from .sampling import SampleBatch, to_uint8
 
 __all__ = [
     "InceptionFeatures",

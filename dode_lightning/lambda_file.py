@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor
 
+from .atomic import atomic_path
 from .schedules import Schedule
 
 __all__ = ["save_lambdas", "load_lambdas", "schedule_id", "LambdaFileError", "MATCH_KEYS"]
@@ -40,16 +39,9 @@ def schedule_id(schedule: Schedule) -> str:
 def save_lambdas(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> Path:
     """Write `tensors` (must include `lambdas`) and metadata atomically (temporary file, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "metadata": json.dumps(metadata, sort_keys=True)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     return path
 
 

@@ -19,9 +19,7 @@ import functools
 import hashlib
 import io
 import json
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter, Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from .atomic import TEMPORARY_SUFFIX, atomic_write_bytes
 from .distill import seeded_noise
 from .lambda_file import LambdaFileError, load_lambdas
 from .lightning import ConfigError, build_student
@@ -52,7 +51,6 @@ __all__ = [
     "SampleWriter",
     "SampleBatch",
     "PredictTimer",
-    "atomic_write_bytes",
 ]
 
 MANIFEST = "manifest.json"
@@ -138,18 +136,6 @@ def sample_seeds(
     return solver.sample(denoiser, noise.to(device), lambdas, labels), labels
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write under a hidden temporary name in the same folder, then rename: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _png_bytes(image: np.ndarray) -> bytes:
     """(C, H, W) uint8 → PNG bytes (grey for one channel, RGB for three), as EDM saves them."""
     pil = Image.fromarray(image[0], "L") if image.shape[0] == 1 else Image.fromarray(image.transpose(1, 2, 0), "RGB")
@@ -194,7 +180,7 @@ class ImageStore:
     def remove_temporaries(self) -> int:
         """Delete `.*.tmp` files a killed run left behind; call before any rank writes."""
         count = 0
-        for tmp in self.outdir.rglob(".*.tmp"):
+        for tmp in self.outdir.rglob(f".*{TEMPORARY_SUFFIX}"):
             tmp.unlink(missing_ok=True)
             count += 1
         return count
