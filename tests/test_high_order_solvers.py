@@ -179,7 +179,7 @@ def test_deis_t_basis_on_discrete_vp_matches_a_fine_riemann_sum():
 def _dpm_solver_reference(eps_fn, x, sigmas, orders, lambdas):
     """DPM-Solver singlestep written directly from method.md §3.4 in (log α, σ_vp, ℓ) with expm1, λ applied per stage."""
     log_alpha = -0.5 * torch.log1p(sigmas**2)
-    alpha, sigma_vp, ell = log_alpha.exp(), sigmas / torch.sqrt(1 + sigmas**2), -torch.log(sigmas)
+    sigma_vp, ell = sigmas / torch.sqrt(1 + sigmas**2), -torch.log(sigmas)
     lam = iter(lambdas)
     eps_prev, n = x, 0
     for q in orders:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dode_lightning.grids import karras_sigmas, linspace_int_timesteps, make_sigmas, uniform_torch_timesteps
-from dode_lightning.schedules import EDM, VE, VPContinuous, VPDiscrete, cosine_betas, linear_betas, make_schedule
+from dode_lightning.schedules import EDM, VE, VPContinuous, VPDiscrete, cosine_betas, make_schedule
 from tests.conftest import fixture_path
 
 

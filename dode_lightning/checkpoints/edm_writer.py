@@ -20,7 +20,6 @@ import types
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from ..networks import edm as edm_layers
