@@ -35,17 +35,22 @@ def test_missing_checkpoint_names_the_file_and_the_release(tmp_path, config):
     assert ("nvlabs-fi-cdn" in lines[-1]) or ("google/ddpm-cifar10-32" in lines[-1])
 
 
-def test_edm_config_runs_on_the_fixture_pickle(tmp_path):
-    pickle = fixture_path("edm", "tiny-cifar10-32x32-uncond-ddpmpp-edmprecond.pkl")
+def _train_tiny(tmp_path, config: str, denoiser: dict, *extra: str):
+    """Run a shipped config on a fixture checkpoint at toy size (NFE 3, C = 2, |B| = 2); the λ file it wrote."""
     out = tmp_path / "l.safetensors"
     result = _train(
-        tmp_path, ROOT / "configs" / "edm_cifar10.yaml",
-        "--model.denoiser", json.dumps({"source": "edm_pickle", "path": str(pickle)}),
-        "--model.nfe", "3", "--data.scale", "2", "--data.batch_size", "2", "--data.class_conditional", "false",
-        "--trainer.accelerator", "cpu", "--model.output", str(out),
+        tmp_path, ROOT / "configs" / config, "--model.denoiser", json.dumps(denoiser),
+        "--model.nfe", "3", "--data.scale", "2", "--data.batch_size", "2", "--trainer.accelerator", "cpu",
+        "--model.output", str(out), *extra,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    tensors, meta = load_lambdas(out)
+    return load_lambdas(out)
+
+
+def test_edm_config_runs_on_the_fixture_pickle(tmp_path):
+    pickle = fixture_path("edm", "tiny-cifar10-32x32-uncond-ddpmpp-edmprecond.pkl")
+    denoiser = {"source": "edm_pickle", "path": str(pickle)}
+    tensors, meta = _train_tiny(tmp_path, "edm_cifar10.yaml", denoiser, "--data.class_conditional", "false")
     assert meta["solver"] == "heun" and meta["denoiser"] == hashlib.sha256(pickle.read_bytes()).hexdigest()
     assert tensors["lambdas"].shape == (3,)
 
@@ -53,14 +58,6 @@ def test_edm_config_runs_on_the_fixture_pickle(tmp_path):
 def test_diffusers_config_runs_on_the_fixture_folder(tmp_path):
     pytest.importorskip("diffusers")
     folder = fixture_path("diffusers", "tiny-ddpm")
-    out = tmp_path / "l.safetensors"
-    result = _train(
-        tmp_path, ROOT / "configs" / "ddpm_cifar10.yaml",
-        "--model.denoiser", json.dumps({"source": "diffusers", "path": str(folder)}),
-        "--model.nfe", "3", "--data.scale", "2", "--data.batch_size", "2", "--trainer.accelerator", "cpu",
-        "--model.output", str(out),
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    tensors, meta = load_lambdas(out)
+    tensors, meta = _train_tiny(tmp_path, "ddpm_cifar10.yaml", {"source": "diffusers", "path": str(folder)})
     assert meta["solver"] == "ddim" and meta["schedule"].startswith("VPDiscrete") and meta["state_dtype"] == "float32"
     assert bool((tensors["lambdas"] != 0).all())  # noise-side DDIM fits every λ, λ_0 included
