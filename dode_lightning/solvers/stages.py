@@ -12,7 +12,7 @@ from typing import Callable, Generator
 
 from torch import Tensor
 
-__all__ = ["Stage", "StageGenerator", "run_stages", "LambdaRule"]
+__all__ = ["Stage", "StageGenerator", "StageCorrector", "run_stages", "LambdaRule"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,25 @@ StageGenerator = Generator[Stage, Tensor, Tensor]
 LambdaRule = Callable[[int, Stage], "Tensor | float"]
 
 
+class StageCorrector:
+    """The one place λ enters: turns stage k into the state the solver continues from, x̃_k + λ_k·Δ_k.
+
+    Called once per stage, in order (it counts k). `run_stages` uses it for whole runs; `DODEScheduler` for one
+    stage per diffusers `step()`. `lambda_for=None` is the base solver.
+    """
+
+    def __init__(self, lambda_for: LambdaRule | None = None) -> None:
+        self.lambda_for = lambda_for
+        self.k = 0
+
+    def __call__(self, stage: Stage) -> Tensor:
+        state = stage.base
+        if stage.delta is not None and self.lambda_for is not None:
+            state = stage.base + self.lambda_for(self.k, stage) * stage.delta  # Eq. 10 in the update
+        self.k += 1
+        return state
+
+
 def run_stages(
     stages: StageGenerator,
     lambda_for: LambdaRule | None = None,
@@ -45,16 +64,14 @@ def run_stages(
     `lambda_for=None` runs the base solver. `observe(k, stage, state)` sees each corrected state before it is sent
     on; the state sent back into the solver is detached, so a loss on stage k reaches only λ_k.
     """
-    k = 0
+    correct = StageCorrector(lambda_for)
     try:
         stage = next(stages)
         while True:
-            state = stage.base
-            if stage.delta is not None and lambda_for is not None:
-                state = stage.base + lambda_for(k, stage) * stage.delta  # Eq. 10 in the update
+            k = correct.k
+            state = correct(stage)
             if observe is not None:
                 observe(k, stage, state)
             stage = stages.send(state.detach())
-            k += 1
     except StopIteration as stop:
         return stop.value
