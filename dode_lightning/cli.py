@@ -1,21 +1,29 @@
 """Command-line entry of calibration (`train.py`): LightningCLI without subcommands, a report, the λ file."""
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
-from pytorch_lightning.cli import LightningCLI
+from jsonargparse import Namespace
+from lightning_fabric.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from tqdm.auto import tqdm
 
 from .checkpoints import CheckpointError
 from .distill import StageFit, rmse, seeded_noise
+from .grids import GRIDS
 from .lambda_file import save_lambdas
 from .lightning import ConfigError, DODECalibration, TeacherTargets, limit_threads_for_builtin
+from .quiet import silence_lightning_noise
+from .solvers import SOLVERS
 
-__all__ = ["train_main", "HELD_OUT_SEED"]
+__all__ = ["train_main", "HELD_OUT_SEED", "CalibrationCLI", "one_line", "run_version"]
 
 # Held-out seeds for the exact-model report start far from any calibration batch.
 HELD_OUT_SEED = 1_000_000
@@ -24,6 +32,8 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "log_every_n_steps": 1,
     "enable_checkpointing": False,
     "enable_model_summary": False,
+    # Lightning's "Epoch 0/-2" bar means nothing for a one-batch fit; DODECalibration shows one bar over fit steps.
+    "enable_progress_bar": False,
     "num_sanity_val_steps": 0,
     # TeacherTargets shards the calibration seeds across ranks itself; a DistributedSampler would split them again.
     "use_distributed_sampler": False,
@@ -34,9 +44,86 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
+# Set by rank 0 once it has named the run, so the DDP processes it launches log under the same name.
+RUN_VERSION_ENV = "DODE_RUN_VERSION"
+
+
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+def one_line(message: str, limit: int = 400) -> str:
+    """A parser's multi-line message as one line (indentation dropped), shortened to `limit` characters."""
+    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def parse_error(err: argparse.ArgumentError, program: str) -> str:
+    """The one-line message of a jsonargparse/argparse error, with what to do about it."""
+    text = one_line(str(err))
+    if "optimizer" in text or "lr_scheduler" in text:
+        return f"{text}: λ are fitted by --model.fit (closed_form, adam or compare; Adam settings --model.adam_lr, --model.adam_steps), there is no optimizer or lr_scheduler section"
+    return f"{text}; see python {program} --help"
+
+
+def run_version(model: Namespace, data: Namespace, root: Path) -> str:
+    """`<solver>_nfe<N>_<target mode>_<fit>[_teacher-<name>]`, with `_2`, `_3`, … when `root` already holds it."""
+    base = f"{model.solver}_nfe{model.nfe}_{data.target_mode}_{model.fit}"
+    if data.teacher:
+        base += f"_teacher-{data.teacher}"
+    version, count = base, 1
+    while (root / version).exists():
+        count += 1
+        version = f"{base}_{count}"
+    return version
+
+
+def _is_launched_rank() -> bool:
+    return any(int(os.environ.get(var, "0") or 0) > 0 for var in ("LOCAL_RANK", "NODE_RANK", "RANK"))
+
+
+def _add_choices(parser: LightningArgumentParser, choices: dict[str, Sequence[str]]) -> None:
+    for action in parser._actions:
+        if action.dest in choices and action.help:
+            action.help = f"{action.help.rstrip()} Choices: {', '.join(choices[action.dest])}."
+
+
+class SaveConfigToLogDir(SaveConfigCallback):
+    """config.yaml goes into the run's log folder; without a logger there is none, and nothing is written."""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if trainer.logger is not None:
+            super().setup(trainer, pl_module, stage)
+
+
+class CalibrationCLI(LightningCLI):
+    """train.py's LightningCLI: no optimizer or lr-scheduler sections (λ have their own fit), choices in --help, an
+    `--exact_report` switch, and TensorBoard runs named by configuration instead of `version_N`."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--exact_report",
+            type=bool,
+            default=True,
+            help="built-in model only: RMSE of base student, D-student and teacher to the exact ODE endpoint on the "
+            "calibration and 200 held-out seeds (several seconds; false skips it)",
+        )
+        names = sorted(SOLVERS)
+        _add_choices(parser, {"model.solver": names, "data.teacher": names, "model.grid": GRIDS})
+
+    def before_instantiate_classes(self) -> None:
+        logger = self.config.trainer.logger
+        if not isinstance(logger, Namespace) or not str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
+            return
+        init = logger.init_args
+        if init.get("version") is not None:
+            return
+        if _is_launched_rank() and os.environ.get(RUN_VERSION_ENV):
+            init.version = os.environ[RUN_VERSION_ENV]
+            return
+        init.version = run_version(self.config.model, self.config.data, Path(init.save_dir) / (init.get("name") or ""))
+        os.environ[RUN_VERSION_ENV] = init.version
 
 
 def _output_path(module: DODECalibration, trainer: Any) -> Path:
@@ -91,38 +178,63 @@ def exact_report(module: DODECalibration, data: TeacherTargets, held_out: int = 
     mixture, student = module.denoiser, module.student
     teacher, _ = build_teacher(student, module.setup_spec, data.scale, data.target_mode, data.teacher_name)
     label_dim = module.loaded.label_dim if data._conditional(module) else 0
+    lambdas = module.lambdas.detach().cpu()
     rows = []
-    for name, seeds in (("calibration", data.seeds), ("held-out", range(HELD_OUT_SEED, HELD_OUT_SEED + held_out))):
-        noise, labels = seeded_noise(seeds, module.loaded.image_shape, label_dim)
-        start = student.init_state(noise) / float(student.scales[0])
-        exact = mixture.exact_endpoint(start, float(student.sigmas[0]), labels)
-        lambdas = module.lambdas.detach().cpu()
-        base = rmse(student.sample(mixture, noise, class_labels=labels), exact)
-        d_ode = rmse(student.sample(mixture, noise, lambdas, labels), exact)
-        teach = rmse(teacher.sample(mixture, noise, class_labels=labels), exact)
-        rows.append(f"| {name} ({len(noise)}) | {base:.5f} | {d_ode:.5f} ({d_ode / base:.2f}×) | {teach:.5f} |")
+    with tqdm(total=8, desc="exact-model report") as bar:
+        for name, seeds in (("calibration", data.seeds), ("held-out", range(HELD_OUT_SEED, HELD_OUT_SEED + held_out))):
+            noise, labels = seeded_noise(seeds, module.loaded.image_shape, label_dim)
+            start = student.init_state(noise) / float(student.scales[0])
+            exact = mixture.exact_endpoint(start, float(student.sigmas[0]), labels)
+            bar.update(1)
+            errors = []
+            for lam, solver in ((None, student), (lambdas, student), (None, teacher)):
+                errors.append(rmse(solver.sample(mixture, noise, lam, labels), exact))
+                bar.update(1)
+            base, d_ode, teach = errors
+            rows.append(f"| {name} ({len(noise)}) | {base:.5f} | {d_ode:.5f} ({d_ode / base:.2f}×) | {teach:.5f} |")
     header = "| seeds | base student | D-student | teacher |\n|---|---|---|---|"
     return "RMSE to the exact probability-flow ODE endpoint:\n" + header + "\n" + "\n".join(rows)
+
+
+def log_summary(logger: Any, table: str, hparams: dict[str, Any], fit: StageFit) -> None:
+    """The console's per-stage table as TensorBoard text, and the run's hyperparameters with its total losses."""
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    if not isinstance(logger, TensorBoardLogger):
+        return
+    logger.experiment.add_text("summary/stages", table, global_step=0)
+    logger.log_hyperparams(hparams, {"summary/loss_base": float(fit.loss_base.sum()), "summary/loss_d": float(fit.loss_fit.sum())})
+    logger.save()
 
 
 def train_main(args: list[str] | None = None) -> int:
     """`python train.py --config configs/x.yaml [--model.nfe 5 …]`; returns the exit code."""
     started = time.perf_counter()
+    silence_lightning_noise()
+    if not _is_launched_rank():
+        os.environ.pop(RUN_VERSION_ENV, None)  # a name chosen by an earlier run in this process is not ours
     try:
-        cli = LightningCLI(
+        cli = CalibrationCLI(
             DODECalibration,
             TeacherTargets,
             run=False,
             args=args,
             trainer_defaults=TRAINER_DEFAULTS,
+            save_config_callback=SaveConfigToLogDir,
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
+            auto_configure_optimizers=False,
+            parser_kwargs={"exit_on_error": False},
         )
         module, data, trainer = cli.model, cli.datamodule, cli.trainer
         limit_threads_for_builtin(module.loaded, trainer.strategy.root_device)
         output = _output_path(module, trainer)
         _check_writable(output)
         trainer.fit(module, datamodule=data)
+    except argparse.ArgumentError as err:
+        return _fail(parse_error(err, "train.py"))
+    except MisconfigurationException as err:
+        return _fail(f"cannot set up the Trainer: {one_line(str(err))}; check the trainer section (e.g. --trainer.accelerator cpu on a machine without a GPU)")
     except (ConfigError, CheckpointError, FileNotFoundError, ImportError) as err:
         return _fail(str(err))
     fit = module.evaluate()  # a collective under DDP: every rank takes part
@@ -138,19 +250,23 @@ def train_main(args: list[str] | None = None) -> int:
     }
     save_lambdas(output, tensors, metadata)
     fit_seconds = module.timings.get("closed_form", 0.0) + module.timings.get("adam", 0.0)
-    print(f"\n{module.setup_spec.name}, NFE {module.student.nfe}, fit {module.fit_method}, targets {data.target_mode}, C = {data.scale}, |B| = {data.batch_size}")
-    print(_stage_table(module, fit))
+    heading = f"{module.setup_spec.name}, NFE {module.student.nfe}, fit {module.fit_method}, targets {data.target_mode}, C = {data.scale}, |B| = {data.batch_size}"
+    table = _stage_table(module, fit)
+    print(f"\n{heading}\n{table}")
+    hparams = {key: value for key, value in metadata.items() if isinstance(value, (str, int, float, bool))}
+    log_summary(trainer.logger, f"{heading}, teacher {metadata['teacher']}\n\n{table}", hparams, fit)
     if module.comparison:
         print("\nclosed form vs Adam:\n" + _comparison_table(module.comparison, module))
     calibrated = time.perf_counter() - started
-    if module.loaded.source == "gmm_digits":
+    report = module.loaded.source == "gmm_digits" and cli.config.exact_report
+    if report:
         print("\n" + exact_report(module, data))
     teacher = "cache hit" if data.cache_hit else f"{data.teacher_seconds:.2f} s"
     other = calibrated - data.teacher_seconds - fit_seconds
+    report_time = f"; exact-model report {time.perf_counter() - started - calibrated:.2f} s" if report else ""
     print(
         f"\ntime: teacher {teacher} (NFE {data.teacher_nfe}), fit {fit_seconds:.2f} s, other {other:.2f} s "
-        f"(set-up, Lightning, logging), calibration total {calibrated:.2f} s; exact-model report "
-        f"{time.perf_counter() - started - calibrated:.2f} s"
+        f"(set-up, Lightning, logging), calibration total {calibrated:.2f} s{report_time}"
     )
     print(f"λ file: {output}")
     if trainer.logger is not None:

@@ -31,10 +31,11 @@ from .distill import (
     stagewise_losses,
     teacher_targets,
 )
+from .figures import lambda_figure
 from .lambda_file import schedule_id
 from .solvers import NFEError, Solver
 
-__all__ = ["DODECalibration", "TeacherTargets", "ConfigError", "BuiltStudent", "build_student", "limit_threads_for_builtin"]
+__all__ = ["DODECalibration", "TeacherTargets", "ConfigError", "BuiltStudent", "build_student", "limit_threads_for_builtin", "image_grid"]
 
 CACHE_VERSION = 1
 
@@ -43,10 +44,14 @@ class ConfigError(ValueError):
     """A user mistake in the configuration; train.py reports it in one line with exit code 2."""
 
 
-def image_grid(images: Tensor, columns: int = 8) -> Tensor:
-    """(N, C, H, W) in [−1, 1] → one (C, rows·H, columns·W) image in [0, 1] for TensorBoard."""
+def image_grid(images: Tensor, columns: int = 8, min_cell: int = 64) -> Tensor:
+    """(N, C, H, W) in [−1, 1] → one (C, rows·H·f, columns·W·f) image in [0, 1], each image upscaled by the integer
+    factor f (nearest neighbour) that makes it at least `min_cell` pixels tall: 8×8 digits are unviewable at native size."""
     images = ((images.float() + 1) / 2).clamp(0, 1)
+    factor = max(1, -(-min_cell // images.shape[-2]))
+    images = images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
     count, channels, height, width = images.shape
+    columns = min(columns, count)
     rows = -(-count // columns)
     grid = images.new_zeros(channels, rows * height, columns * width)
     for i, img in enumerate(images):
@@ -118,11 +123,17 @@ class DODECalibration(pl.LightningModule):
 
     Args:
         denoiser: the `denoiser:` section, keyword arguments of `load_denoiser` (`source`, `path`, options).
-        solver: solver name (`heun`, `euler`, `ddim`, …); nfe: network evaluations of the student.
-        grid: time grid (default: the solver's default for the schedule); sigma_min/sigma_max/rho: grid range.
+        solver: student solver.
+        nfe: network evaluations of the student.
+        grid: time grid (default: the solver's default for the schedule).
+        sigma_min: smallest σ of the grid (default: the solver's default).
+        sigma_max: largest σ of the grid (default: the solver's default).
+        rho: Karras grid exponent (default 7).
         fit: `closed_form` (the paper's sequential least squares), `adam` (gradient fit of the same per-stage
             objective), or `compare` (both; the closed-form λ are kept).
-        adam_lr, adam_steps: Adam settings. state_dtype: dtype of solver states (EDM side: float64 officially).
+        adam_lr: Adam learning rate (λ in units of each stage's natural scale).
+        adam_steps: Adam iterations.
+        state_dtype: dtype of solver states (EDM side: float64 officially).
         output: where to write the λ file (default: `<log dir>/lambdas.safetensors`).
     """
 
@@ -135,7 +146,7 @@ class DODECalibration(pl.LightningModule):
         sigma_min: float | None = None,
         sigma_max: float | None = None,
         rho: float | None = None,
-        fit: str = "closed_form",
+        fit: Literal["closed_form", "adam", "compare"] = "closed_form",
         adam_lr: float = 0.1,
         adam_steps: int = 300,
         state_dtype: Literal["float32", "float64"] = "float64",
@@ -160,6 +171,7 @@ class DODECalibration(pl.LightningModule):
         self.closed_form: StageFit | None = None
         self.timings: dict[str, float] = {}
         self.comparison: dict[str, Any] = {}
+        self.fit_bar: tqdm | None = None
 
     def metadata(self) -> dict[str, Any]:
         """What determines the student (also the λ file's identity fields)."""
@@ -181,6 +193,8 @@ class DODECalibration(pl.LightningModule):
         return result
 
     def on_train_start(self) -> None:
+        steps = 1 if self.fit_method == "closed_form" else self.hparams.adam_steps
+        self.fit_bar = tqdm(total=steps, desc=f"fit ({self.fit_method})", disable=self.global_rank != 0)
         if self.fit_method == "compare":
             self.closed_form = self.run_closed_form(*self.trainer.datamodule.full_batch(self.device))
 
@@ -193,6 +207,7 @@ class DODECalibration(pl.LightningModule):
             with torch.no_grad():
                 self.lambdas.copy_(self.closed_form.lambdas)
             self._log_stage_values(self.closed_form.loss_fit)
+            self.fit_bar.update(1)
             self.trainer.should_stop = True
             return
         start = time.perf_counter()
@@ -208,7 +223,9 @@ class DODECalibration(pl.LightningModule):
         self.adam_iterations += 1
         self.timings["adam"] = self.timings.get("adam", 0.0) + time.perf_counter() - start
         self._log_stage_values(losses.detach())
-        self.log("loss/total", losses.sum().detach(), on_step=True, prog_bar=True, batch_size=len(noise))
+        self.log("loss/total", losses.sum().detach(), on_step=True, batch_size=len(noise))
+        self.fit_bar.update(1)
+        self.fit_bar.set_postfix(loss=f"{float(losses.sum()):.3e}", refresh=False)
         if self.adam_iterations >= self.hparams.adam_steps:
             self.trainer.should_stop = True
 
@@ -226,6 +243,7 @@ class DODECalibration(pl.LightningModule):
         return evaluate_lambdas(self.student, self.denoiser, noise, targets, self.lambdas.detach(), labels, reduce=self._pool)
 
     def on_train_end(self) -> None:
+        self.fit_bar.close()
         with torch.no_grad():
             self.lambdas.mul_(self.lambda_scale)
             self.lambda_scale.fill_(1.0)
@@ -246,20 +264,10 @@ class DODECalibration(pl.LightningModule):
         if logger is None or not hasattr(logger, "experiment") or self.global_rank != 0:
             return
         writer = logger.experiment
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        sigmas = [float(s) for s in self.student.target_sigmas]
-        free = self.student.lambda_fitted
-        ax.plot([s for s, f in zip(sigmas, free) if f], [float(l) for l, f in zip(self.lambdas.detach(), free) if f], "o-")
-        ax.set_xscale("symlog", linthresh=1e-2)
-        ax.set_xlabel("σ of the stage's state")
-        ax.set_ylabel("λ (paper units)")
-        ax.set_title(f"{self.setup_spec.name}, NFE {self.student.nfe}")
-        fig.tight_layout()
+        fig = lambda_figure(
+            self.lambdas.detach().cpu(), float(self.student.sigmas[0]), self.student.target_sigmas, self.student.lambda_fitted,
+            f"{self.setup_spec.name}, NFE {self.student.nfe}",
+        )
         writer.add_figure("lambda_vs_sigma", fig, global_step=self.global_step)
         noise, labels, targets = self.trainer.datamodule.full_batch(self.device)
         noise, labels, targets = noise[:64], None if labels is None else labels[:64], targets[:, :64]
@@ -275,12 +283,14 @@ class TeacherTargets(pl.LightningDataModule):
     """Calibration latents (per-seed generators) and the teacher states the student's stages are compared with.
 
     Args:
-        scale: C, teacher evaluations per student evaluation (≥ 2). batch_size: |B|, calibration samples.
+        scale: C, teacher evaluations per student evaluation (≥ 2).
+        batch_size: |B|, calibration samples.
         seed: first seed; the batch uses seeds seed … seed + |B| − 1, split across ranks.
         target_mode: `aligned` (default; targets at the student states' noise levels) or `paper` (official index rule).
-        teacher: teacher solver name (default: Euler/DDIM; iPNDM and DEIS use their own family).
+        teacher: teacher solver (default: Euler/DDIM; iPNDM and DEIS use their own family).
         class_conditional: draw labels (default: when the denoiser has labels).
-        adam_batch_size: minibatch for the Adam fit. cache_dir: where targets are cached (None: no cache).
+        adam_batch_size: minibatch for the Adam fit.
+        cache_dir: where teacher targets are cached (null: no cache).
     """
 
     def __init__(

@@ -240,7 +240,9 @@ def test_train_py_end_to_end_writes_lambdas_and_tensorboard(tmp_path):
     "args,message",
     [
         (["--model.solver", "rk99"], "unknown solver 'rk99'"),
-        (["--model.fit", "lbfgs"], "unknown fit method 'lbfgs'"),
+        (["--model.fit", "lbfgs"], 'key "model.fit"'),
+        (["--model.nfe", "abc"], 'key "model.nfe": Expected a <class \'int\'>. Got value: abc'),
+        (["--nope", "1"], "unrecognized arguments: --nope 1; see python train.py --help"),
         (["--model.nfe", "4"], "NFE must be odd"),
         (["--data.scale", "1"], "scale C must be ≥ 2"),
         (["--data.batch_size", "0"], "batch sizes must be ≥ 1"),
