@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .denoisers import broadcast_sigma
 
-__all__ = ["GaussianMixture", "digits_mixture", "DIGITS_SHAPE"]
+__all__ = ["GaussianMixture", "digits_data", "digits_mixture", "DIGITS_SHAPE"]
 
 DIGITS_SHAPE = (1, 8, 8)
 
@@ -152,17 +152,23 @@ class GaussianMixture(nn.Module):
         return x0.reshape(num, *self.shape)
 
 
+def digits_data() -> tuple[Tensor, Tensor]:
+    """scikit-learn's 1797 digits as images (N, 1, 8, 8) mapped from 0…16 to [−1, 1] by x/8 − 1 (float64), and labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.as_tensor(digits.data, dtype=torch.float64) / 8.0 - 1.0
+    return images.reshape(len(images), *DIGITS_SHAPE), torch.as_tensor(digits.target)
+
+
 def digits_mixture(covariance_floor: float = 1e-3) -> GaussianMixture:
     """One Gaussian per class fitted to scikit-learn's digits (8×8 mapped to [−1, 1] by x/8 − 1).
 
     Each class gets its empirical mean and covariance (maximum likelihood) plus `covariance_floor`·I, which keeps
     the always-blank border pixels from being exactly deterministic; weights are the class frequencies.
     """
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    data = torch.as_tensor(digits.data, dtype=torch.float64) / 8.0 - 1.0
-    labels = torch.as_tensor(digits.target)
+    data, labels = digits_data()
+    data = data.reshape(len(data), -1)
     means, covs, counts = [], [], []
     for k in range(10):
         members = data[labels == k]

@@ -149,6 +149,9 @@ def network_record(module: nn.Module, module_src: str = PLACEHOLDER_SOURCE, init
 
 def _dump(handle: Any, net: nn.Module, dataset_kwargs: dict | None, extra: dict | None) -> None:
     loss_name, loss_attrs = _LOSSES[type(net).__name__]
+    if loss_name == "EDMLoss" and hasattr(net, "sigma_data"):
+        # EDM trains with the preconditioner's own σ_data; record the value this network was built with.
+        loss_attrs = {**loss_attrs, "sigma_data": float(net.sigma_data)}
     loss = persistent_record(loss_name, {**loss_attrs, "_init_args": (), "_init_kwargs": {}}, _LOSS_SOURCE)
     default_dataset = dict(class_name="training.dataset.ImageFolderDataset", path="datasets/unknown.zip",
                            use_labels=bool(net.label_dim), xflip=False, cache=True, resolution=net.img_resolution, max_size=None)
