@@ -171,6 +171,16 @@ def _comparison_table(comparison: dict[str, Any], module: DODECalibration) -> st
     return "\n".join(lines)
 
 
+def misaligned_warning(fit: StageFit, data: TeacherTargets) -> str:
+    """The loud warning for stage-0 targets at the wrong teacher states (see StageFit.misaligned)."""
+    ratio = float(fit.loss_base[0] / fit.loss_step[0])
+    return (
+        f"WARNING: stage 0 starts where the teacher starts, yet its loss {float(fit.loss_base[0]):.3e} is "
+        f"{ratio:.2f}× the step's own size (correct targets: ≤ 0.05×): the teacher targets look misaligned "
+        f"(teacher {data.teacher_name or 'default'}, targets {data.target_mode}); the λ file may make the solver worse"
+    )
+
+
 def exact_report(module: DODECalibration, data: TeacherTargets, held_out: int = 200) -> str:
     """RMSE to the exact ODE endpoint of base student, D-student and teacher (built-in exact model only)."""
     from .distill import build_teacher
@@ -253,6 +263,8 @@ def train_main(args: list[str] | None = None) -> int:
     heading = f"{module.setup_spec.name}, NFE {module.student.nfe}, fit {module.fit_method}, targets {data.target_mode}, C = {data.scale}, |B| = {data.batch_size}"
     table = _stage_table(module, fit)
     print(f"\n{heading}\n{table}")
+    if fit.misaligned():
+        print(misaligned_warning(fit, data), file=sys.stderr)
     hparams = {key: value for key, value in metadata.items() if isinstance(value, (str, int, float, bool))}
     log_summary(trainer.logger, f"{heading}, teacher {metadata['teacher']}\n\n{table}", hparams, fit)
     if module.comparison:

@@ -29,6 +29,8 @@ __all__ = [
 ]
 
 TargetMode = Literal["aligned", "paper"]
+# Stage-0 base loss above this fraction of the step's size means misaligned targets (StageFit.misaligned).
+MISALIGNED = 0.1
 # Pools the two per-stage sums across processes (identity on one process).
 Reduce = Callable[[Tensor], Tensor]
 
@@ -140,18 +142,26 @@ def build_teacher(
             steps = min(num_timesteps, steps)
         sigmas = make_sigmas(grid, steps, setup.schedule, **setup.grid_kwargs)
         stride = steps // num_stages
-        indices = [(j + 1) * stride for j in range(num_stages - 1)] + [steps]
+        wanted = [sigmas[(j + 1) * stride] for j in range(num_stages - 1)] + [sigmas[steps]]
+        segments = [stride] * (num_stages - 1) + [len(sigmas) - 1 - stride * (num_stages - 1)]
     elif mode == "aligned":
         knots = torch.unique_consecutive(torch.cat([student.sigmas[:1], student.target_sigmas]))
         factor = 2 * scale if setup.name == "heun" else scale
         sigmas = _refine(knots, setup, [factor] * (len(knots) - 1))
-        position = {float(s): m for m, s in enumerate(sigmas)}
-        indices = [position[float(s)] for s in student.target_sigmas]
+        at_knot = [m for m, s in enumerate(sigmas) if float(s) in {float(k) for k in knots}]
+        wanted = list(student.target_sigmas)
+        segments = [b - a for a, b in zip(at_knot, at_knot[1:])]
     else:
         raise ValueError(f"unknown target mode {mode!r}; choose 'aligned' or 'paper'")
     vp_states = bool((student.scales != 1).any())
     scales = setup.schedule.scale(sigmas) if vp_states else None
-    return cls(sigmas, scales, unit_prior=student.unit_prior), indices
+    solver = cls.teacher(sigmas, scales, student.unit_prior, segments)
+    # Targets are the teacher's finished states, never a predictor or an inner node of a multi-evaluation step.
+    slots = solver.state_slots()
+    missing = [f"{float(s):.4g}" for s in wanted if float(s) not in slots]
+    if missing:
+        raise ValueError(f"teacher {name} has no finished state at σ = {', '.join(missing)}; choose another teacher")
+    return solver, [slots[float(s)] for s in wanted]
 
 
 def teacher_targets(
@@ -164,7 +174,7 @@ def teacher_targets(
 ) -> Tensor:
     """Run the teacher once and keep only the states xs[m] for m in `indices`: (K, B, …), memory O(K·B·D).
 
-    The teacher's own stage j produces xs[j+1]; for a multi-stage teacher (Heun) xs counts stage outputs.
+    xs[0] is the initial state and xs[j + 1] the output of the teacher's stage j (`Solver.state_slots`).
     """
     # Written in place into one preallocated (K, B, …) tensor, so the peak is the cache itself, not twice it.
     targets = noise.new_empty((len(indices), *noise.shape))
@@ -197,6 +207,17 @@ class StageFit:
     sigmas: Tensor
     elements: float
     """Number of squared errors each loss averages over (pooled)."""
+    loss_step: Tensor
+    """Mean squared size of each base update, ‖x̃_k − x_k‖²/n: the yardstick of `misaligned`."""
+
+    def misaligned(self, threshold: float = MISALIGNED) -> bool:
+        """Whether stage 0's target looks like a state at another noise level.
+
+        Stage 0 starts from the teacher's own initial state, so its base loss is one step's truncation error:
+        measured ≤ 0.05 of the step (‖x̃_0 − x_0‖²) for correct targets of every solver and teacher at NFE ≥ 3,
+        0.12 for the Heun-teacher bug of issue 14 (targets half a student step off).
+        """
+        return bool(self.loss_base[0] > threshold * self.loss_step[0])
 
     def natural_scales(self) -> Tensor:
         """c_k = ‖x*_k − x̃_k‖ / ‖Δ_k‖, the Cauchy–Schwarz bound on |λ_k| (1 where Δ_k vanishes).
@@ -249,7 +270,8 @@ def _stage_pass(
 ) -> StageFit:
     reduce = reduce or (lambda t: t)
     num = student.num_stages
-    record = {key: torch.zeros(num, dtype=torch.float64) for key in ("lam", "base", "fit", "dr", "dd", "coeff", "sigma")}
+    record = {key: torch.zeros(num, dtype=torch.float64) for key in ("lam", "base", "fit", "dr", "dd", "coeff", "sigma", "step")}
+    previous = [student.init_state(noise)]
     count = reduce(torch.tensor(float(targets[0].numel()), dtype=torch.float64))
 
     def choose(k: int, stage: Stage) -> Tensor:
@@ -268,11 +290,13 @@ def _stage_pass(
         record["base"][k] = reduce(((targets[k] - stage.base).to(torch.float64) ** 2).sum()) / count
         record["fit"][k] = reduce(((targets[k] - state).to(torch.float64) ** 2).sum()) / count
         record["coeff"][k], record["sigma"][k] = stage.coeff, stage.sigma
+        record["step"][k] = reduce(((stage.base - previous[0]).to(torch.float64) ** 2).sum()) / count
+        previous[0] = state
 
     with torch.no_grad():
-        run_stages(student.stages(denoiser, student.init_state(noise), class_labels), choose, observe)
+        run_stages(student.stages(denoiser, previous[0], class_labels), choose, observe)
     return StageFit(
-        record["lam"], record["base"], record["fit"], record["dr"], record["dd"], record["coeff"], record["sigma"], float(count)
+        record["lam"], record["base"], record["fit"], record["dr"], record["dd"], record["coeff"], record["sigma"], float(count), record["step"]
     )
 
 

@@ -71,9 +71,30 @@ class Solver(ABC):
     def stages(self, denoiser: Denoiser, x: Tensor, class_labels: Tensor | None = None) -> StageGenerator:
         """Stage generator from state x at sigmas[0]."""
 
+    @classmethod
+    def teacher(cls, sigmas: Tensor, scales: Tensor | None, unit_prior: bool, segments: list[int]) -> "Solver":
+        """This solver as a teacher on `sigmas` whose state must be complete after each of `segments` (interval
+        counts between the student's knots). Default: the plain solver (every grid point ends a step)."""
+        return cls(sigmas, scales, unit_prior=unit_prior)
+
     @property
     def num_stages(self) -> int:
         return len(self.target_sigmas)
+
+    @property
+    def step_ends(self) -> list[bool]:
+        """Per stage: whether its output is a finished solver state at target_sigmas[k] (not a predictor or an
+        inner node of a multi-evaluation step). Only those states may serve as teacher targets."""
+        return [True] * self.num_stages
+
+    def state_slots(self) -> dict[float, int]:
+        """σ → index j into the run's states xs (xs[0] = initial, xs[k + 1] = output of stage k) of the finished
+        state at σ: where a teacher's targets are read."""
+        slots = {float(self.sigmas[0]): 0}
+        for k, (sigma, end) in enumerate(zip(self.target_sigmas, self.step_ends)):
+            if end:
+                slots[float(sigma)] = k + 1
+        return slots
 
     def init_state(self, noise: Tensor) -> Tensor:
         if self.unit_prior:

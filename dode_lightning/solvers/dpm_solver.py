@@ -108,15 +108,33 @@ class DPMSolver(OneStagePerStep):
     order: ClassVar[int]
     first_lambda_fitted = True
 
-    def __init__(self, sigmas: Tensor, scales: Tensor | None = None, unit_prior: bool = False) -> None:
+    def __init__(
+        self, sigmas: Tensor, scales: Tensor | None = None, unit_prior: bool = False, orders: list[int] | None = None
+    ) -> None:
         super().__init__(sigmas, scales, unit_prior)
-        self.orders = singlestep_orders(len(self.sigmas) - 1, self.order)
+        self.orders = singlestep_orders(len(self.sigmas) - 1, self.order) if orders is None else list(orders)
+        if sum(self.orders) != len(self.sigmas) - 1 or not all(1 <= q <= self.order for q in self.orders):
+            raise ValueError(f"{self.name}: orders {self.orders} do not cover {len(self.sigmas) - 1} intervals with order ≤ {self.order}")
         zero_ok = len(self.sigmas) - 1 if self.orders[-1] == 1 else len(self.sigmas)
         if bool((self.sigmas[:zero_ok] <= 0).any()):
             raise ValueError(
                 f"{self.name}: σ = 0 is only allowed at the end of a final first-order step (orders {self.orders}); "
                 "build the grid with terminal_zero=False"
             )
+
+    @classmethod
+    def teacher(cls, sigmas: Tensor, scales: Tensor | None, unit_prior: bool, segments: list[int]) -> "DPMSolver":
+        """Outer steps that never straddle a student knot: the official order rule within each segment."""
+        return cls(sigmas, scales, unit_prior, orders=[q for n in segments for q in singlestep_orders(n, cls.order)])
+
+    @property
+    def step_ends(self) -> list[bool]:
+        ends = [False] * self.nfe
+        position = 0
+        for q in self.orders:
+            position += q
+            ends[position - 1] = True
+        return ends
 
     @classmethod
     def default_grid(cls, schedule: Schedule) -> tuple[str, dict[str, float | bool]]:

@@ -49,28 +49,33 @@ def ddim_stages(
 
 
 def heun_stages(
-    denoiser: Denoiser, x: Tensor, sigmas: Tensor, class_labels: Tensor | None = None
+    denoiser: Denoiser, x: Tensor, sigmas: Tensor, class_labels: Tensor | None = None, scales: Tensor | None = None
 ) -> StageGenerator:
     """EDM Algorithm 2 (S_churn = 0) on the VE-form ODE; 2N − 1 stages, the last step Euler (method.md §3.7).
 
     Predictor stage 2i: Δ = p_i(D_i − D′_i) with p_i = 1 − t_{i+1}/t_i, D′_i the previous corrector evaluation
     (λ_0 ≡ 0). Corrector stage 2i+1 is evaluated at the λ-corrected predictor: Δ = c_i(D′_{i+1} − D_i),
-    c_i = (t_i − t_{i+1})/(2t_{i+1}).
+    c_i = (t_i − t_{i+1})/(2t_{i+1}). With `scales` (a teacher for a VP-state student) states are s·x_VE: the
+    same integration, read and written in the student's scaled form.
     """
+    sc = [1.0] * len(sigmas) if scales is None else [float(v) for v in scales]
     d_corrector = None
     for i in range(len(sigmas) - 1):
         t, t_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = denoiser(x, t, class_labels).to(x.dtype)
-        slope = (x - denoised) / t
+        x_ve = x / sc[i]
+        denoised = denoiser(x_ve, t, class_labels).to(x.dtype)
+        slope = (x_ve - denoised) / t
         predictor_coeff = 1.0 - t_next / t
-        delta = None if d_corrector is None else predictor_coeff * (denoised - d_corrector)
-        x_pred = yield Stage(x + (t_next - t) * slope, delta, predictor_coeff, t, t_next)
+        delta = None if d_corrector is None else sc[i + 1] * predictor_coeff * (denoised - d_corrector)
+        stage = Stage(sc[i + 1] * (x_ve + (t_next - t) * slope), delta, sc[i + 1] * predictor_coeff, t, t_next)
+        x_pred = yield stage
         if t_next == 0:
             return x_pred
-        d_corrector = denoiser(x_pred, t_next, class_labels).to(x.dtype)
-        slope_next = (x_pred - d_corrector) / t_next
-        corrector_coeff = (t - t_next) / (2 * t_next)
-        base = x + (t_next - t) * (0.5 * slope + 0.5 * slope_next)
+        x_pred_ve = x_pred / sc[i + 1]
+        d_corrector = denoiser(x_pred_ve, t_next, class_labels).to(x.dtype)
+        slope_next = (x_pred_ve - d_corrector) / t_next
+        corrector_coeff = sc[i + 1] * (t - t_next) / (2 * t_next)
+        base = sc[i + 1] * (x_ve + (t_next - t) * (0.5 * slope + 0.5 * slope_next))
         x = yield Stage(base, corrector_coeff * (d_corrector - denoised), corrector_coeff, t_next, t_next)
     return x
 
@@ -131,5 +136,10 @@ class Heun(Solver):
     def lambda_fitted(self) -> list[bool]:
         return [k > 0 for k in range(self.nfe)]
 
+    @property
+    def step_ends(self) -> list[bool]:
+        # Stage 2i is the predictor (an Euler estimate), 2i + 1 the corrector; the final Euler step has no corrector.
+        return [k % 2 == 1 or (k == self.nfe - 1 and float(self.sigmas[-1]) == 0) for k in range(self.nfe)]
+
     def stages(self, denoiser: Denoiser, x: Tensor, class_labels: Tensor | None = None) -> StageGenerator:
-        return heun_stages(denoiser, x, self.sigmas, class_labels)
+        return heun_stages(denoiser, x, self.sigmas, class_labels, self.scales)
