@@ -17,6 +17,7 @@ __all__ = [
     "Denoiser",
     "eps_from_x0",
     "x0_from_eps",
+    "eps_from_v",
     "broadcast_sigma",
     "DiscreteEpsDenoiser",
     "CountingDenoiser",
@@ -43,6 +44,12 @@ def eps_from_x0(x: Tensor, sigma: Tensor | float, x0: Tensor) -> Tensor:
 def x0_from_eps(x: Tensor, sigma: Tensor | float, eps: Tensor) -> Tensor:
     """x₀ = x − σ·ε for a VE-form state x."""
     return x - broadcast_sigma(sigma, x) * eps
+
+
+def eps_from_v(x_vp: Tensor, sigma: Tensor | float, v: Tensor) -> Tensor:
+    """ε from a v-prediction at VP state x_vp: ε = √ᾱ·v + √(1−ᾱ)·x_vp with √ᾱ = 1/√(1+σ²) (Salimans & Ho 2022)."""
+    sigma = broadcast_sigma(sigma, x_vp)
+    return (v + sigma * x_vp) / torch.sqrt(1.0 + sigma**2)
 
 
 EpsModel = Callable[..., Tensor]

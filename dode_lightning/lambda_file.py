@@ -1,6 +1,7 @@
 """The λ file: a safetensors file (tensors + JSON metadata) that loads without executing anything.
 
-It records what the λ were fitted for; loading it for another solver, NFE, grid, schedule or denoiser is refused.
+It records what the λ were fitted for; loading it for another solver, NFE, grid, schedule, denoiser or guidance scale
+is refused.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ __all__ = ["save_lambdas", "load_lambdas", "schedule_id", "LambdaFileError", "MA
 
 FORMAT = "dode-lightning/lambdas/1"
 # Fields that must agree between a λ file and the run that uses it.
-MATCH_KEYS = ("solver", "nfe", "grid", "grid_kwargs", "schedule", "denoiser")
+# `guidance_scale` (float) is recorded for text-conditional pipelines: λ fitted for one guided denoiser.
+MATCH_KEYS = ("solver", "nfe", "grid", "grid_kwargs", "schedule", "denoiser", "guidance_scale")
 
 
 class LambdaFileError(ValueError):

@@ -91,6 +91,7 @@ class BuiltStudent:
             "prediction": self.solver.prediction,
             "denoiser": self.loaded.identity,
             "state_dtype": str(self.dtype).replace("torch.", ""),
+            **self.loaded.conditioning,  # guidance_scale and prompt source of a text-conditional pipeline
         }
 
 
@@ -274,7 +275,11 @@ class DODECalibration(pl.LightningModule):
         with torch.no_grad():
             base = self.student.sample(self.denoiser, noise, class_labels=labels)
             d_student = self.student.sample(self.denoiser, noise, self.lambdas.detach(), labels)
+        decoder = self.loaded.decoder
         for tag, images in (("teacher", targets[-1]), ("base_student", base), ("d_student", d_student)):
+            if decoder is not None:  # latent model: the VAE decodes the grids (after the fit, images only)
+                with torch.no_grad():
+                    images = decoder.to(images.device)(images)
             writer.add_image(f"samples/{tag}", image_grid(images.cpu()), global_step=self.global_step)
         writer.flush()
 

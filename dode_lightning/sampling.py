@@ -23,7 +23,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -45,6 +45,7 @@ __all__ = [
     "to_uint8",
     "sample_seeds",
     "FixedBatch",
+    "in_fixed_batches",
     "ImageStore",
     "SeedData",
     "DODESampler",
@@ -107,17 +108,22 @@ class FixedBatch(nn.Module):
         self.denoiser, self.size = denoiser, size
 
     def forward(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
-        count, outputs = len(x), []
-        per_sample = torch.is_tensor(sigma) and sigma.ndim > 0 and sigma.shape[0] == count
-        for start in range(0, count, self.size):
-            parts = [x[start : start + self.size]]
-            parts.append(None if class_labels is None else class_labels[start : start + self.size])
-            parts.append(sigma[start : start + self.size] if per_sample else None)
-            taken = len(parts[0])
-            padded = [None if t is None else torch.cat([t, t[-1:].expand(self.size - taken, *t.shape[1:])]) for t in parts]
-            out = self.denoiser(padded[0], padded[2] if per_sample else sigma, padded[1])
-            outputs.append(out[:taken])
-        return torch.cat(outputs)
+        per_sample = torch.is_tensor(sigma) and sigma.ndim > 0 and sigma.shape[0] == len(x)
+        if per_sample:
+            return in_fixed_batches(self.denoiser, self.size, x, sigma, class_labels)
+        return in_fixed_batches(lambda xs, labels: self.denoiser(xs, sigma, labels), self.size, x, class_labels)
+
+
+def in_fixed_batches(fn: Callable[..., Tensor], size: int, *per_sample: Tensor | None) -> Tensor:
+    """`fn` on chunks of exactly `size` samples of the per-sample arguments (None passes through), the last chunk
+    padded with copies of its last sample; the outputs of the real samples, concatenated (see `FixedBatch`)."""
+    count, outputs = len(per_sample[0]), []
+    for start in range(0, count, size):
+        parts = [None if t is None else t[start : start + size] for t in per_sample]
+        taken = len(parts[0])
+        padded = [None if t is None else torch.cat([t, t[-1:].expand(size - taken, *t.shape[1:])]) for t in parts]
+        outputs.append(fn(*padded)[:taken])
+    return torch.cat(outputs)
 
 
 def sample_seeds(
@@ -331,6 +337,7 @@ class DODESampler(pl.LightningModule):
         self.built = build_student(denoiser, solver, nfe, grid, sigma_min, sigma_max, rho, state_dtype)
         self.eval_batch = eval_batch
         self.denoiser = FixedBatch(self.built.loaded.denoiser, eval_batch)
+        self.decoder = self.built.loaded.decoder
         self.student = self.built.solver
         self.lambda_file: dict[str, Any] | None = None
         fitted_conditional = None
@@ -352,7 +359,8 @@ class DODESampler(pl.LightningModule):
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return self.built.loaded.image_shape
+        """(C, H, W) of a written image (decoded, for a latent model)."""
+        return self.built.loaded.output_shape or self.built.loaded.image_shape
 
     def identity(self) -> dict[str, Any]:
         """What determines the images of a seed; a rerun into the same folder must agree on all of it."""
@@ -370,8 +378,10 @@ class DODESampler(pl.LightningModule):
         labels = torch.full((len(seeds),), -1, dtype=torch.long)
         if fresh.any():
             x, onehot = sample_seeds(
-                self.student, self.denoiser, seeds[fresh].tolist(), self.image_shape, self.label_dim, self.lambdas, self.built.dtype, self.device
+                self.student, self.denoiser, seeds[fresh].tolist(), self.built.loaded.image_shape, self.label_dim, self.lambdas, self.built.dtype, self.device
             )
+            if self.decoder is not None:  # latent model: images are the VAE's decoding, in fixed chunks like the net
+                x = in_fixed_batches(self.decoder, self.eval_batch, x)
             images[fresh.to(images.device)] = to_uint8(x).to(images.device)
             if onehot is not None:
                 labels[fresh.cpu()] = onehot.argmax(-1).cpu()

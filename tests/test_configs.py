@@ -23,7 +23,7 @@ def _train(tmp_path, config, *extra):
 
 
 def test_every_config_is_listed():
-    assert {c.name for c in CONFIGS} == {"gmm_digits.yaml", "edm_ffhq.yaml", "edm_cifar10.yaml", "edm_imagenet64.yaml", "ddpm_cifar10.yaml"}
+    assert {c.name for c in CONFIGS} == {"gmm_digits.yaml", "edm_ffhq.yaml", "edm_cifar10.yaml", "edm_imagenet64.yaml", "ddpm_cifar10.yaml", "sd_latent.yaml"}
 
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c.name != "gmm_digits.yaml"], ids=lambda c: c.name)
@@ -33,6 +33,9 @@ def test_missing_checkpoint_names_the_file_and_the_release(tmp_path, config):
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and "checkpoints/" in lines[-1]
     assert ("nvlabs-fi-cdn" in lines[-1]) or ("google/ddpm-cifar10-32" in lines[-1])
+    if config.name == "sd_latent.yaml":
+        assert "huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5" in lines[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing created: no runs/, no cache
 
 
 def _train_tiny(tmp_path, config: str, denoiser: dict, *extra: str):

@@ -3,7 +3,7 @@
 Config shape — the `denoiser:` section of a run config is exactly the keyword arguments of `load_denoiser`::
 
     denoiser:
-      source: edm_pickle          # edm_pickle | diffusers | gmm_digits
+      source: edm_pickle          # edm_pickle | diffusers | diffusers_pipeline | gmm_digits
       path: checkpoints/edm-cifar10-32x32-cond-vp.pkl
       # options of that source, e.g.
       key: ema
@@ -18,6 +18,13 @@ Sources and their options:
   optional dependency diffusers (`diffusers_folder.py`). Options: `integer_timesteps` (round off-grid σ to the
   nearest trained timestep instead of interpolating; default False), `device`. Schedule: `VPDiscrete` of the
   folder's β table.
+* `diffusers_pipeline` — a diffusers pipeline folder (`model_index.json`): `DDPMPipeline`/`DDIMPipeline` (as
+  `diffusers`), or a latent, text-conditional `StableDiffusionPipeline` (`diffusers_pipeline.py`; needs
+  diffusers and transformers). Options: `prompts` (a list, or a text file with one prompt per line) or
+  `prompt_embeds` (a safetensors file with `prompt_embeds` (P, L, D) and `negative_prompt_embeds` (1, L, D)),
+  `negative_prompt` (default ''), `guidance_scale` (default 7.5, as the pipeline), `integer_timesteps`, `device`.
+  The denoiser is the guided UNet in latent space; each seed draws one prompt index as a class label
+  (`label_dim` = number of prompts); `decoder` is the VAE. Schedule: `VPDiscrete` of the folder's β table.
 * `gmm_digits` — the built-in exact Gaussian-mixture denoiser on 8×8 digits (no path). Options:
   `covariance_floor` (default 1e-3), `device`. Schedule: `EDM(0.002, 80)`.
 
@@ -28,7 +35,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,6 +65,12 @@ class LoadedDenoiser:
     """sha256 of the checkpoint file(s), or the built-in model's name."""
     source: str
     """The `source` it was loaded from."""
+    decoder: nn.Module | None = None
+    """Latent models: `decoder(latents) -> images in [−1, 1]` (the VAE); used for images only, never in a fit."""
+    output_shape: tuple[int, int, int] | None = None
+    """Latent models: (C, H, W) of a decoded image; `image_shape` is then the latent shape."""
+    conditioning: dict[str, Any] = field(default_factory=dict)
+    """What the denoiser is conditioned with (guidance scale, prompt source); recorded in the λ file."""
 
 
 def _require_path(source: str, path: str | os.PathLike | None, expected: str) -> Path:
@@ -87,6 +100,25 @@ def _load_diffusers(path: str | os.PathLike | None, integer_timesteps: bool = Fa
     return LoadedDenoiser(denoiser.to(device), image_shape, 0, schedule, digest, "diffusers")
 
 
+def _load_diffusers_pipeline(
+    path: str | os.PathLike | None,
+    prompts: list[str] | str | None = None,
+    prompt_embeds: str | None = None,
+    negative_prompt: str = "",
+    guidance_scale: float | None = None,
+    integer_timesteps: bool = False,
+    device: str = "cpu",
+) -> LoadedDenoiser:
+    from .diffusers_pipeline import SD_HUB_NAME, load_pipeline_folder
+
+    folder = _require_path("diffusers_pipeline", path, f"a diffusers pipeline folder such as {SD_HUB_NAME} from the Hugging Face hub")
+    loaded = load_pipeline_folder(folder, prompts, prompt_embeds, negative_prompt, guidance_scale, integer_timesteps)
+    loaded.denoiser.to(device)
+    if loaded.decoder is not None:
+        loaded.decoder.to(device)
+    return loaded
+
+
 def _load_gmm_digits(path: str | os.PathLike | None, covariance_floor: float = 1e-3, device: str = "cpu") -> LoadedDenoiser:
     from ..gmm import DIGITS_SHAPE, digits_mixture
 
@@ -100,12 +132,13 @@ def _load_gmm_digits(path: str | os.PathLike | None, covariance_floor: float = 1
 SOURCES: dict[str, Callable[..., LoadedDenoiser]] = {
     "edm_pickle": _load_edm_pickle,
     "diffusers": _load_diffusers,
+    "diffusers_pipeline": _load_diffusers_pipeline,
     "gmm_digits": _load_gmm_digits,
 }
 
 
 def load_denoiser(source: str, path: str | os.PathLike | None = None, **options: Any) -> LoadedDenoiser:
-    """Load a denoiser from `source` (`edm_pickle`, `diffusers`, `gmm_digits`); options per source in the module doc.
+    """Load a denoiser from `source` (`edm_pickle`, `diffusers`, `diffusers_pipeline`, `gmm_digits`); options per source in the module doc.
 
     Raises FileNotFoundError for a missing checkpoint (naming the expected file and the public release),
     `CheckpointError` (a ValueError) for a file that is malformed or of the wrong format, ValueError for an
