@@ -25,4 +25,19 @@ __all__ = [
     "Solver",
     "make_solver",
     "run_stages",
+    "DODEScheduler",
+    "export_scheduler",
 ]
+
+
+def __getattr__(name: str):
+    # diffusers is optional: the scheduler module is imported on first use only.
+    if name in ("DODEScheduler", "export_scheduler"):
+        try:
+            from . import diffusers_scheduler
+        except ImportError:
+            from .checkpoints.diffusers_folder import DIFFUSERS_INSTALL_HINT
+
+            raise ImportError(DIFFUSERS_INSTALL_HINT.replace("loading a diffusers folder", f"dode_lightning.{name}")) from None
+        return getattr(diffusers_scheduler, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,6 +20,7 @@ import torch
 import yaml
 from pytorch_lightning.cli import LightningCLI
 
+from .atomic import atomic_path
 from .checkpoints import CheckpointError
 from .fid import Detector, FIDCallback, Reference, image_files, iter_image_batches, load_detector, load_reference_npz, make_metric, metric_stats, save_reference
 from .lambda_file import LambdaFileError
@@ -36,7 +37,7 @@ from .sampling import (
     read_manifest,
 )
 
-__all__ = ["sample_main", "fid_ref_main", "SAMPLING_TRAINER_DEFAULTS"]
+__all__ = ["sample_main", "fid_ref_main", "export_scheduler_main", "SAMPLING_TRAINER_DEFAULTS"]
 
 SAMPLING_TRAINER_DEFAULTS: dict[str, Any] = {
     "enable_checkpointing": False,
@@ -62,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="sample.py",
         description="Sample a D-ODE (or base) solver for a range of seeds through trainer.predict; optional FID.",
         epilog="Dotted overrides of the config: --trainer.devices 2 --trainer.strategy ddp --model.nfe 5. "
-        "Reference statistics from a folder: python sample.py fid-ref --images DIR --out ref.npz.",
+        "Reference statistics from a folder: python sample.py fid-ref --images DIR --out ref.npz. "
+        "A diffusers scheduler folder from a λ file: python sample.py export-scheduler --lambdas F --pipeline DIR --out DIR.",
     )
     parser.add_argument("--config", required=True, help="run config (the one train.py used)")
     parser.add_argument("--lambdas", required=True, help="λ file from train.py, or 'none' for the base solver")
@@ -188,6 +190,8 @@ def sample_main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["fid-ref"]:
         return fid_ref_main(argv[1:])
+    if argv[:1] == ["export-scheduler"]:
+        return export_scheduler_main(argv[1:])
     args, rest = _parser().parse_known_args(argv)
     started = time.perf_counter()
     try:
@@ -276,6 +280,38 @@ def fid_ref_main(argv: list[str] | None = None) -> int:
     except _EXPECTED as err:
         return _fail(str(err))
     print(f"{out}: mu {tuple(statistics[0].shape)}, sigma {tuple(statistics[1].shape)}, n = {statistics[2]}, detector {detector.name}")
+    return 0
+
+
+def export_scheduler_main(argv: list[str] | None = None) -> int:
+    """`python sample.py export-scheduler --lambdas F --pipeline DIR --out DIR`: a `DODEScheduler` folder."""
+    parser = argparse.ArgumentParser(
+        prog="sample.py export-scheduler",
+        description="Write the calibrated D-solver of a λ file as a diffusers scheduler folder (DODEScheduler, scheduler_config.json).",
+    )
+    parser.add_argument("--lambdas", required=True, help="λ file from train.py (fitted on a diffusers pipeline folder)")
+    parser.add_argument("--pipeline", required=True, help="the diffusers pipeline folder the λ were fitted on (supplies the β table)")
+    parser.add_argument("--out", required=True, help="folder to write scheduler_config.json into")
+    parser.add_argument("--integer-timesteps", action="store_true", help="the calibration's denoiser used integer_timesteps: true")
+    args = parser.parse_args(argv)
+    try:
+        try:
+            from .diffusers_scheduler import SchedulerConfigError, export_scheduler
+        except ImportError:
+            raise ImportError("export-scheduler needs the optional dependency diffusers: pip install 'dode-lightning[diffusers]'") from None
+        out = Path(args.out)
+        check_writable(out)
+        try:
+            scheduler = export_scheduler(args.lambdas, args.pipeline, integer_timesteps=args.integer_timesteps)
+        except SchedulerConfigError as err:
+            raise ConfigError(str(err)) from None
+        with atomic_path(out / scheduler.config_name) as tmp:
+            scheduler.to_json_file(tmp)
+    except _EXPECTED as err:
+        return _fail(str(err))
+    config = scheduler.config
+    print(f"{out / scheduler.config_name}: D-{config.solver}, NFE {config.nfe} (num_inference_steps={scheduler.calibrated_steps}), {len(config.lambdas)} λ")
+    print(f"use it: pipe.scheduler = DODEScheduler.from_pretrained({str(out)!r})  (from dode_lightning import DODEScheduler)")
     return 0
 
 

@@ -1,0 +1,386 @@
+"""`DODEScheduler`: any of this package's (D-)solvers as a diffusers scheduler, and `export_scheduler` for λ files.
+
+A diffusers pipeline calls the network itself and hands each output to `step()`. The scheduler therefore drives the
+solver's own stage generator lazily: `step()` k hands the output to a denoiser closure (converted to x̂₀), advances
+the generator by one evaluation (the state sent at step k triggers evaluation k), applies λ_k through the shared
+`StageCorrector` and returns the corrected state as `prev_sample`. No solver arithmetic lives here.
+
+Conventions. The pipeline's latents are diffusers' VP latents x_t = √ᾱ·x₀ + √(1−ᾱ)·ε, which equal this package's
+scaled state s·(x₀ + σn) with s = 1/√(1+σ²) = √ᾱ. Noise-side and VP-state solvers (`ddim`, DPM-Solver, DEIS, …)
+integrate exactly that state, so latents pass through unchanged and `init_noise_sigma = 1`. EDM-side VE-form
+solvers (`heun`) integrate x/s: the scheduler converts at its boundary, the pipeline never sees VE states, and
+`scale_model_input` is the identity for every solver. The network is called at the timestep t(σ) of each
+evaluation, exactly as `DiscreteEpsDenoiser` calls it in `sample.py` (fractional where σ is off the integer grid).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
+from torch import Tensor
+
+from .checkpoints.diffusers_folder import betas_from_scheduler_config
+from .denoisers import DiscreteEpsDenoiser, x0_from_eps
+from .distill import SolverSetup
+from .lambda_file import load_lambdas
+from .lambda_file import schedule_id as describe_schedule
+from .schedules import VPDiscrete
+from .solvers import SOLVERS, NFEError, Solver, StageCorrector, StageGenerator
+
+__all__ = ["DODEScheduler", "SchedulerConfigError", "export_scheduler", "evaluation_sigmas"]
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+class SchedulerConfigError(ValueError):
+    """A scheduler config or call that cannot work (tampered λ, unknown solver, another NFE, …); one line."""
+
+
+def evaluation_sigmas(solver: Solver) -> list[float]:
+    """Noise level of each network evaluation of `solver`, in order (one per stage), from a dry run."""
+    called: list[float] = []
+
+    def record(x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+        called.append(float(sigma))
+        return torch.zeros_like(x)
+
+    solver.sample(record, torch.zeros(1, dtype=torch.float64))
+    return called
+
+
+class DODEScheduler(SchedulerMixin, ConfigMixin):
+    """A D-ODE (or, without λ, the base) solver of this package as a diffusers scheduler.
+
+    Config: the β table under diffusers' names (so `from_config(pipe.scheduler.config)` picks it up),
+    `prediction_type` of the network, and the solver: `solver`, `grid`/`grid_kwargs` (used when no `sigmas` are
+    stored), `sigmas` (the step boundaries, descending), `lambdas` (one per stage; needs `sigmas` and `nfe`, and
+    fixes the number of steps), `integer_timesteps` (as the calibration's denoiser option), `state_dtype`,
+    `guidance_scale` (what the λ were fitted at), `schedule_id` (the λ file's schedule, checked against the β
+    table) and `calibration` (the λ file's metadata, for the record).
+    """
+
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: list[float] | None = None,
+        prediction_type: str = "epsilon",
+        solver: str = "ddim",
+        nfe: int | None = None,
+        grid: str | None = None,
+        grid_kwargs: dict[str, Any] | None = None,
+        sigmas: list[float] | None = None,
+        lambdas: list[float] | None = None,
+        integer_timesteps: bool = False,
+        state_dtype: str = "float64",
+        guidance_scale: float | None = None,
+        schedule_id: str | None = None,
+        calibration: dict[str, Any] | None = None,
+    ) -> None:
+        betas = betas_from_scheduler_config(
+            {"num_train_timesteps": num_train_timesteps, "beta_start": beta_start, "beta_end": beta_end,
+             "beta_schedule": beta_schedule, "trained_betas": trained_betas}
+        )
+        self.schedule = VPDiscrete(betas)
+        if schedule_id is not None and schedule_id != describe_schedule(self.schedule):
+            raise SchedulerConfigError(f"the β table of this config is not the one the λ were fitted on ({schedule_id}); export the scheduler again from the calibrated pipeline")
+        if prediction_type not in PREDICTION_TYPES:
+            raise SchedulerConfigError(f"prediction_type {prediction_type!r} is not supported; choose one of {', '.join(PREDICTION_TYPES)}")
+        if solver not in SOLVERS:
+            raise SchedulerConfigError(f"unknown solver {solver!r}; choose one of {', '.join(sorted(SOLVERS))}")
+        if state_dtype not in ("float32", "float64"):
+            raise SchedulerConfigError(f"state_dtype must be float32 or float64, got {state_dtype!r}")
+        self.solver_class = SOLVERS[solver]
+        self.state_dtype = getattr(torch, state_dtype)
+        self.order = 2 if solver == "heun" else 1  # as HeunDiscreteScheduler: two evaluations per step
+        self.init_noise_sigma = 1.0
+        self.timesteps: Tensor | None = None
+        self.num_inference_steps: int | None = None
+        self.stored_solver = None if sigmas is None else self._solver_on(sigmas)
+        self.lambdas = None if lambdas is None else self._check_lambdas(lambdas, nfe)
+        self._reset()
+
+    # --- set-up -------------------------------------------------------------------------------------------------
+
+    def _solver_on(self, sigmas: list[float] | Tensor) -> Solver:
+        grid = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1)
+        if len(grid) < 2 or not bool(torch.isfinite(grid).all()) or bool((grid[:-1] <= grid[1:]).any()) or float(grid[-1]) < 0:
+            raise SchedulerConfigError(f"sigmas must be ≥ 2 finite, non-negative, strictly descending values, got {grid.tolist()}")
+        try:
+            return self.solver_class.from_grid(grid, self.schedule)
+        except (NFEError, ValueError) as err:
+            raise SchedulerConfigError(f"{self.config.solver} on the stored sigmas: {err}") from None
+
+    def _check_lambdas(self, lambdas: list[float], nfe: int | None) -> Tensor:
+        solver = self.stored_solver
+        if solver is None or nfe is None:
+            raise SchedulerConfigError("a config with lambdas must also hold sigmas and nfe (the grid the λ were fitted on); export it with export_scheduler")
+        if solver.nfe != nfe:
+            raise SchedulerConfigError(f"the stored sigmas give {self.config.solver} NFE {solver.nfe}, the config says nfe {nfe}")
+        try:
+            lam = torch.tensor(lambdas, dtype=torch.float64)
+        except (TypeError, ValueError):
+            raise SchedulerConfigError(f"lambdas must be a list of numbers, got {str(lambdas)[:80]}") from None
+        if lam.shape != (solver.num_stages,):
+            raise SchedulerConfigError(f"{self.config.solver} with NFE {nfe} has {solver.num_stages} stages, the config holds λ of shape {tuple(lam.shape)}")
+        if not bool(torch.isfinite(lam).all()):
+            raise SchedulerConfigError("lambdas contain NaN or infinite values; export the scheduler again from the λ file")
+        return lam
+
+    def _reset(self) -> None:
+        self.solver: Solver | None = None
+        self._evaluations: list[float] = []
+        self._step_index = 0
+        self._stages: StageGenerator | None = None
+        self._correct: StageCorrector | None = None
+        self._pending_output: Tensor | None = None
+        self._last_state: Tensor | None = None
+        self._last_sample: Tensor | None = None
+
+    @property
+    def calibrated_steps(self) -> int | None:
+        """The `num_inference_steps` the λ were fitted for (None: no λ, any number of steps)."""
+        if self.lambdas is None or self.stored_solver is None:
+            return None
+        return self.solver_class.steps_for_nfe(self.stored_solver.nfe)
+
+    @property
+    def step_index(self) -> int:
+        """Number of `step()` calls since `set_timesteps`."""
+        return self._step_index
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: list[int] | Tensor | None = None,
+        sigmas: list[float] | Tensor | None = None,
+    ) -> None:
+        """Build the solver for this run and the timesteps the pipeline loops over (one per network evaluation).
+
+        `num_inference_steps` counts solver steps as diffusers does (Heun NFE 2N − 1: N). `timesteps=` (descending
+        model timesteps) or `sigmas=` (descending VE noise levels) give the evaluation starts of a custom grid; a
+        terminal σ = 0 is appended. With λ only the calibrated grid is accepted.
+        """
+        if timesteps is not None and sigmas is not None:
+            raise SchedulerConfigError("pass timesteps= or sigmas=, not both")
+        custom = None
+        if timesteps is not None:
+            custom = self.schedule.sigma(torch.as_tensor(timesteps, dtype=torch.float64).cpu())
+        elif sigmas is not None:
+            custom = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
+        if custom is not None:
+            custom = torch.cat([custom.reshape(-1), custom.new_zeros(1)])
+        solver = self._solver_for(num_inference_steps, custom)
+        self._reset()
+        self.solver = solver
+        self._evaluations = evaluation_sigmas(solver)
+        self.num_inference_steps = self.solver_class.steps_for_nfe(solver.nfe) if num_inference_steps is None else num_inference_steps
+        model_time = DiscreteEpsDenoiser(None, self.schedule, integer_timesteps=self.config.integer_timesteps).timestep(
+            torch.tensor(self._evaluations, dtype=torch.float64)
+        )
+        # Integer timesteps as diffusers' schedulers pass them; fractional ones in float64 as `DiscreteEpsDenoiser`
+        # passes them (float32 on MPS, which has no float64; diffusers' UNets embed t in float32 anyway).
+        fractional_dtype = torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64
+        integral = bool((model_time == model_time.round()).all())
+        self.timesteps = model_time.to(torch.long if integral else fractional_dtype).to(device)
+        self.init_noise_sigma = float(solver.init_state(torch.ones(1, dtype=torch.float64))) * self._vp_ratio(float(solver.sigmas[0]))
+
+    def _solver_for(self, num_inference_steps: int | None, custom: Tensor | None) -> Solver:
+        stored = self.stored_solver
+        steps = self.calibrated_steps
+        if steps is not None and stored is not None:
+            if custom is not None and not _same_grid(custom, stored.sigmas):
+                raise SchedulerConfigError(f"the λ were fitted on the grid {_short(stored.sigmas)}; a custom timesteps=/sigmas= grid cannot use them")
+            if custom is None and num_inference_steps not in (None, steps):
+                raise SchedulerConfigError(
+                    f"this D-{self.config.solver} scheduler was calibrated for NFE {stored.nfe} ({steps} steps); "
+                    f"call the pipeline with num_inference_steps={steps} or calibrate λ for {num_inference_steps} steps"
+                )
+            return stored
+        if custom is not None:
+            return self._solver_on(custom)
+        if stored is not None and num_inference_steps in (None, self.solver_class.steps_for_nfe(stored.nfe)):
+            return stored
+        if num_inference_steps is None:
+            raise SchedulerConfigError("set_timesteps needs num_inference_steps (this config stores no grid)")
+        return self._default_solver(num_inference_steps)
+
+    def _default_solver(self, steps: int) -> Solver:
+        nfe = 2 * steps - 1 if self.config.solver == "heun" else steps
+        try:
+            setup = SolverSetup.resolve(self.config.solver, nfe, self.schedule, self.config.grid, **(self.config.grid_kwargs or {}))
+            return setup.build()
+        except (NFEError, ValueError, TypeError) as err:
+            raise SchedulerConfigError(f"{self.config.solver} with {steps} steps: {err}") from None
+
+    # --- the pipeline's loop ------------------------------------------------------------------------------------
+
+    def _vp_ratio(self, sigma: float) -> float:
+        """Pipeline latent / solver state at noise level σ: 1 for VP-state solvers, s(σ) = 1/√(1+σ²) for VE-form."""
+        return 1.0 if self.solver is not None and self.solver.unit_prior else 1.0 / math.sqrt(1.0 + sigma * sigma)
+
+    def scale_model_input(self, sample: Tensor, timestep: int | Tensor | None = None) -> Tensor:
+        """The identity: the latents already are the network's VP input."""
+        return sample
+
+    def _denoise(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+        """x̂₀ from the model output handed to the current `step()` (the solver's denoiser, VE-form x)."""
+        output, self._pending_output = self._pending_output, None
+        expected = self._evaluations[self._step_index]
+        if output is None or abs(float(sigma) - expected) > 1e-9 * max(1.0, expected):
+            raise RuntimeError(f"{self.config.solver} asked for an evaluation at σ = {float(sigma)} out of turn (step {self._step_index}, σ = {expected})")
+        output = output.to(device=x.device, dtype=x.dtype)
+        if self.config.prediction_type == "epsilon":
+            return x0_from_eps(x, sigma, output)
+        if self.config.prediction_type == "sample":
+            return output
+        scale = 1.0 / math.sqrt(1.0 + float(sigma) ** 2)  # v = α·ε − σ_vp·x₀ with α = s, σ_vp = s·σ, x_vp = s·x
+        return scale * scale * x - scale * float(sigma) * output
+
+    def step(
+        self,
+        model_output: Tensor,
+        timestep: int | float | Tensor,
+        sample: Tensor,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple[Tensor]:
+        """One network evaluation of the solver: the corrected state x̃_k + λ_k·Δ_k, as the next latents.
+
+        `eta`, `use_clipped_model_output` and `generator` are accepted because DDIM/DDPM pipelines pass them; the
+        solvers are deterministic ODE solvers (eta must be 0) and never clip.
+        """
+        if self.solver is None:
+            raise SchedulerConfigError("call set_timesteps before step")
+        if eta:
+            raise SchedulerConfigError(f"DODEScheduler integrates the probability-flow ODE; eta must be 0, got {eta}")
+        k = self._step_index
+        if k >= len(self._evaluations):
+            raise SchedulerConfigError(f"step called {k + 1} times, but this run has {len(self._evaluations)} evaluations; call set_timesteps again")
+        expected_t = float(self.timesteps[k])
+        if abs(float(timestep) - expected_t) > 1e-3:
+            raise SchedulerConfigError(f"step {k} got timestep {float(timestep)}, expected {expected_t}: loop over scheduler.timesteps in order")
+        sigma = self._evaluations[k]
+        if self._last_sample is not None and sample.shape == self._last_sample.shape and torch.equal(sample, self._last_sample):
+            state = self._last_state  # the latents we returned: continue from their full-precision state
+        else:
+            state = sample.to(self.state_dtype) / self._vp_ratio(sigma)
+        self._pending_output = model_output
+        if k == 0:
+            lambdas = self.lambdas
+            self._correct = StageCorrector(None if lambdas is None else (lambda i, _stage: lambdas[i]))
+            self._stages = self.solver.stages(self._denoise, state)
+            stage = next(self._stages)
+        else:
+            stage = self._stages.send(state)
+        new_state = self._correct(stage)
+        prev_sample = (new_state * self._vp_ratio(stage.sigma_next)).to(sample.dtype)
+        self._last_state, self._last_sample = new_state, prev_sample
+        self._step_index += 1
+        if self._step_index == len(self._evaluations):
+            self._stages.close()
+        if not return_dict:
+            return (prev_sample,)
+        return SchedulerOutput(prev_sample=prev_sample)
+
+    def check_guidance_scale(self, guidance_scale: float) -> None:
+        """Warn when a pipeline runs at another classifier-free guidance scale than the λ were fitted at.
+
+        diffusers never passes the guidance scale to the scheduler; call this (or pass `guidance_callback` as the
+        pipeline's `callback_on_step_end`) to have it checked.
+        """
+        fitted = self.config.guidance_scale
+        if fitted is not None and not math.isclose(float(guidance_scale), float(fitted), rel_tol=1e-6):
+            warnings.warn(f"the λ of this scheduler were fitted at guidance_scale={fitted}; at {guidance_scale} they are not calibrated (recalibrate for it)", stacklevel=2)
+
+    def guidance_callback(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """`callback_on_step_end` that checks the pipeline's `guidance_scale` once, at the first step."""
+        if step == 0 and getattr(pipe, "guidance_scale", None) is not None:
+            self.check_guidance_scale(pipe.guidance_scale)
+        return callback_kwargs
+
+
+def _same_grid(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and bool(torch.allclose(a, b.to(a.dtype), rtol=1e-9, atol=0))
+
+
+def _short(sigmas: Tensor) -> str:
+    values = [f"{v:.4g}" for v in sigmas.tolist()]
+    return "[" + ", ".join(values if len(values) <= 6 else values[:3] + ["…"] + values[-2:]) + "]"
+
+
+def _scheduler_config(pipeline: str | os.PathLike) -> dict[str, Any]:
+    """The scheduler config of a pipeline folder, its `scheduler/` folder or a scheduler_config.json."""
+    path = Path(pipeline)
+    for candidate in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json", path):
+        if candidate.is_file():
+            try:
+                config = json.loads(candidate.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise SchedulerConfigError(f"{candidate}: unreadable scheduler config ({err})") from None
+            if not isinstance(config, dict):
+                raise SchedulerConfigError(f"{candidate}: expected a JSON object")
+            return config
+    raise FileNotFoundError(f"no scheduler config in {path}: give the diffusers pipeline folder the λ were fitted on (it holds scheduler/scheduler_config.json)")
+
+
+def export_scheduler(lambda_file: str | os.PathLike, pipeline: str | os.PathLike, integer_timesteps: bool = False) -> DODEScheduler:
+    """A `DODEScheduler` running the calibrated D-solver of `lambda_file` in the pipeline folder it was fitted on.
+
+    The λ file stores only a hash of the β table, so the pipeline folder (or its scheduler config) supplies the
+    table and the network's prediction type; a table of another hash is refused. `integer_timesteps` must be what
+    the calibration's denoiser used (its `integer_timesteps` option). Save the result with `save_pretrained`.
+    """
+    tensors, meta = load_lambdas(lambda_file)
+    base = _scheduler_config(pipeline)
+    schedule_wanted = str(meta.get("schedule", ""))
+    if not schedule_wanted.startswith("VPDiscrete"):
+        raise SchedulerConfigError(f"{lambda_file} was fitted on the schedule {schedule_wanted or '?'}; DODEScheduler runs discrete VP (diffusers DDPM-type) models only")
+    lambdas = tensors["lambdas"]
+    if lambdas.ndim != 1:
+        raise SchedulerConfigError(f"{lambda_file} holds λ of shape {tuple(lambdas.shape)}; DODEScheduler supports one λ per stage")
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+    init = {k: base[k] for k in keys if k in base}
+    schedule = VPDiscrete(betas_from_scheduler_config(init))
+    if describe_schedule(schedule) != schedule_wanted:
+        raise SchedulerConfigError(f"{pipeline}: its β table is not the one {lambda_file} was fitted on ({schedule_wanted}); give the calibrated pipeline folder")
+    try:
+        setup = SolverSetup.resolve(meta["solver"], int(meta["nfe"]), schedule, meta.get("grid"), **(meta.get("grid_kwargs") or {}))
+        solver = setup.build()
+    except (KeyError, NFEError, ValueError, TypeError) as err:
+        raise SchedulerConfigError(f"{lambda_file}: cannot rebuild its solver ({err})") from None
+    if "target_sigmas" in tensors and not _same_grid(solver.target_sigmas, tensors["target_sigmas"].to(torch.float64)):
+        raise SchedulerConfigError(f"{lambda_file}: the rebuilt grid does not match the σ stored in the file; refit with train.py")
+    return DODEScheduler(
+        **init,
+        solver=setup.name,
+        nfe=solver.nfe,
+        grid=setup.grid,
+        grid_kwargs=setup.grid_kwargs,
+        sigmas=solver.sigmas.tolist(),
+        lambdas=lambdas.to(torch.float64).tolist(),
+        integer_timesteps=integer_timesteps,
+        state_dtype=str(meta.get("state_dtype", "float64")),
+        guidance_scale=meta.get("guidance_scale"),
+        schedule_id=schedule_wanted,
+        calibration=meta,
+    )

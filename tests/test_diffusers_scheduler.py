@@ -1,0 +1,288 @@
+"""`DODEScheduler` (issue 11): the package's solvers inside diffusers pipelines, `export_scheduler` and its CLI.
+
+Pipeline runs use the tiny-ddpm fixture (random float32 UNet, outputs of magnitude ~300), so differences are reported
+relative to the largest latent: float32 arithmetic on either side gives ~1e-7 of it per step.
+"""
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dode_lightning.cli import train_main
+from dode_lightning.denoisers import DiscreteEpsDenoiser
+from dode_lightning.distill import seeded_noise
+from dode_lightning.lambda_file import load_lambdas, save_lambdas
+from dode_lightning.sample_cli import export_scheduler_main, sample_main
+from dode_lightning.sampling import ImageStore, to_uint8
+from dode_lightning.solvers import SOLVERS
+from tests.conftest import fixture_path, unit_noise
+
+diffusers = pytest.importorskip("diffusers")
+from dode_lightning import DODEScheduler, export_scheduler, load_denoiser  # noqa: E402
+from dode_lightning.diffusers_scheduler import SchedulerConfigError  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::DeprecationWarning", "ignore::FutureWarning", "ignore:LightningCLI's args parameter", "ignore:Found .* module\\(s\\) in eval mode"
+)
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = [0, 1]
+
+
+@pytest.fixture(scope="module")
+def folder() -> Path:
+    return fixture_path("diffusers", "tiny-ddpm")
+
+
+@pytest.fixture(scope="module")
+def ddpm_pipe(folder):
+    """The fixture's DDPMPipeline; `run_pipeline` swaps its scheduler, so configs come from `ddpm_config`."""
+    pipe = diffusers.DDPMPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def ddpm_config(folder):
+    """The folder's own DDPMScheduler config (linear β, clip_sample), as `pipe.scheduler.config` holds it."""
+    return diffusers.DDPMScheduler.from_pretrained(folder / "scheduler").config
+
+
+def run_pipeline(pipe, scheduler, steps: int, seeds=SEEDS) -> list[torch.Tensor]:
+    """The latents after every `step()` of a pipeline run with `scheduler`, one generator per seed."""
+    pipe.scheduler = scheduler
+    trajectory = []
+    step = scheduler.step
+
+    def recording_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        trajectory.append(out.prev_sample.clone())
+        return out
+
+    scheduler.step = recording_step
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    pipe(batch_size=len(seeds), generator=generators, num_inference_steps=steps, output_type="pt")
+    del scheduler.step
+    return trajectory
+
+
+def relative_difference(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> float:
+    assert len(ours) == len(theirs)
+    return max(float((a.double() - b.double()).abs().max() / b.double().abs().max()) for a, b in zip(ours, theirs))
+
+
+# --- λ ≡ 0 against diffusers' schedulers and the base solver, in real pipelines ---------------------------------------
+
+
+def test_zero_lambda_matches_ddim_scheduler_in_ddim_pipeline(ddpm_pipe, ddpm_config):
+    config = ddpm_config
+    pipe = diffusers.DDIMPipeline(ddpm_pipe.unet, diffusers.DDPMScheduler.from_config(config))
+    pipe.set_progress_bar_config(disable=True)
+    theirs = run_pipeline(pipe, diffusers.DDIMScheduler.from_config(config, clip_sample=False), 10)
+    ours = run_pipeline(pipe, DODEScheduler.from_config(config), 10)
+    diff = relative_difference(ours, theirs)
+    print(f"\nDDIMScheduler (η = 0, no clipping) vs DODEScheduler ddim λ ≡ 0, 10 steps: max |Δ| / max |x| = {diff:.1e}")
+    assert diff < 2e-6
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_zero_lambda_matches_dpm_solver_pp_in_ddpm_pipeline(ddpm_pipe, ddpm_config, order):
+    config = ddpm_config
+    reference = diffusers.DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=order)
+    reference.set_timesteps(10)
+    # Its grid (timesteps of its own spacing rule, then σ = 0) stored as our grid: σ(t) in float64 at the same t.
+    schedule = DODEScheduler.from_config(config).schedule  # the pipeline's β table, float32 values as diffusers'
+    sigmas = schedule.sigma(reference.timesteps.double()).tolist() + [0.0]
+    ours_scheduler = DODEScheduler.from_config(config, solver=f"dpm_solver_pp_{order}m", sigmas=sigmas)
+    theirs = run_pipeline(ddpm_pipe, reference, 10)
+    ours = run_pipeline(ddpm_pipe, ours_scheduler, 10)
+    assert torch.equal(ours_scheduler.timesteps, reference.timesteps)
+    diff = relative_difference(ours, theirs)
+    print(f"\nDPMSolverMultistepScheduler (dpmsolver++, order {order}) vs DODEScheduler λ ≡ 0, 10 steps: max |Δ| / max |x| = {diff:.1e}")
+    assert diff < 2e-6
+
+
+@pytest.mark.parametrize("solver,steps", [("ddim", 10), ("dpm_solver_2", 6)])
+def test_zero_lambda_equals_the_base_solver(ddpm_pipe, ddpm_config, folder, solver, steps):
+    scheduler = DODEScheduler.from_config(ddpm_config, solver=solver)
+    ours = run_pipeline(ddpm_pipe, scheduler, steps)
+    states = []
+    noise, _ = seeded_noise(SEEDS, (3, 32, 32))
+    with torch.no_grad():
+        scheduler.solver.sample(load_denoiser("diffusers", folder).denoiser, noise, observe=lambda k, stage, x: states.append(x))
+    diff = relative_difference(ours, states)
+    print(f"\nbase {solver} (float64 states) vs DODEScheduler λ ≡ 0 in DDPMPipeline: max |Δ| / max |x| = {diff:.1e}")
+    assert diff < 2e-7  # the pipeline's latents are the float32 rounding of the same states
+
+
+# --- every solver, every prediction type, with λ: the scheduler loop equals `Solver.sample` -----------------------
+
+
+@pytest.fixture(scope="module")
+def vp():
+    """The scheduler's default β table (diffusers' float32 linear betas), on which model and solver both work."""
+    return DODEScheduler().schedule
+
+
+def exact_model(digits, vp, prediction: str):
+    """The exact digits mixture as a network on VP latents at (possibly fractional) timesteps t."""
+
+    def model(x_vp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).expand(x_vp.shape[0])  # per sample, as the solvers call it
+        sigma = vp.sigma(t).reshape(-1, 1, 1, 1)
+        scale = 1 / torch.sqrt(1 + sigma**2)
+        x_ve = x_vp / scale
+        denoised = digits(x_ve, sigma.reshape(-1))
+        eps = (x_ve - denoised) / sigma
+        return {"epsilon": eps, "sample": denoised, "v_prediction": scale * eps - scale * sigma * denoised}[prediction]
+
+    return model
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_scheduler_loop_equals_solver_sample_for_every_solver(digits, vp, name, prediction):
+    steps = 3 if name == "heun" else 5  # heun: 2·3 − 1 = 5 evaluations, repeated timesteps
+    probe = DODEScheduler(solver=name)
+    probe.set_timesteps(steps)
+    solver = probe.solver
+    lambdas = torch.linspace(0.05, 0.3, solver.num_stages, dtype=torch.float64)
+    scheduler = DODEScheduler(solver=name, prediction_type=prediction, sigmas=solver.sigmas.tolist(), lambdas=lambdas.tolist(), nfe=solver.nfe)
+    scheduler.set_timesteps(steps)
+    assert len(scheduler.timesteps) == solver.nfe and scheduler.order == (2 if name == "heun" else 1)
+    noise = unit_noise(4, seed=7)
+    model = exact_model(digits, vp, prediction)
+    x = noise * scheduler.init_noise_sigma  # what diffusers pipelines do
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+    reference = solver.sample(DiscreteEpsDenoiser(exact_model(digits, vp, "epsilon"), vp), noise, lambdas)
+    base = solver.sample(DiscreteEpsDenoiser(exact_model(digits, vp, "epsilon"), vp), noise)
+    assert float((x - reference).abs().max()) < 1e-9
+    assert float((reference - base).abs().max()) > 1e-3  # λ changed the result, so the check above can fail
+
+
+# --- a calibrated scheduler: train.py → export-scheduler → pipeline = sample.py -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory, folder):
+    """D-DDIM NFE 4 fitted with train.py on the fixture (C = 2, |B| = 2), sampled by sample.py, exported by the CLI.
+
+    The three commands run in-process (their `main` functions with the command's arguments) to spare CI three
+    interpreter start-ups.
+    """
+    work = tmp_path_factory.mktemp("calibrated")
+    config = ROOT / "configs" / "ddpm_cifar10.yaml"
+    overrides = ["--model.denoiser", json.dumps({"source": "diffusers", "path": str(folder)}), "--model.nfe", "4"]
+    quiet = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"]
+    lambdas = work / "lambdas.safetensors"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(work)  # LightningCLI saves its config.yaml into the working directory when there is no logger
+        assert train_main([
+            "--config", str(config), *overrides, "--data.scale", "2", "--data.batch_size", "2", "--data.seed", "100",
+            "--data.cache_dir", str(work / "cache"), "--model.output", str(lambdas), *quiet,
+        ]) == 0
+        assert sample_main([
+            "--config", str(config), *overrides, "--lambdas", str(lambdas), "--seeds", "0-1", "--outdir", str(work / "images"),
+            "--eval-batch", "2", *quiet,
+        ]) == 0
+        assert sample_main(["export-scheduler", "--lambdas", str(lambdas), "--pipeline", str(folder), "--out", str(work / "scheduler")]) == 0
+    return work
+
+
+def test_calibrated_scheduler_reproduces_sample_py(calibrated, ddpm_pipe, ddpm_config):
+    scheduler = DODEScheduler.from_pretrained(calibrated / "scheduler")
+    lambdas, meta = load_lambdas(calibrated / "lambdas.safetensors")
+    assert scheduler.config.lambdas == lambdas["lambdas"].double().tolist() and scheduler.calibrated_steps == 4
+    assert scheduler.state_dtype == torch.float32 and meta["state_dtype"] == "float32"
+    final = run_pipeline(ddpm_pipe, scheduler, 4)[-1]
+    store = ImageStore(calibrated / "images")
+    sampled = np.stack([np.asarray(Image.open(store.png_path(seed))).transpose(2, 0, 1) for seed in SEEDS])
+    ours = to_uint8(final).numpy()
+    mismatch = np.abs(ours.astype(int) - sampled.astype(int))
+    print(f"\ncalibrated D-DDIM NFE 4 in DDPMPipeline vs sample.py PNGs: max |Δ| = {mismatch.max()} (uint8), {(mismatch > 0).mean():.1e} of values differ")
+    assert mismatch.max() <= 1 and (mismatch > 0).mean() < 1e-3
+    base = run_pipeline(ddpm_pipe, DODEScheduler.from_config(ddpm_config), 4)[-1]
+    assert float((base - final).abs().max()) > 1e-2 * float(final.abs().max())  # the λ matter
+
+
+def test_save_load_round_trip_gives_identical_outputs(calibrated, ddpm_pipe, folder, tmp_path):
+    exported = export_scheduler(calibrated / "lambdas.safetensors", folder)
+    exported.save_pretrained(tmp_path)
+    loaded = DODEScheduler.from_pretrained(tmp_path)
+    assert dict(loaded.config) == dict(exported.config)
+    first, second = run_pipeline(ddpm_pipe, exported, 4), run_pipeline(ddpm_pipe, loaded, 4)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.pkl"))  # JSON only, never a pickle
+
+
+def test_another_number_of_steps_is_refused(calibrated, ddpm_pipe):
+    scheduler = DODEScheduler.from_pretrained(calibrated / "scheduler")
+    with pytest.raises(SchedulerConfigError, match="num_inference_steps=4") as err:
+        run_pipeline(ddpm_pipe, scheduler, 7)
+    assert "\n" not in str(err.value)
+    with pytest.raises(SchedulerConfigError, match="custom"):
+        scheduler.set_timesteps(timesteps=[900, 600, 300, 0])
+
+
+def test_guidance_scale_recorded_in_the_lambda_file_warns_at_another(calibrated, folder, tmp_path):
+    tensors, meta = load_lambdas(calibrated / "lambdas.safetensors")
+    guided = save_lambdas(tmp_path / "guided.safetensors", tensors, {**meta, "guidance_scale": 7.5})
+    scheduler = export_scheduler(guided, folder)
+    assert scheduler.config.guidance_scale == 7.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scheduler.check_guidance_scale(7.5)
+    with pytest.warns(UserWarning, match="guidance_scale=7.5"):
+        scheduler.guidance_callback(type("Pipe", (), {"guidance_scale": 3.0})(), 0, 999, {})
+
+
+def test_export_refuses_another_beta_table(calibrated, folder, tmp_path):
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    (tmp_path / "scheduler_config.json").write_text(json.dumps({**config, "beta_end": 0.012}))
+    with pytest.raises(SchedulerConfigError, match="β table"):
+        export_scheduler(calibrated / "lambdas.safetensors", tmp_path)
+
+
+def test_cli_bad_input_is_one_line_and_creates_nothing(tmp_path, folder, capsys):
+    out = tmp_path / "out"
+    assert export_scheduler_main(["--lambdas", str(tmp_path / "missing.safetensors"), "--pipeline", str(folder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and "train.py" in err
+    assert not out.exists()
+    assert export_scheduler_main(["--lambdas", str(tmp_path / "missing.safetensors"), "--pipeline", str(tmp_path), "--out", str(out)]) == 2
+    assert not out.exists()
+
+
+# --- a tampered scheduler_config.json is refused in one line ----------------------------------------------------------
+
+
+@pytest.fixture
+def saved(tmp_path):
+    probe = DODEScheduler(solver="ddim")
+    probe.set_timesteps(5)
+    DODEScheduler(solver="ddim", nfe=5, sigmas=probe.solver.sigmas.tolist(), lambdas=[0.1] * 5).save_pretrained(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"lambdas": [0.1] * 4}, "has 5 stages"),
+        ({"solver": "unknown_solver"}, "unknown solver"),
+        ({"lambdas": [0.1, math.nan, 0.1, 0.1, 0.1]}, "NaN"),
+        ({"nfe": 6}, "nfe 6"),
+        ({"prediction_type": "flow"}, "prediction_type"),
+        ({"sigmas": None}, "sigmas and nfe"),
+    ],
+)
+def test_tampered_config_is_refused(saved, change, message):
+    path = saved / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(SchedulerConfigError, match=message) as err:
+        DODEScheduler.from_pretrained(saved)
+    assert "\n" not in str(err.value)
