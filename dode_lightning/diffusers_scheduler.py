@@ -144,6 +144,7 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         self.solver: Solver | None = None
         self._evaluations: list[float] = []
         self._step_index = 0
+        self._vp_state = True
         self._stages: StageGenerator | None = None
         self._correct: StageCorrector | None = None
         self._pending_output: Tensor | None = None
@@ -190,6 +191,9 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         solver = self._solver_for(num_inference_steps, custom)
         self._reset()
         self.solver = solver
+        self._vp_state = bool(torch.allclose(solver.scales, self.schedule.scale(solver.sigmas), rtol=1e-12, atol=0))
+        if not self._vp_state and not bool((solver.scales == 1).all()):
+            raise SchedulerConfigError(f"{self.config.solver} integrates states that are neither VP-scaled nor VE-form; it cannot run in a diffusers pipeline")
         self._evaluations = evaluation_sigmas(solver)
         self.num_inference_steps = self.solver_class.steps_for_nfe(solver.nfe) if num_inference_steps is None else num_inference_steps
         model_time = DiscreteEpsDenoiser(None, self.schedule, integer_timesteps=self.config.integer_timesteps).timestep(
@@ -234,7 +238,7 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
 
     def _vp_ratio(self, sigma: float) -> float:
         """Pipeline latent / solver state at noise level σ: 1 for VP-state solvers, s(σ) = 1/√(1+σ²) for VE-form."""
-        return 1.0 if self.solver is not None and self.solver.unit_prior else 1.0 / math.sqrt(1.0 + sigma * sigma)
+        return 1.0 if self._vp_state else 1.0 / math.sqrt(1.0 + sigma * sigma)
 
     def scale_model_input(self, sample: Tensor, timestep: int | Tensor | None = None) -> Tensor:
         """The identity: the latents already are the network's VP input."""
