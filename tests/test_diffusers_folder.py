@@ -142,3 +142,66 @@ def test_missing_diffusers_says_how_to_install(monkeypatch):
     with pytest.raises(ImportError, match=r"pip install 'dode-lightning\[diffusers\]'") as err:
         load_denoiser("diffusers", fixture_path("diffusers", "tiny-ddpm"))
     assert str(err.value) == DIFFUSERS_INSTALL_HINT
+
+
+def _folder_with(tmp_path, scheduler: dict | None = None, unet: dict | None = None, raw: dict | None = None):
+    """A copy of the fixture folder with config fields replaced (None deletes), or a config file's raw text."""
+    folder = tmp_path / "ddpm"
+    shutil.copytree(fixture_path("diffusers", "tiny-ddpm"), folder)
+    for name, changes in (("scheduler/scheduler_config.json", scheduler), ("unet/config.json", unet)):
+        config = json.loads((folder / name).read_text())
+        for key, value in (changes or {}).items():
+            config.pop(key) if value is None else config.__setitem__(key, value)
+        (folder / name).write_text(json.dumps(config))
+    for name, text in (raw or {}).items():
+        (folder / name).write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "scheduler,unet,raw,message",
+    [
+        ({"num_train_timesteps": 0}, None, None, "num_train_timesteps is 0; expected an integer from 2 to 100000"),
+        ({"num_train_timesteps": 10**12}, None, None, "num_train_timesteps is 1000000000000; expected"),
+        ({"num_train_timesteps": "1000"}, None, None, "num_train_timesteps is '1000'; expected"),
+        ({"beta_start": float("nan")}, None, None, "beta_start is nan; expected a number strictly between 0 and 1"),
+        ({"beta_end": 1.5}, None, None, "beta_end is 1.5; expected a number strictly between 0 and 1"),
+        ({"beta_start": 0}, None, None, "beta_start is 0; expected"),
+        ({"trained_betas": [0.1] * 9 + [1.0]}, None, None, "1 β value(s) outside (0, 1) (first β_9 = 1)"),
+        ({"trained_betas": "0.1"}, None, None, "trained_betas is not a list of 2 to 100000 numbers"),
+        ({"beta_schedule": "evil\x1b[2J"}, None, None, "unsupported beta_schedule 'evil\\x1b[2J'"),
+        (None, {"sample_size": 0}, None, "sample_size is 0; expected an integer (or two) from 1 to 4096 divisible by 2"),
+        (None, {"sample_size": 10**6}, None, "sample_size is 1000000; expected"),
+        (None, {"sample_size": 31}, None, "sample_size is 31; expected"),
+        (None, {"sample_size": [32, "x"]}, None, "sample_size is [32, 'x']; expected"),
+        (None, {"sample_size": None}, None, "sample_size is None; expected"),
+        (None, {"in_channels": 0}, None, "in_channels is 0; expected an integer from 1 to 64"),
+        (None, {"out_channels": 1}, None, "in_channels != out_channels"),
+        (None, {"layers_per_block": 10**9}, None, "layers_per_block is 1000000000; expected an integer from 1 to 64"),
+        (None, None, {"unet/config.json": "[" * 100_000 + "]" * 100_000}, "unreadable JSON"),
+        (None, None, {"unet/config.json": " " * (2 << 20) + "{}"}, "larger than 1 MiB"),
+    ],
+    ids=lambda value: None,
+)
+def test_bad_configs_are_one_line_errors(tmp_path, scheduler, unet, raw, message):
+    # Before: T = 0, NaN or β > 1 loaded (black images later); T = 10¹², sample_size 0 or 10⁶ gave tracebacks.
+    pytest.importorskip("diffusers")
+    with pytest.raises(CheckpointError) as err:
+        load_denoiser("diffusers", _folder_with(tmp_path, scheduler, unet, raw))
+    text = str(err.value)
+    assert message in text and text.isprintable(), text
+
+
+def test_bad_sample_size_fails_before_sampling_writes_anything(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("diffusers")
+    from dode_lightning.sample_cli import sample_main
+
+    monkeypatch.chdir(tmp_path)
+    folder = _folder_with(tmp_path, unet={"sample_size": 10**6})
+    config = tmp_path / "c.yaml"
+    config.write_text(f"trainer: {{logger: false}}\nmodel: {{denoiser: {{source: diffusers, path: {folder}}}, solver: ddim, nfe: 2}}\n")
+    outdir = tmp_path / "out"
+    assert sample_main(["--config", str(config), "--lambdas", "none", "--seeds", "0-1", "--outdir", str(outdir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "sample_size is 1000000" in err[0], err
+    assert not outdir.exists()

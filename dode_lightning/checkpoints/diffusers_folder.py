@@ -20,13 +20,14 @@ from torch import Tensor, nn
 
 from ..denoisers import Denoiser, DiscreteEpsDenoiser
 from ..schedules import VPDiscrete, cosine_betas
-from .errors import CheckpointError, one_line, state_dict_mismatch
+from .errors import CheckpointError, one_line, quoted, state_dict_mismatch
 
 __all__ = [
     "DIFFUSERS_INSTALL_HINT",
     "DiffusersEpsModel",
     "DiffusersDDIMClip",
     "betas_from_scheduler_config",
+    "check_unet_config",
     "convert_legacy_attention_names",
     "load_diffusers_folder",
 ]
@@ -38,6 +39,15 @@ DIFFUSERS_INSTALL_HINT = (
 _RELEASE_HINT = "e.g. google/ddpm-cifar10-32 from the Hugging Face hub (https://huggingface.co/google/ddpm-cifar10-32)"
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 _LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+MAX_CONFIG_BYTES = 1 << 20
+"""A diffusers config is a few kB; anything over 1 MiB is refused unread."""
+MAX_TRAIN_TIMESTEPS = 100_000
+"""Released DDPMs are trained with 1000 steps (some with 4000); the β table is allocated from this number."""
+MAX_SAMPLE_SIZE = 4096
+MAX_CHANNELS = 64
+MAX_LAYERS_PER_BLOCK = 64
+MAX_BLOCKS = 16
+_DEFAULT_DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")  # UNet2DModel's
 
 
 class DiffusersEpsModel(nn.Module):
@@ -78,24 +88,78 @@ class DiffusersDDIMClip(nn.Module):
         return denoised + sigma_k / (sigma_k - sigma_next) * (clipped - denoised)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _bounded_int(config: dict[str, Any], key: str, default: Any, low: int, high: int) -> int:
+    value = config.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise CheckpointError(f"{key} is {quoted(value)}; expected an integer from {low} to {high}")
+    return value
+
+
+def _beta(config: dict[str, Any], key: str, default: float) -> float:
+    value = config.get(key, default)
+    if not _is_number(value) or not 0 < value < 1:
+        raise CheckpointError(f"{key} is {quoted(value)}; expected a number strictly between 0 and 1")
+    return float(value)
+
+
 def betas_from_scheduler_config(config: dict[str, Any]) -> Tensor:
-    """β_0…β_{T−1} (float64 holding diffusers' float32 values) from a DDPM/DDIM scheduler config."""
+    """β_0…β_{T−1} (float64 holding diffusers' float32 values) from a DDPM/DDIM scheduler config.
+
+    Every value is checked before the table is allocated, and the table itself must lie in (0, 1): β = 1 makes
+    ᾱ = 0 (σ = ∞, black images), β ≤ 0 or NaN make σ non-increasing or undefined.
+    """
     if config.get("rescale_betas_zero_snr"):
         raise CheckpointError("scheduler uses rescale_betas_zero_snr, which is not supported")
-    steps = int(config.get("num_train_timesteps", 1000))
-    start, end = float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02))
     schedule = config.get("beta_schedule", "linear")
-    if config.get("trained_betas") is not None:
-        betas = torch.tensor(config["trained_betas"], dtype=torch.float32)
-    elif schedule == "linear":
-        betas = torch.linspace(start, end, steps, dtype=torch.float32)
-    elif schedule == "scaled_linear":
-        betas = torch.linspace(start**0.5, end**0.5, steps, dtype=torch.float32) ** 2
-    elif schedule == "squaredcos_cap_v2":
-        betas = cosine_betas(steps).to(torch.float32)
+    trained = config.get("trained_betas")
+    if trained is not None:
+        if not isinstance(trained, list) or not 2 <= len(trained) <= MAX_TRAIN_TIMESTEPS or not all(map(_is_number, trained)):
+            raise CheckpointError(f"trained_betas is not a list of 2 to {MAX_TRAIN_TIMESTEPS} numbers")
+        betas = torch.tensor(trained, dtype=torch.float32)
     else:
-        raise CheckpointError(f"unsupported beta_schedule {schedule!r} (linear, scaled_linear, squaredcos_cap_v2)")
+        steps = _bounded_int(config, "num_train_timesteps", 1000, 2, MAX_TRAIN_TIMESTEPS)
+        start, end = _beta(config, "beta_start", 1e-4), _beta(config, "beta_end", 0.02)
+        if schedule == "linear":
+            betas = torch.linspace(start, end, steps, dtype=torch.float32)
+        elif schedule == "scaled_linear":
+            betas = torch.linspace(start**0.5, end**0.5, steps, dtype=torch.float32) ** 2
+        elif schedule == "squaredcos_cap_v2":
+            betas = cosine_betas(steps).to(torch.float32)
+        else:
+            raise CheckpointError(f"unsupported beta_schedule {quoted(schedule)} (linear, scaled_linear, squaredcos_cap_v2)")
+    outside = ((betas <= 0) | (betas >= 1) | betas.isnan()).nonzero()
+    if len(outside):
+        first = int(outside[0])
+        raise CheckpointError(f"{len(outside)} β value(s) outside (0, 1) (first β_{first} = {float(betas[first]):.6g}); the noise schedule would be degenerate")
     return betas.to(torch.float64)
+
+
+def check_unet_config(config: dict[str, Any]) -> tuple[int, int, int]:
+    """The (C, H, W) of one sample from a UNet2DModel config, after checking the fields that size the network and
+    its samples, so a bad value ends here and not in an allocation or a shape error mid-run."""
+    channels = _bounded_int(config, "in_channels", 3, 1, MAX_CHANNELS)
+    if _bounded_int(config, "out_channels", 3, 1, MAX_CHANNELS) != channels:
+        raise CheckpointError("in_channels != out_channels, not an ε-model of the image")
+    _bounded_int(config, "layers_per_block", 2, 1, MAX_LAYERS_PER_BLOCK)
+    down_blocks = config.get("down_block_types", _DEFAULT_DOWN_BLOCKS)
+    if not isinstance(down_blocks, (list, tuple)) or not 1 <= len(down_blocks) <= MAX_BLOCKS:
+        raise CheckpointError(f"down_block_types is {quoted(down_blocks)}; expected a list of 1 to {MAX_BLOCKS} block names")
+    size = config.get("sample_size")
+    sides = size if isinstance(size, list) and len(size) == 2 else [size]
+    reduction = 2 ** (len(down_blocks) - 1)  # every down block but the last halves the resolution
+    for side in sides:
+        if not isinstance(side, int) or isinstance(side, bool) or not 1 <= side <= MAX_SAMPLE_SIZE or side % reduction:
+            shown = f"[{', '.join(map(quoted, sides))}]" if len(sides) == 2 else quoted(size)
+            raise CheckpointError(
+                f"sample_size is {shown}; expected an integer (or two) from 1 to {MAX_SAMPLE_SIZE} divisible by "
+                f"{reduction}, the UNet's downsampling factor"
+            )
+    height, width = sides * 2 if len(sides) == 1 else sides
+    return channels, height, width
 
 
 def convert_legacy_attention_names(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -111,8 +175,12 @@ def convert_legacy_attention_names(state_dict: dict[str, Tensor]) -> dict[str, T
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise CheckpointError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB, not a diffusers config")
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: JSONDecodeError, huge ints
+        if isinstance(err, CheckpointError):
+            raise
         raise CheckpointError(f"{path}: unreadable JSON ({one_line(err)})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
@@ -179,12 +247,19 @@ def load_diffusers_folder(
     scheduler_config = _read_json(scheduler_path)
     prediction = scheduler_config.get("prediction_type", "epsilon")
     if prediction != "epsilon":
-        raise CheckpointError(f"{scheduler_path}: prediction_type {prediction!r} is not supported (epsilon only)")
-    schedule = VPDiscrete(betas_from_scheduler_config(scheduler_config))
+        raise CheckpointError(f"{scheduler_path}: prediction_type {quoted(prediction)} is not supported (epsilon only)")
+    try:
+        schedule = VPDiscrete(betas_from_scheduler_config(scheduler_config))
+    except CheckpointError as err:
+        raise CheckpointError(f"{scheduler_path}: {err}") from None
 
     unet_config = _read_json(unet_path)
     if unet_config.get("num_class_embeds") or unet_config.get("class_embed_type"):
         raise CheckpointError(f"{unet_path}: class-conditional UNets are not supported")
+    try:
+        image_shape = check_unet_config(unet_config)
+    except CheckpointError as err:
+        raise CheckpointError(f"{unet_path}: {err}") from None
     try:
         with torch.device("meta"):
             unet = UNet2DModel.from_config(unet_config)
@@ -196,12 +271,6 @@ def load_diffusers_folder(
         raise CheckpointError(f"{weights_path}: weights do not match unet/config.json: {mismatch}")
     unet.load_state_dict(state_dict, strict=True, assign=True)
     unet = unet.float().eval().requires_grad_(False)
-    if unet.config.in_channels != unet.config.out_channels:
-        raise CheckpointError(f"{unet_path}: in_channels != out_channels, not an ε-model of the image")
-
-    size = unet.config.sample_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    image_shape = (int(unet.config.in_channels), int(height), int(width))
     files = [f for f in (folder / "model_index.json", scheduler_path, unet_path, weights_path) if f.is_file()]
     denoiser = DiscreteEpsDenoiser(DiffusersEpsModel(unet), schedule, integer_timesteps=integer_timesteps)
     return denoiser.eval().requires_grad_(False), schedule, image_shape, _folder_digest(files, folder)
