@@ -286,3 +286,77 @@ def test_tampered_config_is_refused(saved, change, message):
     with pytest.raises(SchedulerConfigError, match=message) as err:
         DODEScheduler.from_pretrained(saved)
     assert "\n" not in str(err.value)
+
+
+# --- a tiny latent StableDiffusionPipeline with classifier-free guidance (init_noise_sigma, scale_model_input) --------
+
+GUIDANCE = 5.0
+PROMPT = "a red cat"
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from tests.pipelines import write_tiny_sd_pipeline
+
+    folder = write_tiny_sd_pipeline(tmp_path_factory.mktemp("pipelines") / "tiny-sd")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return folder, pipe, pipe.scheduler.config  # `run_sd` swaps the scheduler: keep the folder's own config
+
+
+def run_sd(pipe, scheduler, steps: int, latents: torch.Tensor) -> list[torch.Tensor]:
+    """The latents after every `step()` of a guided StableDiffusionPipeline run from the given unit-noise latents."""
+    pipe.scheduler = scheduler
+    trajectory = []
+    step = scheduler.step
+
+    def recording_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        trajectory.append((out.prev_sample if kwargs.get("return_dict", True) else out[0]).clone())
+        return out
+
+    scheduler.step = recording_step
+    count = len(latents)
+    pipe([PROMPT] * count, negative_prompt=[""] * count, guidance_scale=GUIDANCE, num_inference_steps=steps, latents=latents.clone(), output_type="latent")
+    del scheduler.step
+    return trajectory
+
+
+def test_zero_lambda_matches_ddim_scheduler_in_a_guided_sd_pipeline(tiny_sd):
+    _, pipe, config = tiny_sd  # SD v1: scaled_linear β, steps_offset 1, set_alpha_to_one False
+    reference = diffusers.DDIMScheduler.from_config(config, clip_sample=False)
+    reference.set_timesteps(8)
+    schedule = DODEScheduler.from_config(config).schedule
+    # DDIM's grid with these settings: its timesteps, then the last step to ᾱ_0 (σ(t = 0) > 0).
+    sigmas = schedule.sigma(torch.cat([reference.timesteps.double(), torch.zeros(1, dtype=torch.float64)])).tolist()
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    theirs = run_sd(pipe, reference, 8, latents)
+    ours = run_sd(pipe, DODEScheduler.from_config(config, sigmas=sigmas), 8, latents)
+    diff = relative_difference(ours, theirs)
+    print(f"\nStableDiffusionPipeline (guidance {GUIDANCE}): DDIMScheduler vs DODEScheduler ddim λ ≡ 0, 8 steps: max |Δ| / max |x| = {diff:.1e}")
+    assert diff < 2e-6
+
+
+@pytest.mark.parametrize("solver,steps", [("heun", 4), ("dpm_solver_3", 6)])
+def test_sd_pipeline_with_lambdas_equals_the_solver_on_the_guided_denoiser(tiny_sd, solver, steps):
+    """Heun runs on VE-form states (init_noise_sigma ≠ 1, repeated timesteps); DPM-Solver-3 at fractional timesteps."""
+    folder, pipe, config = tiny_sd
+    probe = DODEScheduler.from_config(config, solver=solver)
+    probe.set_timesteps(steps)
+    base_solver = probe.solver
+    lambdas = torch.linspace(-0.2, 0.3, base_solver.num_stages, dtype=torch.float64)
+    scheduler = DODEScheduler.from_config(
+        config, solver=solver, nfe=base_solver.nfe, sigmas=base_solver.sigmas.tolist(), lambdas=lambdas.tolist()
+    )
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    ours = run_sd(pipe, scheduler, steps, latents)
+    loaded = load_denoiser("diffusers_pipeline", folder, prompts=[PROMPT], guidance_scale=GUIDANCE)
+    labels = torch.ones(2, 1, dtype=torch.float64)  # every sample: prompt 0
+    with torch.no_grad():
+        final = base_solver.sample(loaded.denoiser, latents.double(), lambdas, labels)
+        base = base_solver.sample(loaded.denoiser, latents.double(), None, labels)
+    diff = relative_difference(ours[-1:], [final])
+    print(f"\nStableDiffusionPipeline (guidance {GUIDANCE}), D-{solver} {steps} steps, init_noise_sigma {scheduler.init_noise_sigma:.6f}: max |Δ| / max |x| vs the solver = {diff:.1e}")
+    assert len(ours) == base_solver.nfe and diff < 1e-5
+    assert relative_difference([base], [final]) > 1e-3  # λ changed the result
