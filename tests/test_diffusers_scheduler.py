@@ -360,3 +360,13 @@ def test_sd_pipeline_with_lambdas_equals_the_solver_on_the_guided_denoiser(tiny_
     print(f"\nStableDiffusionPipeline (guidance {GUIDANCE}), D-{solver} {steps} steps, init_noise_sigma {scheduler.init_noise_sigma:.6f}: max |Δ| / max |x| vs the solver = {diff:.1e}")
     assert len(ours) == base_solver.nfe and diff < 1e-5
     assert relative_difference([base], [final]) > 1e-3  # λ changed the result
+
+
+def test_guidance_callback_warns_inside_the_sd_pipeline(tiny_sd):
+    _, pipe, config = tiny_sd
+    scheduler = DODEScheduler.from_config(config, guidance_scale=7.5)
+    pipe.scheduler = scheduler
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    with pytest.warns(UserWarning, match="fitted at guidance_scale=7.5; at 5.0"):
+        pipe(PROMPT, guidance_scale=GUIDANCE, num_inference_steps=2, latents=latents, output_type="latent",
+             callback_on_step_end=scheduler.guidance_callback)
