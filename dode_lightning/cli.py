@@ -19,7 +19,7 @@ from .checkpoints import CheckpointError
 from .distill import StageFit, rmse, seeded_noise
 from .grids import GRIDS
 from .lambda_file import save_lambdas
-from .lightning import ConfigError, DODECalibration, TeacherTargets, limit_threads_for_builtin
+from .lightning import ConfigError, DODECalibration, TeacherTargets, limit_threads_for_builtin, own_direction
 from .quiet import silence_lightning_noise
 from .solvers import SOLVERS
 
@@ -145,12 +145,20 @@ def _check_writable(path: Path) -> None:
 def _stage_table(module: DODECalibration, fit: StageFit) -> str:
     lines = ["| stage | σ (eval) | σ (state) | b | λ | loss base → D |", "|---|---|---|---|---|---|"]
     for k in range(module.student.num_stages):
-        lam = f"{float(fit.lambdas[k]):+.4f}" if module.student.lambda_fitted[k] else "0 (fixed)"
+        lam = _lambda_cell(fit, k, module.metadata_lambdas()["dropped_stages"]) if module.student.lambda_fitted[k] else "0 (fixed)"
         lines.append(
             f"| {k:2d} | {float(fit.sigmas[k]):.4g} | {float(module.student.target_sigmas[k]):.4g} | {float(fit.coeffs[k]):.4g} "
             f"| {lam} | {float(fit.loss_base[k]):.3e} → {float(fit.loss_fit[k]):.3e} |"
         )
     return "\n".join(lines)
+
+
+def _lambda_cell(fit: StageFit, k: int, dropped: list[int]) -> str:
+    """λ_k, or with several λ per stage the paper's one (own direction, mean over groups) and how many more."""
+    if k in dropped:
+        return "0 (guard)"
+    own = f"{float(own_direction(fit.lambdas)[k]):+.4f}"
+    return own if fit.layout.scalar else f"{own} (+{fit.lambdas[k].numel() - 1} more)"
 
 
 def _comparison_table(comparison: dict[str, Any], module: DODECalibration) -> str:
@@ -159,7 +167,7 @@ def _comparison_table(comparison: dict[str, Any], module: DODECalibration) -> st
     for k, free in enumerate(module.student.lambda_fitted):
         if free:
             lines.append(
-                f"| {k:2d} | {float(closed.lambdas[k]):+.5f} | {float(adam.lambdas[k]):+.5f} "
+                f"| {k:2d} | {float(own_direction(closed.lambdas)[k]):+.5f} | {float(own_direction(adam.lambdas)[k]):+.5f} "
                 f"| {float(closed.loss_fit[k]):.5e} | {float(adam.loss_fit[k]):.5e} |"
             )
     total_c, total_a = float(closed.loss_fit.sum()), float(adam.loss_fit.sum())
@@ -188,7 +196,7 @@ def exact_report(module: DODECalibration, data: TeacherTargets, held_out: int = 
     mixture, student = module.denoiser, module.student
     teacher, _ = build_teacher(student, module.setup_spec, data.scale, data.target_mode, data.teacher_name)
     label_dim = module.loaded.label_dim if data._conditional(module) else 0
-    lambdas = module.lambdas.detach().cpu()
+    lambdas = module.applied_lambdas().cpu()
     rows = []
     with tqdm(total=8, desc="exact-model report") as bar:
         for name, seeds in (("calibration", data.seeds), ("held-out", range(HELD_OUT_SEED, HELD_OUT_SEED + held_out))):
@@ -250,7 +258,7 @@ def train_main(args: list[str] | None = None) -> int:
     fit = module.evaluate()  # a collective under DDP: every rank takes part
     if trainer.global_rank != 0:
         return 0
-    metadata = {**module.metadata(), **data.metadata(module), "fit": module.fit_method}
+    metadata = {**module.metadata(), **data.metadata(module), "fit": module.fit_method, **module.metadata_lambdas()}
     tensors = {
         "lambdas": module.lambdas.detach().cpu(),
         "coeffs": fit.coeffs,

@@ -5,7 +5,7 @@ No Lightning here; `dode_lightning.lightning` wires these into a LightningModule
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Literal
 
 import torch
@@ -14,7 +14,7 @@ from torch import Tensor
 from .denoisers import Denoiser
 from .grids import make_sigmas
 from .schedules import Schedule
-from .solvers import SOLVERS, Solver, Stage, run_stages
+from .solvers import SOLVERS, LambdaLayout, Solver, Stage, StageCorrector, run_stages
 
 __all__ = [
     "SolverSetup",
@@ -26,6 +26,7 @@ __all__ = [
     "stagewise_losses",
     "StageFit",
     "rmse",
+    "holdout_mask",
 ]
 
 TargetMode = Literal["aligned", "paper"]
@@ -209,6 +210,13 @@ class StageFit:
     """Number of squared errors each loss averages over (pooled)."""
     loss_step: Tensor
     """Mean squared size of each base update, ‖x̃_k − x_k‖²/n: the yardstick of `misaligned`."""
+    layout: LambdaLayout = field(default_factory=LambdaLayout)
+    """What each stage's λ holds; `lambdas` is (K,) or (K, m, G) accordingly."""
+    dropped: list[int] = field(default_factory=list)
+    """Stages the never-worse guard set to λ = 0 (their λ did not lower the held-out loss)."""
+    held_base: Tensor | None = None
+    held_fit: Tensor | None = None
+    """Guard only: per stage, the held-out samples' squared-error sums at λ = 0 and at the fitted λ."""
 
     def misaligned(self, threshold: float = MISALIGNED) -> bool:
         """Whether stage 0's target looks like a state at another noise level.
@@ -236,14 +244,21 @@ def fit_closed_form(
     targets: Tensor,
     class_labels: Tensor | None = None,
     reduce: Reduce | None = None,
+    layout: LambdaLayout | None = None,
+    holdout: Tensor | None = None,
 ) -> StageFit:
     """The paper's sequential least squares (Eq. 14): stage by stage λ_k = ⟨Δ_k, x*_k − x̃_k⟩ / ⟨Δ_k, Δ_k⟩.
 
-    Sums run over batch × pixels in float64; the student continues from its own corrected state. `reduce` pools
-    the per-stage sums across processes, making every rank's λ equal to the fit on the union batch (§1).
-    Losses are mean squared errors per element over the pooled batch.
+    With a `layout` of m directions and G groups each stage solves G m×m systems ⟨Δ_i, Δ_j⟩_g λ_g = ⟨Δ_i, r⟩_g
+    instead (the same sums, per group and direction pair). Sums run over batch × pixels in float64; the student
+    continues from its own corrected state. `reduce` pools the per-stage sums across processes, making every
+    rank's λ equal to the fit on the union batch (§1). Losses are mean squared errors per element over the
+    pooled batch.
+
+    `holdout` (bool per sample) is the never-worse guard: those samples are left out of the sums, and a stage
+    whose λ does not lower their loss keeps λ_k = 0 (listed in `StageFit.dropped`).
     """
-    return _stage_pass(student, denoiser, noise, targets, class_labels, reduce, None)
+    return _stage_pass(student, denoiser, noise, targets, class_labels, reduce, None, layout or LambdaLayout(), holdout)
 
 
 def evaluate_lambdas(
@@ -254,9 +269,18 @@ def evaluate_lambdas(
     lambdas: Tensor,
     class_labels: Tensor | None = None,
     reduce: Reduce | None = None,
+    layout: LambdaLayout | None = None,
 ) -> StageFit:
-    """The same per-stage statistics as `fit_closed_form`, for given λ (e.g. from the Adam fit)."""
-    return _stage_pass(student, denoiser, noise, targets, class_labels, reduce, lambdas)
+    """The same per-stage statistics as `fit_closed_form`, for given compact λ (e.g. from the Adam fit)."""
+    return _stage_pass(student, denoiser, noise, targets, class_labels, reduce, lambdas, layout or LambdaLayout(), None)
+
+
+def holdout_mask(seeds: Iterable[int], fraction: float) -> Tensor:
+    """The guard's held-out samples: a `fraction` of the seeds, spread evenly and fixed by the seed alone (so
+    every rank and every batch order agree)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"the held-out fraction must be in [0, 1), got {fraction}")
+    return torch.tensor([math.floor((s + 1) * fraction) > math.floor(s * fraction) for s in seeds], dtype=torch.bool)
 
 
 def _stage_pass(
@@ -267,24 +291,59 @@ def _stage_pass(
     class_labels: Tensor | None,
     reduce: Reduce | None,
     fixed: Tensor | None,
+    layout: LambdaLayout,
+    holdout: Tensor | None,
 ) -> StageFit:
     reduce = reduce or (lambda t: t)
     num = student.num_stages
-    record = {key: torch.zeros(num, dtype=torch.float64) for key in ("lam", "base", "fit", "dr", "dd", "coeff", "sigma", "step")}
+    image_shape = tuple(noise.shape[1:])
+    groups = layout.group_index(image_shape).reshape(-1)
+    one_hot = torch.nn.functional.one_hot(groups, layout.num_groups(image_shape)).to(torch.float64)  # (E, G)
+    keys = ("base", "fit", "dr", "dd", "coeff", "sigma", "step", "held_base", "held_fit")
+    record = {key: torch.zeros(num, dtype=torch.float64) for key in keys}
+    lambdas = torch.zeros(layout.shape(num, image_shape), dtype=torch.float64)
+    held = torch.zeros(len(noise), dtype=torch.bool) if holdout is None else holdout.to(torch.bool)
+    train = ~held
+    guard = bool(reduce(held.sum().to(torch.float64)) > 0)
+    dropped: list[int] = []
     previous = [student.init_state(noise)]
     count = reduce(torch.tensor(float(targets[0].numel()), dtype=torch.float64))
 
+    def apply(lam: Tensor) -> Tensor:
+        """Compact λ of one stage → what the corrector applies (a scalar, or (m, *image_shape))."""
+        return lam if layout.scalar else lam[:, groups.reshape(image_shape)]
+
     def choose(k: int, stage: Stage) -> Tensor:
-        residual = (targets[k] - stage.base).to(torch.float64)
-        delta = stage.delta.to(torch.float64)
-        sums = reduce(torch.stack([(delta * residual).sum(), (delta * delta).sum()]))
-        record["dr"][k], record["dd"][k] = sums
+        residual = (targets[k] - stage.base).to(torch.float64).flatten(1)  # (B, E)
+        directions = torch.stack([d.to(torch.float64).flatten(1) for d in corrector.directions(stage)])  # (m_k, B, E)
+        m_k = len(directions)
+        fit_dirs, fit_res = directions[:, train], residual[train]
+        gram = torch.einsum("ibe,jbe->ije", fit_dirs, fit_dirs) @ one_hot  # (m_k, m_k, G)
+        vec = torch.einsum("ibe,be->ie", fit_dirs, fit_res) @ one_hot  # (m_k, G)
+        pooled = reduce(torch.cat([gram.flatten(), vec.flatten()]))
+        gram, vec = pooled[: gram.numel()].reshape(gram.shape), pooled[gram.numel() :].reshape(vec.shape)
+        record["dr"][k], record["dd"][k] = vec[0].sum(), gram[0, 0].sum()
         if fixed is not None:
             lam = fixed[k].detach().to(torch.float64)
         else:
-            lam = sums[0] / sums[1] if sums[1] > 0 else torch.zeros((), dtype=torch.float64)
-        record["lam"][k] = lam
-        return lam
+            # Per group, the least-squares λ of the m_k directions (pseudo-inverse: collinear directions get no
+            # extra weight, a vanishing Δ gets λ = 0).
+            solved = torch.linalg.pinv(gram.permute(2, 0, 1), rtol=1e-12, hermitian=True) @ vec.T.unsqueeze(-1)  # (G, m_k, 1)
+            lam = torch.zeros(layout.shape(1, image_shape)[1:], dtype=torch.float64)
+            if layout.scalar:
+                lam = solved.reshape(())
+            else:
+                lam[:m_k] = solved[..., 0].T
+            if guard:
+                applied = apply(lam)
+                correction = applied * directions[0] if layout.scalar else (applied[:m_k].flatten(1).unsqueeze(1) * directions).sum(0)
+                losses = reduce(torch.stack([(residual[held] ** 2).sum(), ((residual - correction)[held] ** 2).sum()]))
+                record["held_base"][k], record["held_fit"][k] = losses
+                if not losses[1] < losses[0]:
+                    lam = torch.zeros_like(lam)
+                    dropped.append(k)
+        lambdas[k] = lam
+        return apply(lam)
 
     def observe(k: int, stage: Stage, state: Tensor) -> None:
         record["base"][k] = reduce(((targets[k] - stage.base).to(torch.float64) ** 2).sum()) / count
@@ -293,10 +352,12 @@ def _stage_pass(
         record["step"][k] = reduce(((stage.base - previous[0]).to(torch.float64) ** 2).sum()) / count
         previous[0] = state
 
+    corrector = StageCorrector(choose, layout.history)
     with torch.no_grad():
-        run_stages(student.stages(denoiser, previous[0], class_labels), choose, observe)
+        run_stages(student.stages(denoiser, previous[0], class_labels), observe=observe, corrector=corrector)
     return StageFit(
-        record["lam"], record["base"], record["fit"], record["dr"], record["dd"], record["coeff"], record["sigma"], float(count), record["step"]
+        lambdas, record["base"], record["fit"], record["dr"], record["dd"], record["coeff"], record["sigma"], float(count),
+        record["step"], layout, dropped, record["held_base"], record["held_fit"],
     )
 
 
@@ -307,6 +368,7 @@ def stagewise_losses(
     targets: Tensor,
     lambdas: Tensor,
     class_labels: Tensor | None = None,
+    layout: LambdaLayout | None = None,
 ) -> Tensor:
     """Per-stage mean squared error ‖x*_k − (x̃_k + λ_kΔ_k)‖² / n; differentiable in λ only.
 
@@ -322,7 +384,9 @@ def stagewise_losses(
         with torch.no_grad():
             return denoiser(x, sigma, labels)
 
-    run_stages(student.stages(denoise, student.init_state(noise), class_labels), lambda k, _s: lambdas[k], observe)
+    layout = layout or LambdaLayout()
+    applied = layout.expand(lambdas, noise.shape[1:])
+    run_stages(student.stages(denoise, student.init_state(noise), class_labels), lambda k, _s: applied[k], observe, layout.history)
     return torch.stack(losses)
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+import torch
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
@@ -16,8 +18,9 @@ from torch import Tensor
 
 from .atomic import atomic_path
 from .schedules import Schedule
+from .solvers import LambdaLayout
 
-__all__ = ["save_lambdas", "load_lambdas", "schedule_id", "LambdaFileError", "MATCH_KEYS"]
+__all__ = ["save_lambdas", "load_lambdas", "lambdas_to_apply", "schedule_id", "LambdaFileError", "MATCH_KEYS"]
 
 FORMAT = "dode-lightning/lambdas/1"
 # Fields that must agree between a λ file and the run that uses it.
@@ -70,6 +73,23 @@ def load_lambdas(path: str | Path, expect: dict[str, Any] | None = None) -> tupl
         if wrong:
             raise LambdaFileError(f"{path} was fitted for another configuration: {'; '.join(wrong)}; refit with train.py")
     return tensors, metadata
+
+
+def lambdas_to_apply(
+    path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, Any], num_stages: int, image_shape: Sequence[int]
+) -> Tensor:
+    """The file's λ as `Solver.sample` applies them, expanded by the layout the file records (history, groups).
+
+    A file whose λ do not have the shape its layout gives for this solver and image is refused in one line.
+    """
+    lambdas = tensors["lambdas"].to(torch.float64)
+    try:
+        layout = LambdaLayout(int(metadata.get("history", 1)), str(metadata.get("lambda_groups", "none")))
+        if len(lambdas) != num_stages:
+            raise ValueError(f"it holds λ for {len(lambdas)} stages, this solver has {num_stages}")
+        return layout.expand(lambdas, image_shape)
+    except ValueError as err:
+        raise LambdaFileError(f"{path}: {err}; refit with train.py") from None
 
 
 def _normalise(value: Any) -> Any:

@@ -27,13 +27,14 @@ from .distill import (
     build_teacher,
     evaluate_lambdas,
     fit_closed_form,
+    holdout_mask,
     seeded_noise,
     stagewise_losses,
     teacher_targets,
 )
 from .figures import lambda_figure
 from .lambda_file import schedule_id
-from .solvers import NFEError, Solver
+from .solvers import LambdaLayout, NFEError, Solver
 
 __all__ = ["DODECalibration", "TeacherTargets", "ConfigError", "BuiltStudent", "build_student", "limit_threads_for_builtin", "image_grid"]
 
@@ -119,6 +120,11 @@ def build_student(
     return BuiltStudent(loaded, setup, student, getattr(torch, state_dtype))
 
 
+def own_direction(lambdas: Tensor) -> Tensor:
+    """Per stage, the λ of Δ_k itself (averaged over groups): the paper's λ, for logs and plots of any layout."""
+    return lambdas if lambdas.dim() == 1 else lambdas[:, 0].mean(-1)
+
+
 class DODECalibration(pl.LightningModule):
     """Fits the λ of a D-ODE solver for a frozen denoiser against cached teacher targets.
 
@@ -136,6 +142,12 @@ class DODECalibration(pl.LightningModule):
         adam_steps: Adam iterations.
         state_dtype: dtype of solver states (EDM side: float64 officially).
         output: where to write the λ file (default: `<log dir>/lambdas.safetensors`).
+        history: directions per stage's correction: Δ_k and the Δ of up to history − 1 earlier stages (1 = the
+            paper's D-solver; each stage then solves an m×m least-squares system).
+        lambda_groups: `none` (one λ per direction), `channel` (one per image channel) or `blocks:N` (one per
+            N × N spatial block and channel).
+        guard: fraction of the calibration seeds held out by the never-worse guard (0 = off, closed form only): a
+            stage whose λ does not lower their loss keeps λ = 0.
     """
 
     def __init__(
@@ -152,6 +164,9 @@ class DODECalibration(pl.LightningModule):
         adam_steps: int = 300,
         state_dtype: Literal["float32", "float64"] = "float64",
         output: str | None = None,
+        history: int = 1,
+        lambda_groups: str = "none",
+        guard: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -159,12 +174,21 @@ class DODECalibration(pl.LightningModule):
             raise ConfigError(f"unknown fit method {fit!r}; choose closed_form, adam or compare")
         if adam_steps < 1 or adam_lr <= 0:
             raise ConfigError(f"adam needs adam_steps ≥ 1 and adam_lr > 0, got {adam_steps} and {adam_lr}")
+        if not 0.0 <= guard < 1.0:
+            raise ConfigError(f"guard is the held-out fraction of the calibration seeds, in [0, 1); got {guard}")
+        if guard and fit == "adam":
+            raise ConfigError("the never-worse guard works with the closed-form fit; use --model.fit closed_form or compare")
+        try:
+            self.layout = LambdaLayout(history, lambda_groups)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         self.built = build_student(denoiser, solver, nfe, grid, sigma_min, sigma_max, rho, state_dtype)
         self.loaded, self.setup_spec, self.student = self.built.loaded, self.built.setup, self.built.solver
         self.denoiser = self.loaded.denoiser
         self.fit_method = fit
         self.dtype_ = self.built.dtype
-        self.lambdas = nn.Parameter(torch.zeros(self.student.num_stages, dtype=torch.float64))
+        self.image_shape = tuple(self.loaded.image_shape)
+        self.lambdas = nn.Parameter(torch.zeros(self.layout.shape(self.student.num_stages, self.image_shape), dtype=torch.float64))
         # Adam runs on λ_k / c_k (c_k: StageFit.natural_scales at λ = 0); folded back into λ when the fit ends.
         self.register_buffer("lambda_scale", torch.ones(self.student.num_stages, dtype=torch.float64), persistent=False)
         self.automatic_optimization = False
@@ -181,6 +205,19 @@ class DODECalibration(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam([self.lambdas], lr=self.hparams.adam_lr)
 
+    def metadata_lambdas(self) -> dict[str, Any]:
+        """What the λ hold (recorded in the λ file; sampling expands λ with it)."""
+        dropped = [] if self.closed_form is None else self.closed_form.dropped
+        return {"history": self.layout.history, "lambda_groups": self.layout.groups, "guard": self.hparams.guard, "dropped_stages": dropped}
+
+    def scaled_lambdas(self) -> Tensor:
+        """λ in paper units: the Adam parameters times each stage's natural scale."""
+        return self.lambdas * self.lambda_scale.reshape(-1, *[1] * (self.lambdas.dim() - 1))
+
+    def applied_lambdas(self) -> Tensor:
+        """The current λ as `Solver.sample` takes them."""
+        return self.layout.expand(self.lambdas.detach(), self.image_shape)
+
     def _pool(self, value: Tensor) -> Tensor:
         """Sum over ranks (the pooled fit of method.md §1); identity on one process."""
         if self.trainer.world_size == 1:
@@ -189,7 +226,8 @@ class DODECalibration(pl.LightningModule):
 
     def run_closed_form(self, noise: Tensor, labels: Tensor | None, targets: Tensor) -> StageFit:
         start = time.perf_counter()
-        result = fit_closed_form(self.student, self.denoiser, noise, targets, labels, reduce=self._pool)
+        holdout = holdout_mask(self.trainer.datamodule.rank_seeds(), self.hparams.guard) if self.hparams.guard else None
+        result = fit_closed_form(self.student, self.denoiser, noise, targets, labels, self._pool, self.layout, holdout)
         self.timings["closed_form"] = time.perf_counter() - start
         return result
 
@@ -214,11 +252,11 @@ class DODECalibration(pl.LightningModule):
         start = time.perf_counter()
         if self.adam_iterations == 0:
             with torch.no_grad():
-                at_zero = evaluate_lambdas(self.student, self.denoiser, noise, targets, torch.zeros_like(self.lambdas), labels, self._pool)
+                at_zero = evaluate_lambdas(self.student, self.denoiser, noise, targets, torch.zeros_like(self.lambdas), labels, self._pool, self.layout)
                 self.lambda_scale.copy_(at_zero.natural_scales())
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        losses = stagewise_losses(self.student, self.denoiser, noise, targets, self.lambdas * self.lambda_scale, labels)
+        losses = stagewise_losses(self.student, self.denoiser, noise, targets, self.scaled_lambdas(), labels, self.layout)
         self.manual_backward(losses.sum())
         optimizer.step()
         self.adam_iterations += 1
@@ -234,19 +272,19 @@ class DODECalibration(pl.LightningModule):
         values = {}
         for k, free in enumerate(self.student.lambda_fitted):
             if free:
-                values[f"lambda/stage_{k:02d}"] = (self.lambdas[k] * self.lambda_scale[k]).detach().float()
+                values[f"lambda/stage_{k:02d}"] = own_direction(self.scaled_lambdas().detach())[k].float()
                 values[f"loss/stage_{k:02d}"] = losses[k].float()
         self.log_dict(values, on_step=True, on_epoch=False, batch_size=1)
 
     def evaluate(self) -> StageFit:
         """Per-stage statistics of the current λ on the whole (pooled) calibration set."""
         noise, labels, targets = self.trainer.datamodule.full_batch(self.device)
-        return evaluate_lambdas(self.student, self.denoiser, noise, targets, self.lambdas.detach(), labels, reduce=self._pool)
+        return evaluate_lambdas(self.student, self.denoiser, noise, targets, self.lambdas.detach(), labels, self._pool, self.layout)
 
     def on_train_end(self) -> None:
         self.fit_bar.close()
         with torch.no_grad():
-            self.lambdas.mul_(self.lambda_scale)
+            self.lambdas.copy_(self.scaled_lambdas())
             self.lambda_scale.fill_(1.0)
         if self.fit_method == "compare" and self.closed_form is not None:
             self.comparison = {
@@ -266,7 +304,7 @@ class DODECalibration(pl.LightningModule):
             return
         writer = logger.experiment
         fig = lambda_figure(
-            self.lambdas.detach().cpu(), float(self.student.sigmas[0]), self.student.target_sigmas, self.student.lambda_fitted,
+            own_direction(self.lambdas.detach().cpu()), float(self.student.sigmas[0]), self.student.target_sigmas, self.student.lambda_fitted,
             f"{self.setup_spec.name}, NFE {self.student.nfe}",
         )
         writer.add_figure("lambda_vs_sigma", fig, global_step=self.global_step)
@@ -274,7 +312,7 @@ class DODECalibration(pl.LightningModule):
         noise, labels, targets = noise[:64], None if labels is None else labels[:64], targets[:, :64]
         with torch.no_grad():
             base = self.student.sample(self.denoiser, noise, class_labels=labels)
-            d_student = self.student.sample(self.denoiser, noise, self.lambdas.detach(), labels)
+            d_student = self.student.sample(self.denoiser, noise, self.applied_lambdas(), labels)
         decoder = self.loaded.decoder
         for tag, images in (("teacher", targets[-1]), ("base_student", base), ("d_student", d_student)):
             if decoder is not None:  # latent model: the VAE decodes the grids (after the fit, images only)

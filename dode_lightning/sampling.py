@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .atomic import TEMPORARY_SUFFIX, atomic_write_bytes
 from .distill import seeded_noise
-from .lambda_file import LambdaFileError, load_lambdas
+from .lambda_file import lambdas_to_apply, load_lambdas
 from .lightning import ConfigError, build_student
 from .solvers import Solver
 
@@ -344,9 +344,7 @@ class DODESampler(pl.LightningModule):
         lam = None
         if lambdas is not None and str(lambdas).lower() != "none":
             tensors, meta = load_lambdas(lambdas, expect=self.built.metadata())
-            lam = tensors["lambdas"].to(torch.float64)
-            if lam.shape != (self.student.num_stages,):
-                raise LambdaFileError(f"{lambdas} holds {tuple(lam.shape)} λ, this solver has {self.student.num_stages} stages; refit with train.py")
+            lam = lambdas_to_apply(lambdas, tensors, meta, self.student.num_stages, self.built.loaded.image_shape)
             self.lambda_file = {"path": str(Path(lambdas).resolve()), "sha256": file_sha256(lambdas), "metadata": meta}
             fitted_conditional = meta.get("class_conditional")
         self.register_buffer("lambdas", lam, persistent=False)

@@ -5,7 +5,7 @@ from .dpm_solver import DPMSolver, DPMSolver2, DPMSolver3, dpm_solver_stages, si
 from .dpm_solver_pp import DPMSolverPP, DPMSolverPP2M, DPMSolverPP3M, dpm_solver_pp_stages, multistep_orders
 from .first_order import DDIM, Euler, Heun, ddim_stages, heun_stages
 from .ipndm import IPNDM, ipndm_stages
-from .stages import LambdaRule, Stage, StageCorrector, StageGenerator, run_stages
+from .stages import LambdaLayout, LambdaRule, Stage, StageCorrector, StageGenerator, run_stages
 
 __all__ = [
     "SOLVERS",
@@ -40,6 +40,7 @@ __all__ = [
     "LambdaRule",
     "Stage",
     "StageCorrector",
+    "LambdaLayout",
     "StageGenerator",
     "run_stages",
 ]

@@ -109,13 +109,18 @@ class Solver(ABC):
         class_labels: Tensor | None = None,
         observe: Callable[[int, Stage, Tensor], None] | None = None,
     ) -> Tensor:
-        """Run from unit noise; `lambdas=None` is the base solver, otherwise the D-solver with these λ."""
+        """Run from unit noise; `lambdas=None` is the base solver, otherwise the D-solver with these λ.
+
+        `lambdas`: (K,) one λ per stage, or (K, m, …) as `LambdaLayout.expand` gives (m directions, entries
+        broadcast against the state).
+        """
         rule: LambdaRule | None = None
         if lambdas is not None:
             if len(lambdas) != self.num_stages:
                 raise ValueError(f"{self.name} with NFE {self.nfe} has {self.num_stages} stages, got {len(lambdas)} λ")
             rule = lambda k, _stage: lambdas[k]  # noqa: E731
-        return run_stages(self.stages(denoiser, self.init_state(noise), class_labels), rule, observe)
+        history = lambdas.shape[1] if lambdas is not None and lambdas.dim() > 1 else 1
+        return run_stages(self.stages(denoiser, self.init_state(noise), class_labels), rule, observe, history)
 
 
 class OneStagePerStep(Solver):
