@@ -52,21 +52,26 @@ def ddpm_config(folder):
     return diffusers.DDPMScheduler.from_pretrained(folder / "scheduler").config
 
 
-def run_pipeline(pipe, scheduler, steps: int, seeds=SEEDS) -> list[torch.Tensor]:
-    """The latents after every `step()` of a pipeline run with `scheduler`, one generator per seed."""
+def recorded(pipe, scheduler) -> list[torch.Tensor]:
+    """Install `scheduler` in `pipe`; the returned list receives the latents after every `step()` it makes."""
     pipe.scheduler = scheduler
-    trajectory = []
+    trajectory: list[torch.Tensor] = []
     step = scheduler.step
 
     def recording_step(*args, **kwargs):
         out = step(*args, **kwargs)
-        trajectory.append(out.prev_sample.clone())
+        trajectory.append((out.prev_sample if kwargs.get("return_dict", True) else out[0]).clone())
         return out
 
     scheduler.step = recording_step
+    return trajectory
+
+
+def run_pipeline(pipe, scheduler, steps: int, seeds=SEEDS) -> list[torch.Tensor]:
+    """The latents after every `step()` of a pipeline run with `scheduler`, one generator per seed."""
+    trajectory = recorded(pipe, scheduler)
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     pipe(batch_size=len(seeds), generator=generators, num_inference_steps=steps, output_type="pt")
-    del scheduler.step
     return trajectory
 
 
@@ -307,19 +312,9 @@ def tiny_sd(tmp_path_factory):
 
 def run_sd(pipe, scheduler, steps: int, latents: torch.Tensor) -> list[torch.Tensor]:
     """The latents after every `step()` of a guided StableDiffusionPipeline run from the given unit-noise latents."""
-    pipe.scheduler = scheduler
-    trajectory = []
-    step = scheduler.step
-
-    def recording_step(*args, **kwargs):
-        out = step(*args, **kwargs)
-        trajectory.append((out.prev_sample if kwargs.get("return_dict", True) else out[0]).clone())
-        return out
-
-    scheduler.step = recording_step
+    trajectory = recorded(pipe, scheduler)
     count = len(latents)
     pipe([PROMPT] * count, negative_prompt=[""] * count, guidance_scale=GUIDANCE, num_inference_steps=steps, latents=latents.clone(), output_type="latent")
-    del scheduler.step
     return trajectory
 
 
