@@ -129,6 +129,7 @@ def test_prompt_file(tiny_sd, tmp_path):
         ({"guidance_scale": float("nan")}, "guidance_scale must be"),
         ({"prompts": [1, 2]}, "list of strings"),
         ({"prompts": "missing.txt"}, "prompt file"),
+        ({"prompts": None, "prompt_embeds": "e.safetensors", "negative_prompt": "blurry"}, "negative_prompt needs"),
     ],
 )
 def test_bad_options_are_refused(tiny_sd, options, message):

@@ -293,6 +293,8 @@ def load_pipeline_folder(
     files = [index_path, scheduler_path, *unet_files]
     text_encoder = None
     if prompt_embeds is not None:
+        if negative_prompt:
+            raise CheckpointError("negative_prompt needs the text encoder: with prompt_embeds, put `negative_prompt_embeds` in the file")
         table, negative, digest = _read_prompt_embeds(prompt_embeds)
         source, count, encode, prompt_list = f"embeds:{Path(prompt_embeds).name}", len(table), None, []
         if negative is None:
