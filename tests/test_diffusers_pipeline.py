@@ -146,6 +146,12 @@ def test_bad_folders_are_refused(tiny_sd, tmp_path):
     (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
     with pytest.raises(CheckpointError, match="not supported"):
         _load(other)
+    huge = tmp_path / "huge"
+    shutil.copytree(tiny_sd, huge)
+    unet_config = json.loads((huge / "unet" / "config.json").read_text())
+    (huge / "unet" / "config.json").write_text(json.dumps({**unet_config, "sample_size": 1 << 40}))
+    with pytest.raises(CheckpointError, match="unet/config.json: sample_size is"):
+        _load(huge)  # refused before the UNet is built
     torn = tmp_path / "torn"
     shutil.copytree(tiny_sd, torn)
     weights = torn / "unet" / "diffusion_pytorch_model.safetensors"

@@ -32,9 +32,10 @@ from .diffusers_folder import (
     _read_json,
     _read_weights,
     betas_from_scheduler_config,
+    check_unet_config,
     load_diffusers_folder,
 )
-from .errors import CheckpointError, one_line, state_dict_mismatch
+from .errors import CheckpointError, one_line, quoted, state_dict_mismatch
 
 __all__ = [
     "SD_HUB_NAME",
@@ -265,7 +266,7 @@ def load_pipeline_folder(
         denoiser, schedule, image_shape, digest = load_diffusers_folder(folder, integer_timesteps=integer_timesteps)
         return LoadedDenoiser(denoiser, image_shape, 0, schedule, digest, "diffusers_pipeline")
     if kind not in TEXT_PIPELINES:
-        raise CheckpointError(f"{index_path}: pipeline class {kind!r} is not supported (supported: {', '.join(PIXEL_PIPELINES + TEXT_PIPELINES)})")
+        raise CheckpointError(f"{index_path}: pipeline class {quoted(kind)} is not supported (supported: {', '.join(PIXEL_PIPELINES + TEXT_PIPELINES)})")
     if (prompts is None) == (prompt_embeds is None):
         raise CheckpointError(f"{kind} needs exactly one of prompts (a list or a text file, one per line) and prompt_embeds (a safetensors file)")
     scale = _guidance(guidance_scale)
@@ -280,14 +281,22 @@ def load_pipeline_folder(
     scheduler_config = _read_json(scheduler_path)
     prediction = scheduler_config.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction"):
-        raise CheckpointError(f"{scheduler_path}: prediction_type {prediction!r} is not supported (epsilon, v_prediction)")
-    schedule = VPDiscrete(betas_from_scheduler_config(scheduler_config))
+        raise CheckpointError(f"{scheduler_path}: prediction_type {quoted(prediction)} is not supported (epsilon, v_prediction)")
+    try:
+        schedule = VPDiscrete(betas_from_scheduler_config(scheduler_config))
+    except CheckpointError as err:
+        raise CheckpointError(f"{scheduler_path}: {err}") from None
+    unet_config_path = folder / "unet" / "config.json"
+    if unet_config_path.is_file():  # sizes checked before anything is allocated (a missing file is reported below)
+        unet_config = _read_json(unet_config_path)
+        try:
+            check_unet_config(unet_config)
+        except CheckpointError as err:
+            raise CheckpointError(f"{unet_config_path}: {err}") from None
+        if any(unet_config.get(key) for key in ("time_cond_proj_dim", "class_embed_type", "addition_embed_type", "num_class_embeds")):
+            raise CheckpointError(f"{unet_config_path}: UNets with guidance, class or added embeddings are not supported")
     unet, unet_files = _load_component(folder, "unet", UNet2DConditionModel.from_config, _DIFFUSERS_WEIGHTS)
     config = unet.config
-    if config.get("time_cond_proj_dim") or config.get("class_embed_type") or config.get("addition_embed_type") or config.get("num_class_embeds"):
-        raise CheckpointError(f"{folder}/unet/config.json: UNets with guidance, class or added embeddings are not supported")
-    if config.in_channels != config.out_channels:
-        raise CheckpointError(f"{folder}/unet/config.json: in_channels != out_channels, not a latent ε/v-model")
     vae, _ = _load_component(folder, "vae", AutoencoderKL.from_config, _DIFFUSERS_WEIGHTS)
 
     files = [index_path, scheduler_path, *unet_files]
