@@ -17,6 +17,7 @@ from .schedules import Schedule
 from .solvers import SOLVERS, LambdaLayout, Solver, Stage, StageCorrector, run_stages
 
 __all__ = [
+    "SEED_LIMIT",
     "SolverSetup",
     "seeded_noise",
     "build_teacher",
@@ -61,16 +62,23 @@ class SolverSetup:
         return cls.from_grid(sigmas, self.schedule)
 
 
+# EDM's generator seeds are 32-bit (its generate.py seeds with `seed % (1 << 32)`).
+SEED_LIMIT = 1 << 32
+
+
 def seeded_noise(
     seeds: Iterable[int], shape: tuple[int, ...], label_dim: int = 0, dtype: torch.dtype = torch.float64
 ) -> tuple[Tensor, Tensor | None]:
     """Latents and one-hot labels from one generator per seed, as EDM's generate.py draws them.
 
     Each sample depends only on its seed: randn(shape) in float32 first, then (if label_dim > 0) one label index.
+    Seeds are 32-bit as in EDM; one outside [0, 2³²) is refused rather than reduced (it would repeat another seed).
     """
     latents, labels = [], []
     for seed in seeds:
-        gen = torch.Generator().manual_seed(int(seed) % (1 << 32))
+        if not 0 <= int(seed) < SEED_LIMIT:
+            raise ValueError(f"seed {seed} is outside 0 … {SEED_LIMIT - 1} (32-bit generator seeds)")
+        gen = torch.Generator().manual_seed(int(seed))
         latents.append(torch.randn(shape, generator=gen))
         if label_dim:
             labels.append(torch.randint(label_dim, (1,), generator=gen))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import signal
 import sys
 import tempfile
 import time
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 import yaml
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .atomic import atomic_path
 from .checkpoints import CheckpointError
@@ -26,6 +28,7 @@ from .fid import Detector, FIDCallback, Reference, image_files, iter_image_batch
 from .lambda_file import LambdaFileError
 from .lightning import ConfigError, DODECalibration, limit_threads_for_builtin
 from .sampling import (
+    MANIFEST,
     MANIFEST_FORMAT,
     PredictTimer,
     DODESampler,
@@ -200,6 +203,7 @@ def sample_main(argv: list[str] | None = None) -> int:
         outdir = Path(args.outdir)
         check_writable(outdir)
         store = ImageStore(outdir, args.format)
+        store.check_layout(seeds, [MANIFEST, "metrics.json"])
         model_args = _model_args(config, args.lambdas, args.eval_batch)
         want_fid = args.fid or args.fid_ref is not None
         if want_fid and args.fid_ref is None:
@@ -243,7 +247,19 @@ def sample_main(argv: list[str] | None = None) -> int:
         return _fail(str(err))
     for callback in callbacks:
         trainer.callbacks.append(callback)
-    trainer.predict(module, datamodule=data, return_predictions=False)
+    try:
+        trainer.predict(module, datamodule=data, return_predictions=False)
+    except ConfigError as err:
+        return _fail(str(err))
+    except SIGTERMException:
+        print(f"error: stopped by SIGTERM after {writer.written} new image(s); rerun the same command to finish {outdir}", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except OSError as err:
+        # Disk full, a quota, a folder that vanished: what was written is whole (atomic writes) and a rerun resumes.
+        reason = f"{err.strerror or type(err).__name__}{f': {err.filename}' if err.filename else ''}"
+        return _fail(f"writing the samples failed ({reason}); {writer.written} new image(s) are kept, fix that and rerun the same command to resume")
+    finally:
+        store.unlock()
     if trainer.global_rank != 0:
         return 0
     fresh, seconds = len(seeds) - data.already_written, timer.seconds

@@ -21,23 +21,30 @@ import io
 import json
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import IO, Any, Callable, Iterable, Literal, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image
 from pytorch_lightning.callbacks import BasePredictionWriter, Callback
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from .atomic import TEMPORARY_SUFFIX, atomic_write_bytes
-from .distill import seeded_noise
+from .atomic import atomic_write_bytes, is_temporary_of
+from .distill import SEED_LIMIT, seeded_noise
 from .lambda_file import lambdas_to_apply, load_lambdas
 from .lightning import ConfigError, build_student
 from .solvers import Solver
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 __all__ = [
     "parse_seeds",
@@ -56,22 +63,52 @@ __all__ = [
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "dode-lightning/samples/1"
+# Seeds of one run: the seed list, the per-seed done flags and the manifest merge stay well under a GB.
+MAX_SEEDS = 10_000_000
 Format = Literal["png", "npz", "both"]
+# Held by a run for its whole life, so that a second run into the same folder is refused (`ImageStore.lock`).
+LOCK_FILE = ".sampling.lock"
+# The names this package writes in the outdir, its PNG folders and npz/: the only targets whose temporaries a
+# rerun deletes.
+_TOP_LEVEL_FILE = re.compile(r"manifest\.json|metrics\.json")
+_PNG_FOLDER = re.compile(r"\d{6,}")
+_PNG_FILE = re.compile(r"\d{6,}\.png")
+_SHARD_FILE = re.compile(r"seeds-\d{6,}-n\d+\.npz")
 
 
-def parse_seeds(spec: str) -> list[int]:
-    """`0-49999`, `5`, `0,10-19,100` → sorted list of distinct non-negative seeds (ranges are inclusive)."""
-    seeds: set[int] = set()
+def parse_seeds(spec: str, limit: int = MAX_SEEDS) -> list[int]:
+    """`0-49999`, `5`, `0,10-19,100` → sorted list of distinct seeds in [0, 2³²) (ranges are inclusive).
+
+    Seeds are EDM's: a 32-bit generator seed each, so a larger seed would repeat the image of seed mod 2³² and is
+    refused. The ranges are merged and counted before any list is built, so a huge range fails at once.
+    """
+    ranges: list[tuple[int, int]] = []
     for part in str(spec).split(","):
-        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        # At most 20 digits: anything longer is out of range anyway, and int() of it would be slow or refused.
+        match = re.fullmatch(r"\s*(\d{1,20})\s*(?:-\s*(\d{1,20})\s*)?", part)
         if match is None:
-            raise ConfigError(f"malformed seed range {spec!r}: use e.g. 0-49999, 7 or 0,10-19 (non-negative, inclusive)")
+            raise ConfigError(f"malformed seed range {_shorten(spec)!r}: use e.g. 0-49999, 7 or 0,10-19 (non-negative, inclusive, below 2^32)")
         first = int(match[1])
         last = int(match[2]) if match[2] is not None else first
         if last < first:
-            raise ConfigError(f"malformed seed range {spec!r}: {first}-{last} is empty (write the smaller seed first)")
-        seeds.update(range(first, last + 1))
-    return sorted(seeds)
+            raise ConfigError(f"malformed seed range {_shorten(spec)!r}: {first}-{last} is empty (write the smaller seed first)")
+        if last >= SEED_LIMIT:
+            raise ConfigError(f"seed {last} is too large: seeds are 32-bit generator seeds (0 … {SEED_LIMIT - 1}), a larger one would repeat the image of seed mod 2^32")
+        ranges.append((first, last))
+    merged: list[list[int]] = []
+    for first, last in sorted(ranges):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], last)
+        else:
+            merged.append([first, last])
+    count = sum(last - first + 1 for first, last in merged)
+    if count > limit:
+        raise ConfigError(f"--seeds {_shorten(spec)!r} asks for {count} seeds; at most {limit} per run: split the range over several runs into the same --outdir")
+    return [seed for first, last in merged for seed in range(first, last + 1)]
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def format_seeds(seeds: Sequence[int]) -> str:
@@ -175,6 +212,8 @@ class ImageStore:
         self.png = fmt in ("png", "both")
         self.npz = fmt in ("npz", "both")
         self.shard_of: dict[int, Path] = {}
+        self.good_png: set[int] = set()
+        self._lock: IO[str] | None = None
 
     def png_path(self, seed: int) -> Path:
         return self.outdir / f"{seed - seed % 1000:06d}" / f"{seed:06d}.png"
@@ -183,36 +222,79 @@ class ImageStore:
     def shard_dir(self) -> Path:
         return self.outdir / "npz"
 
+    def check_layout(self, seeds: Sequence[int], files: Sequence[str] = (MANIFEST,)) -> None:
+        """Refuse an outdir where something of the wrong kind sits at a path this run writes; reads and creates nothing."""
+        folders = [self.png_path(seed).parent for seed in sorted({seed - seed % 1000 for seed in seeds})] if self.png else []
+        if self.npz:
+            folders.append(self.shard_dir)
+        for folder in folders:
+            if folder.exists() and not folder.is_dir():
+                raise ConfigError(f"{folder} is not a folder, but this run writes its images there; move it away or choose another --outdir")
+        for name in (*files, LOCK_FILE):
+            path = self.outdir / name
+            if path.exists() and not path.is_file():
+                raise ConfigError(f"{path} is not a file, but this run writes that file; move it away or choose another --outdir")
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on the folder until `unlock` or the process ends (the kernel drops it even on kill -9).
+
+        Two runs into one folder with different --batch-size would write the same seeds into different shards.
+        """
+        if fcntl is None:  # no flock (Windows): the documented rule "one command per folder" is all there is
+            return
+        handle = open(self.outdir / LOCK_FILE, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise ConfigError(f"another sample.py run is writing into {self.outdir}; wait for it to finish or choose another --outdir") from None
+        self._lock = handle
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
     def remove_temporaries(self) -> int:
-        """Delete `.*.tmp` files a killed run left behind; call before any rank writes."""
+        """Delete the temporaries a killed run of this package left: `.<name>.XXXX.tmp` where <name> is one of its own
+        file names, in the outdir itself, its PNG folders and npz/ only. Nothing else is touched. Call before any
+        rank writes."""
+        places = [(self.outdir, _TOP_LEVEL_FILE), (self.shard_dir, _SHARD_FILE)]
+        places += [(folder, _PNG_FILE) for folder in self.outdir.iterdir() if _PNG_FOLDER.fullmatch(folder.name) and folder.is_dir()]
         count = 0
-        for tmp in self.outdir.rglob(f".*{TEMPORARY_SUFFIX}"):
-            tmp.unlink(missing_ok=True)
-            count += 1
+        for folder, target in places:
+            if not folder.is_dir() or folder.is_symlink():
+                continue
+            for entry in folder.iterdir():
+                if is_temporary_of(entry.name, target) and entry.is_file() and not entry.is_symlink():
+                    entry.unlink(missing_ok=True)
+                    count += 1
         return count
 
-    def scan(self) -> None:
-        """Index the seeds held by existing shards (reads only their `seeds` arrays)."""
+    def scan(self, seeds: Iterable[int], image_shape: tuple[int, ...]) -> None:
+        """Index what is on disk and intact: shards whose arrays open and agree with the image shape, and the PNGs of
+        `seeds` that decode to it. Anything else counts as missing and is regenerated (a broken PNG is replaced; a
+        broken shard is left where it is, with a warning, and its seeds go into a new one)."""
         self.shard_of = {}
-        if not self.shard_dir.is_dir():
-            return
-        for shard in sorted(self.shard_dir.glob("seeds-*.npz")):
-            with np.load(shard) as data:
-                for seed in data["seeds"].tolist():
+        if self.npz and self.shard_dir.is_dir():
+            for shard in sorted(self.shard_dir.glob("seeds-*.npz")):
+                stored = _shard_seeds(shard, image_shape)
+                if stored is None:
+                    warnings.warn(f"npz shard {shard} is unreadable or malformed; its seeds are generated again (delete it)")
+                    continue
+                for seed in stored.tolist():
                     self.shard_of[int(seed)] = shard
-
-    def has_png(self, seed: int) -> bool:
-        return self.png_path(seed).is_file()
+        self.good_png = {seed for seed in seeds if _png_intact(self.png_path(seed), image_shape)} if self.png else set()
 
     def done(self, seed: int) -> bool:
-        """Written in every requested format."""
-        return (not self.png or self.has_png(seed)) and (not self.npz or seed in self.shard_of)
+        """Written, intact, in every requested format (as of the last `scan` and this process's writes)."""
+        return (not self.png or seed in self.good_png) and (not self.npz or seed in self.shard_of)
 
     def load(self, seed: int) -> np.ndarray:
         """The stored uint8 image (C, H, W) of a written seed."""
-        if self.has_png(seed):
+        if seed in self.good_png:
             with Image.open(self.png_path(seed)) as pil:
-                array = np.asarray(pil)
+                array = np.array(pil)  # a writable copy: torch.from_numpy refuses read-only arrays
             return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
         seeds, images = _read_shard(self.shard_of[seed])
         return images[int(np.flatnonzero(seeds == seed)[0])].transpose(2, 0, 1)
@@ -224,15 +306,13 @@ class ImageStore:
         """
         if self.png:
             for seed, image in zip(seeds, images):
-                path = self.png_path(seed)
-                if not path.is_file():
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    atomic_write_bytes(path, _png_bytes(image))
+                if seed not in self.good_png:
+                    atomic_write_bytes(self.png_path(seed), _png_bytes(image))
+                    self.good_png.add(seed)
         if self.npz:
             keep = [i for i, seed in enumerate(seeds) if seed not in self.shard_of]
             if not keep:
                 return
-            self.shard_dir.mkdir(parents=True, exist_ok=True)
             shard = self.shard_dir / f"seeds-{seeds[keep[0]]:06d}-n{len(keep)}.npz"
             buffer = io.BytesIO()
             np.savez(
@@ -248,6 +328,36 @@ class ImageStore:
     def collect(self, seeds: Iterable[int]) -> np.ndarray:
         """Stored images of `seeds` as (N, C, H, W) uint8 (tests and benchmarks)."""
         return np.stack([self.load(int(seed)) for seed in seeds])
+
+
+def _png_intact(path: Path, image_shape: tuple[int, ...]) -> bool:
+    """The file decodes completely to an image of `image_shape` (C, H, W)."""
+    channels, height, width = image_shape
+    if not path.is_file():
+        return False
+    try:
+        with Image.open(path) as pil:
+            if pil.size != (width, height) or pil.mode != ("L" if channels == 1 else "RGB"):
+                return False
+            pil.load()
+    except Exception:  # a damaged file fails in whichever decoder step meets the damage; all mean "regenerate"
+        return False
+    return True
+
+
+def _shard_seeds(path: Path, image_shape: tuple[int, ...]) -> np.ndarray | None:
+    """The `seeds` array of a shard whose three arrays load and agree with each other and `image_shape`; else None."""
+    channels, height, width = image_shape
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            seeds, images, labels = data["seeds"], data["images"], data["labels"]
+    except Exception:  # truncated zip, bad member, missing key, object arrays: all mean "regenerate"
+        return None
+    consistent = (
+        seeds.ndim == 1 and seeds.dtype.kind in "iu" and labels.shape == seeds.shape
+        and images.dtype == np.uint8 and images.shape == (len(seeds), height, width, channels)
+    )
+    return seeds if consistent else None
 
 
 @functools.lru_cache(maxsize=4)
@@ -286,11 +396,20 @@ class SeedData(pl.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         trainer = self.trainer
+        refusal = None
         if trainer.global_rank == 0:
             self.store.outdir.mkdir(parents=True, exist_ok=True)
-            self.store.remove_temporaries()
-        trainer.strategy.barrier("dode_store_clean")  # no rank writes before the leftovers are gone
-        self.store.scan()
+            try:
+                self.store.lock()
+            except ConfigError as err:
+                refusal = str(err)
+            else:
+                self.store.remove_temporaries()
+        # Every rank stops on rank 0's refusal, and none writes before the leftovers are gone.
+        refusal = trainer.strategy.broadcast(refusal, src=0)
+        if refusal is not None:
+            raise ConfigError(refusal)
+        self.store.scan(self.seeds, trainer.lightning_module.image_shape)
         self.already_written = sum(self.store.done(seed) for seed in self.seeds)
 
     def predict_dataloader(self) -> DataLoader:
@@ -392,13 +511,14 @@ def write_manifest(outdir: Path, manifest: dict[str, Any]) -> None:
 
 def read_manifest(outdir: Path) -> dict[str, Any] | None:
     path = Path(outdir) / MANIFEST
-    if not path.is_file():
+    if not path.exists():
         return None
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{path} is unreadable ({err}); choose another --outdir") from None
-    if manifest.get("format") != MANIFEST_FORMAT:
+    except (OSError, ValueError, RecursionError) as err:
+        reason = getattr(err, "strerror", None) or type(err).__name__
+        raise ConfigError(f"{path} is unreadable ({reason}); choose another --outdir") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("identity"), dict) or not isinstance(manifest.get("seeds"), str):
         raise ConfigError(f"{path} is not a dode-lightning sample manifest; choose another --outdir")
     return manifest
 
@@ -426,11 +546,12 @@ class SampleWriter(BasePredictionWriter):
         dataloader_idx: int = 0,
     ) -> None:
         keep = prediction.fresh.nonzero().flatten()
-        if len(keep) == 0:
-            return
-        seeds = prediction.seeds[keep].tolist()
-        self.store.write(seeds, prediction.images[keep].cpu().numpy(), prediction.labels[keep].tolist())
-        self.written += len(seeds)
+        if len(keep):
+            seeds = prediction.seeds[keep].tolist()
+            self.store.write(seeds, prediction.images[keep].cpu().numpy(), prediction.labels[keep].tolist())
+            self.written += len(seeds)
+        if trainer.received_sigterm:  # predict's loop ignores SIGTERM; stop between whole batches, resumable
+            raise SIGTERMException
 
 
 class PredictTimer(Callback):
