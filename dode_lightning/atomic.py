@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "atomic_write_bytes", "is_temporary_of", "TEMPORARY_SUFFIX"]
+__all__ = ["atomic_path", "atomic_write_bytes", "is_temporary_of", "writable_folder_error", "TEMPORARY_SUFFIX"]
 
 # Temporaries are hidden files `.<target name>.<mkstemp's random part>.tmp` beside their target, so a rerun can
 # recognise (by the target's name) exactly those a killed run of this package left behind.
@@ -53,3 +53,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def writable_folder_error(folder: str | Path) -> str | None:
+    """Why no file can be created in `folder` (made with its parents if missing), or None when one can."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        return err.strerror or type(err).__name__
+    return None

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,10 +14,11 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from tqdm.auto import tqdm
 
+from .atomic import writable_folder_error
 from .checkpoints import CheckpointError
 from .distill import StageFit, rmse, seeded_noise
 from .grids import GRIDS
-from .lambda_file import save_lambdas
+from .lambda_file import LambdaFileError, check_lambdas, save_lambdas
 from .lightning import ConfigError, DODECalibration, TeacherTargets, limit_threads_for_builtin, own_direction
 from .quiet import silence_lightning_noise
 from .solvers import SOLVERS
@@ -134,12 +134,11 @@ def _output_path(module: DODECalibration, trainer: Any) -> Path:
 
 
 def _check_writable(path: Path) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise ConfigError(f"cannot write the λ file to {path.parent} ({err.strerror}); choose another --model.output") from None
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"--model.output {path} is not a file; name the λ file itself, e.g. {path / 'lambdas.safetensors'}")
+    reason = writable_folder_error(path.parent)
+    if reason is not None:
+        raise ConfigError(f"cannot write the λ file to {path.parent} ({reason}); choose another --model.output")
 
 
 def _stage_table(module: DODECalibration, fit: StageFit) -> str:
@@ -258,6 +257,10 @@ def train_main(args: list[str] | None = None) -> int:
     fit = module.evaluate()  # a collective under DDP: every rank takes part
     if trainer.global_rank != 0:
         return 0
+    try:
+        check_lambdas(module.lambdas.detach().cpu(), "the fit", f"no λ file written: the denoiser or the teacher targets are not finite (cache_dir {data.cache_dir})")
+    except LambdaFileError as err:
+        return _fail(str(err))
     metadata = {**module.metadata(), **data.metadata(module), "fit": module.fit_method, **module.metadata_lambdas()}
     tensors = {
         "lambdas": module.lambdas.detach().cpu(),

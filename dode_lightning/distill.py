@@ -18,6 +18,7 @@ from .solvers import SOLVERS, LambdaLayout, Solver, Stage, StageCorrector, run_s
 
 __all__ = [
     "SEED_LIMIT",
+    "MAX_NFE",
     "SolverSetup",
     "seeded_noise",
     "build_teacher",
@@ -51,6 +52,8 @@ class SolverSetup:
     def resolve(cls, name: str, nfe: int, schedule: Schedule, grid: str | None = None, **grid_kwargs: float) -> "SolverSetup":
         if name not in SOLVERS:
             raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(sorted(SOLVERS))}")
+        if nfe > MAX_NFE:
+            raise ValueError(f"NFE {nfe} is more than {MAX_NFE}; D-ODE solvers are few-step samplers (the paper uses NFE 3–25)")
         if grid is None:
             grid, defaults = SOLVERS[name].default_grid(schedule)
             grid_kwargs = {**defaults, **grid_kwargs}
@@ -62,6 +65,9 @@ class SolverSetup:
         return cls.from_grid(sigmas, self.schedule)
 
 
+# Student NFE and teacher steps beyond these are mistakes (a typo'd 10¹² would try to allocate the grid).
+MAX_NFE = 10_000
+MAX_TEACHER_STEPS = 1_000_000
 # EDM's generator seeds are 32-bit (its generate.py seeds with `seed % (1 << 32)`).
 SEED_LIMIT = 1 << 32
 
@@ -136,6 +142,8 @@ def build_teacher(
     """
     if scale < 1:
         raise ValueError(f"the teacher scale C must be ≥ 1, got {scale}")
+    if scale * student.nfe > MAX_TEACHER_STEPS:
+        raise ValueError(f"the teacher would take C·NFE = {scale}·{student.nfe} steps, more than {MAX_TEACHER_STEPS}; use a smaller data.scale (the paper uses 10)")
     name = teacher or _default_teacher(setup.name)
     if name not in SOLVERS:
         raise ValueError(f"unknown teacher solver {name!r}; choose one of {', '.join(sorted(SOLVERS))}")

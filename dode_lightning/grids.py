@@ -119,6 +119,10 @@ def make_sigmas(
         return schedule.sigma(timesteps)
     lo = schedule.sigma_min if sigma_min is None else sigma_min
     hi = schedule.sigma_max if sigma_max is None else sigma_max
+    if not 0 < lo < hi < math.inf:  # also refuses NaN
+        raise ValueError(f"the grid needs 0 < sigma_min < sigma_max (finite), got sigma_min={lo}, sigma_max={hi}")
+    if grid == "karras" and not 0 < rho < math.inf:
+        raise ValueError(f"the Karras grid needs a finite rho > 0 (EDM uses 7), got rho={rho}")
     points = steps if terminal_zero else steps + 1
     if grid == "karras":
         sigmas = karras_sigmas(points, lo, hi, rho)

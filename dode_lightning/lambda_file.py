@@ -17,15 +17,18 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor
 
 from .atomic import atomic_path
+from .checkpoints.errors import one_line
 from .schedules import Schedule
 from .solvers import LambdaLayout
 
-__all__ = ["save_lambdas", "load_lambdas", "lambdas_to_apply", "schedule_id", "LambdaFileError", "MATCH_KEYS"]
+__all__ = ["save_lambdas", "load_lambdas", "lambdas_to_apply", "check_lambdas", "schedule_id", "LambdaFileError", "MATCH_KEYS", "LAMBDA_LIMIT"]
 
 FORMAT = "dode-lightning/lambdas/1"
 # Fields that must agree between a λ file and the run that uses it.
 # `guidance_scale` (float) is recorded for text-conditional pipelines: λ fitted for one guided denoiser.
 MATCH_KEYS = ("solver", "nfe", "grid", "grid_kwargs", "schedule", "denoiser", "guidance_scale")
+# Fitted λ are O(1) (paper units); far beyond this bound λ·Δ overflows and the samples are black.
+LAMBDA_LIMIT = 1e6
 
 
 class LambdaFileError(ValueError):
@@ -41,9 +44,24 @@ def schedule_id(schedule: Schedule) -> str:
     return f"{type(schedule).__name__}{json.dumps(fields, sort_keys=True)}"
 
 
+def check_lambdas(lambdas: Tensor, origin: str, remedy: str = "refit with train.py") -> None:
+    """Refuse λ that are not a float tensor (one row per stage) of finite values within ±LAMBDA_LIMIT.
+
+    `origin` names where they come from and `remedy` what to do, for the one-line error.
+    """
+    if not lambdas.is_floating_point() or lambdas.ndim == 0:
+        raise LambdaFileError(f"{origin} holds λ of dtype {str(lambdas.dtype).replace('torch.', '')} and shape {tuple(lambdas.shape)}, not a float tensor per stage; {remedy}")
+    bad = ~(lambdas.isfinite() & (lambdas.abs() <= LAMBDA_LIMIT))
+    if bad.any():
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        name = f"λ_{index[0]}" if len(index) == 1 else f"λ{list(index)}"
+        raise LambdaFileError(f"{origin} holds {name} = {float(lambdas[index]):.6g}, but λ must be finite and within ±{LAMBDA_LIMIT:g}; {remedy}")
+
+
 def save_lambdas(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> Path:
-    """Write `tensors` (must include `lambdas`) and metadata atomically (temporary file, then rename)."""
+    """Write `tensors` (must include `lambdas`, checked by `check_lambdas`) and metadata atomically."""
     path = Path(path)
+    check_lambdas(tensors["lambdas"], "the fit")
     meta = {"format": FORMAT, "metadata": json.dumps(metadata, sort_keys=True)}
     with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
@@ -62,11 +80,17 @@ def load_lambdas(path: str | Path, expect: dict[str, Any] | None = None) -> tupl
     except (SafetensorError, OSError, ValueError) as err:
         raise LambdaFileError(f"{path} is not a readable λ file ({err}); refit with train.py") from None
     if header.get("format") != FORMAT or "lambdas" not in tensors:
-        raise LambdaFileError(f"{path} is not a dode-lightning λ file (format {header.get('format')!r})")
-    metadata = json.loads(header["metadata"])
+        raise LambdaFileError(f"{path} is not a dode-lightning λ file (format {one_line(repr(header.get('format')), 60)})")
+    try:
+        metadata = json.loads(header["metadata"])
+    except (KeyError, ValueError, RecursionError):
+        metadata = None
+    if not isinstance(metadata, dict):
+        raise LambdaFileError(f"{path} has no readable metadata (a JSON object under 'metadata'); refit with train.py")
+    check_lambdas(tensors["lambdas"], str(path))
     if expect:
         wrong = [
-            f"{key}={metadata.get(key)!r} (this run: {expect[key]!r})"
+            f"{key}={one_line(repr(metadata.get(key)), 80)} (this run: {expect[key]!r})"
             for key in MATCH_KEYS
             if key in expect and _normalise(metadata.get(key)) != _normalise(expect[key])
         ]
@@ -88,7 +112,7 @@ def lambdas_to_apply(
         if len(lambdas) != num_stages:
             raise ValueError(f"it holds λ for {len(lambdas)} stages, this solver has {num_stages}")
         return layout.expand(lambdas, image_shape)
-    except ValueError as err:
+    except (ValueError, TypeError) as err:  # TypeError: metadata values of the wrong JSON type
         raise LambdaFileError(f"{path}: {err}; refit with train.py") from None
 
 

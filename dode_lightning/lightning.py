@@ -19,8 +19,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from .atomic import atomic_path
-from .checkpoints import LoadedDenoiser, load_denoiser
+from .atomic import atomic_path, writable_folder_error
+from .checkpoints import CheckpointError, LoadedDenoiser, load_denoiser
+from .checkpoints.errors import one_line
 from .distill import (
     SolverSetup,
     StageFit,
@@ -107,7 +108,15 @@ def build_student(
     state_dtype: str = "float64",
 ) -> BuiltStudent:
     """Load the denoiser (default: the built-in exact model) and build the student; bad settings → ConfigError."""
-    loaded = load_denoiser(**(denoiser or {"source": "gmm_digits"}))
+    denoiser = denoiser or {"source": "gmm_digits"}
+    if not isinstance(denoiser, dict) or "source" not in denoiser:
+        raise ConfigError(f"the denoiser section must be a mapping with a source (edm_pickle, diffusers or gmm_digits), got {one_line(repr(denoiser), 80)}")
+    try:
+        loaded = load_denoiser(**denoiser)
+    except CheckpointError:
+        raise
+    except ValueError as err:  # unknown source or option, a path where none is taken: the config's fault
+        raise ConfigError(f"denoiser section: {err}") from None
     loaded.denoiser.eval().requires_grad_(False)
     grid_kwargs = {k: v for k, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)) if v is not None}
     try:
@@ -401,11 +410,17 @@ class TeacherTargets(pl.LightningDataModule):
         label_dim = module.loaded.label_dim if self._conditional(module) else 0
         seeds = self.rank_seeds()
         key = self._cache_key(module, teacher, seeds, label_dim)
-        cached = self._load_cache(key)
+        shapes = {
+            "noise": (len(seeds), *module.loaded.image_shape),
+            "labels": (len(seeds), label_dim) if label_dim else None,
+            "targets": (len(indices), len(seeds), *module.loaded.image_shape),
+        }
+        cached = self._load_cache(key, shapes, module.dtype_)
         if cached is not None:
             noise, labels, targets = cached
             self.cache_hit = True
         else:
+            self._check_cache_writable(key)  # before the teacher runs, not after
             noise, labels = seeded_noise(seeds, module.loaded.image_shape, label_dim, module.dtype_)
             start = time.perf_counter()
             with tqdm(total=teacher.nfe, desc=f"teacher ({teacher.name}, NFE {teacher.nfe})", disable=self.trainer.global_rank != 0) as bar:
@@ -414,6 +429,8 @@ class TeacherTargets(pl.LightningDataModule):
                         teacher, indices, module.denoiser, noise.to(module.device), None if labels is None else labels.to(module.device), lambda _j: bar.update(1)
                     ).cpu()
             self.teacher_seconds = time.perf_counter() - start
+            if not targets.isfinite().all():
+                raise ConfigError(f"the teacher ({teacher.name}, NFE {teacher.nfe}) produced non-finite states: the denoiser or the grid gives NaN/inf; nothing was cached")
             self._save_cache(key, noise, labels, targets)
         labels = labels if labels is not None else noise.new_zeros(len(noise), 0)
         self.data = TensorDataset(noise, labels, targets.transpose(0, 1).contiguous())
@@ -446,18 +463,38 @@ class TeacherTargets(pl.LightningDataModule):
     def _cache_path(self, key: str) -> Path | None:
         return None if self.cache_dir is None else Path(self.cache_dir) / f"targets-{key[:24]}.pt"
 
-    def _load_cache(self, key: str) -> tuple[Tensor, Tensor | None, Tensor] | None:
+    def _check_cache_writable(self, key: str) -> None:
         path = self._cache_path(key)
-        if path is None or not path.exists():
+        if path is None:
+            return
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"teacher cache {path} is not a file; move it away or set data.cache_dir to another folder")
+        reason = writable_folder_error(path.parent)
+        if reason is not None:
+            raise ConfigError(f"teacher cache folder {path.parent} is not writable ({reason}); set data.cache_dir to a writable folder, or null for no cache")
+
+    def _load_cache(self, key: str, shapes: dict[str, tuple[int, ...] | None], dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor] | None:
+        """The cached (noise, labels, targets) if the file holds exactly what this run needs; None (rebuild) otherwise."""
+        path = self._cache_path(key)
+        if path is None or not path.is_file():
             return None
         try:
             blob = torch.load(path, weights_only=True, map_location="cpu")
-            if blob.get("key") != key:
+            if not isinstance(blob, dict) or blob.get("key") != key:
                 raise ValueError("key mismatch")
-            return blob["noise"], blob.get("labels"), blob["targets"]
-        except Exception as err:  # any unreadable cache is rebuilt, never trusted
+            for name, shape in shapes.items():
+                value = blob.get(name)
+                if shape is None and value is None:
+                    continue
+                if not isinstance(value, Tensor) or tuple(value.shape) != shape or value.dtype != dtype:
+                    found = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
+                    raise ValueError(f"{name} is {found}, expected {shape} {dtype}")
+                if not value.isfinite().all():
+                    raise ValueError(f"{name} holds NaN or inf")
+            return blob["noise"], blob["labels"], blob["targets"]
+        except Exception as err:  # any unreadable or inconsistent cache is rebuilt, never trusted
             reason = (str(err).splitlines() or [""])[0][:120]
-            warnings.warn(f"teacher-target cache {path} is unreadable ({type(err).__name__}: {reason}); rebuilding it")
+            warnings.warn(f"teacher-target cache {path} is unreadable or inconsistent ({type(err).__name__}: {reason}); rebuilding it")
             return None
 
     def _save_cache(self, key: str, noise: Tensor, labels: Tensor | None, targets: Tensor) -> None:

@@ -13,11 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 
+import dode_lightning.lightning as lightning
 import dode_lightning.sampling as sampling
 from dode_lightning.atomic import atomic_write_bytes
+from dode_lightning.cli import train_main
 from dode_lightning.distill import seeded_noise
-from dode_lightning.lightning import ConfigError
+from dode_lightning.lambda_file import LambdaFileError, load_lambdas, save_lambdas
+from dode_lightning.lightning import ConfigError, build_student
 from dode_lightning.sample_cli import sample_main
 from dode_lightning.sampling import ImageStore, parse_seeds
 
@@ -250,3 +255,167 @@ def test_sigterm_stops_cleanly_and_the_rerun_finishes(tmp_path):
     result = subprocess.run([*command[:-2], "--batch-size", "64"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(_pngs(outdir)) == list(range(1000))
+
+
+# --- 7, 8: λ files with non-finite or non-float λ, or tampered metadata ------------------------------------------------
+
+def _lambda_file(path: Path, lambdas: torch.Tensor, metadata: str | None = "valid") -> Path:
+    """A λ file written directly with safetensors (no checks), as an attacker or a damaged disk could leave it."""
+    header = {"format": "dode-lightning/lambdas/1"}
+    if metadata == "valid":
+        header["metadata"] = json.dumps(build_student({"source": "gmm_digits"}, "heun", 9).metadata())
+    elif metadata is not None:
+        header["metadata"] = metadata
+    save_file({"lambdas": lambdas}, str(path), metadata=header)
+    return path
+
+
+_NINE = torch.zeros(9, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "case,lambdas,metadata,message",
+    [
+        ("nan", _NINE.clone().index_fill_(0, torch.tensor([3]), float("nan")), "valid", "λ_3 = nan"),
+        ("inf", _NINE.clone().index_fill_(0, torch.tensor([1]), float("inf")), "valid", "λ_1 = inf"),
+        ("huge", _NINE.clone().index_fill_(0, torch.tensor([2]), 1e300), "valid", "λ_2 = 1e+300"),
+        ("int", torch.zeros(9, dtype=torch.int64), "valid", "dtype int64"),
+        ("bool", torch.zeros(9, dtype=torch.bool), "valid", "dtype bool"),
+        ("scalar", torch.tensor(0.0, dtype=torch.float64), "valid", "not a float tensor per stage"),
+        ("nan_2d", torch.zeros(9, 2, dtype=torch.float64).index_fill_(1, torch.tensor([1]), float("nan")), "valid", "λ[0, 1] = nan"),
+        ("truncated_json", _NINE, '{"solver": "heun", "nf', "no readable metadata"),
+        ("no_metadata", _NINE, None, "no readable metadata"),
+        ("json_list", _NINE, "[1, 2]", "no readable metadata"),
+        ("json_deep", _NINE, "[" * 100_000 + "]" * 100_000, "no readable metadata"),
+    ],
+)
+def test_bad_lambda_file_is_one_line_and_writes_nothing(in_tmp, capsys, case, lambdas, metadata, message):
+    path = _lambda_file(in_tmp / "lam.safetensors", lambdas, metadata)
+    args = _args(in_tmp / "out")
+    args[args.index("--lambdas") + 1] = str(path)
+    assert sample_main(args) == 2
+    assert message in _one_error_line(capsys)
+    assert not (in_tmp / "out").exists()
+
+
+def test_save_lambdas_refuses_non_finite(tmp_path):
+    with pytest.raises(LambdaFileError, match="finite"):
+        save_lambdas(tmp_path / "l.safetensors", {"lambdas": torch.tensor([0.0, float("nan")])}, {})
+    assert not list(tmp_path.iterdir())
+
+
+# --- 9, 17, 18: the model section ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (["--model.denoiser.source", "hf_hub"], "unknown denoiser source 'hf_hub'"),
+        (["--model.denoiser.colour", "red"], "unknown option(s) colour"),
+        (["--model.denoiser.path", "x.pkl"], "takes no path"),
+        (["--model.sigma_min", "50", "--model.sigma_max", "1"], "0 < sigma_min < sigma_max"),
+        (["--model.sigma_min", "-1"], "0 < sigma_min < sigma_max"),
+        (["--model.sigma_max", ".inf"], "0 < sigma_min < sigma_max"),
+        (["--model.rho", ".nan"], "finite rho > 0"),
+        (["--model.nfe", "1000000000000"], "more than 10000"),
+        (["--model.nfe", "0"], "got 0; use 1"),
+        (["--model.nfe", "-5"], "got -5; use 1"),
+        (["--model.nfe", "4"], "use 3 or 5"),
+    ],
+)
+def test_bad_model_section_is_one_line_in_sample_py(in_tmp, capsys, override, message):
+    assert sample_main(_args(in_tmp / "out", "0-1", *override)) == 2
+    assert message in _one_error_line(capsys)
+    assert not (in_tmp / "out").exists()
+
+
+def _train_config(tmp_path: Path) -> Path:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "trainer: {logger: false, enable_progress_bar: false}\n"
+        "model: {denoiser: {source: gmm_digits}, solver: heun, nfe: 5}\n"
+        "data: {scale: 2, batch_size: 6, class_conditional: false, cache_dir: " + json.dumps(str(tmp_path / "cache")) + "}\n"
+    )
+    return config
+
+
+@pytest.fixture
+def train(tmp_path, monkeypatch):
+    """train.py in-process on a tiny config; records teacher runs."""
+    monkeypatch.setattr(sys, "argv", ["train.py"])  # as from the shell: pytest's own arguments are not ours
+    monkeypatch.chdir(tmp_path)
+    config, teacher_runs, real_teacher = _train_config(tmp_path), [], lightning.teacher_targets
+
+    def counted_teacher(*args, **kwargs):
+        teacher_runs.append(1)
+        return real_teacher(*args, **kwargs)
+
+    monkeypatch.setattr(lightning, "teacher_targets", counted_teacher)
+
+    def run(*extra: str, output: str = "l.safetensors") -> int:
+        return train_main(["--config", str(config), "--model.output", str(tmp_path / output), "--exact_report", "false", *extra])
+
+    run.teacher_runs = teacher_runs
+    return run
+
+
+@pytest.mark.parametrize("override,message", [(["--model.denoiser.source", "hf_hub"], "unknown denoiser source"), (["--model.rho", "0"], "finite rho > 0"), (["--data.scale", "1000000"], "more than 1000000")])
+def test_bad_model_section_is_one_line_in_train_py(train, capsys, override, message):
+    assert train(*override) == 2
+    assert message in _one_error_line(capsys)
+    assert not train.teacher_runs
+
+
+# --- 7, 14: the teacher cache ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["nan_targets", "too_few_stages", "wrong_noise_shape", "labels_where_none"])
+def test_inconsistent_teacher_cache_is_rebuilt(train, tmp_path, damage):
+    assert train(output="first.safetensors") == 0
+    (cache,) = (tmp_path / "cache").glob("targets-*.pt")
+    blob = torch.load(cache, weights_only=True)
+    if damage == "nan_targets":
+        blob["targets"][1, 0, 0, 0, 0] = float("nan")
+    elif damage == "too_few_stages":
+        blob["targets"] = blob["targets"][:-1]
+    elif damage == "wrong_noise_shape":
+        blob["noise"] = blob["noise"][:, :, :4]
+    else:
+        blob["labels"] = torch.zeros(len(blob["noise"]), 10, dtype=torch.float64)
+    torch.save(blob, cache)
+    with pytest.warns(UserWarning, match="inconsistent.*rebuilding"):
+        assert train(output="second.safetensors") == 0
+    assert len(train.teacher_runs) == 2
+    first, _ = load_lambdas(tmp_path / "first.safetensors")
+    second, _ = load_lambdas(tmp_path / "second.safetensors")
+    assert torch.equal(first["lambdas"], second["lambdas"])
+
+
+def test_teacher_with_nan_output_writes_no_lambda_file_and_no_cache(train, tmp_path, capsys, monkeypatch):
+    def nan_teacher(*args, **kwargs):
+        return torch.full_like(lightning_real_teacher(*args, **kwargs), float("nan"))
+
+    lightning_real_teacher = lightning.teacher_targets
+    monkeypatch.setattr(lightning, "teacher_targets", nan_teacher)
+    assert train() == 2
+    assert "non-finite" in _one_error_line(capsys)
+    assert not (tmp_path / "l.safetensors").exists() and not list((tmp_path / "cache").glob("*.pt"))
+
+
+def test_unusable_cache_or_output_fails_before_the_teacher(train, tmp_path, capsys):
+    assert train(output="first.safetensors") == 0
+    (cache,) = (tmp_path / "cache").glob("targets-*.pt")
+    cache.unlink()
+    cache.mkdir()
+    assert train() == 2
+    assert "is not a file" in _one_error_line(capsys) and len(train.teacher_runs) == 1
+    cache.rmdir()
+    (tmp_path / "out_dir").mkdir()
+    assert train(output="out_dir") == 2  # 15: an existing directory as --model.output
+    assert "is not a file" in _one_error_line(capsys) and len(train.teacher_runs) == 1
+    if os.geteuid() != 0:  # root writes into read-only folders
+        (tmp_path / "cache").chmod(0o555)
+        try:
+            assert train() == 2
+            assert "is not writable" in _one_error_line(capsys) and len(train.teacher_runs) == 1
+        finally:
+            (tmp_path / "cache").chmod(0o755)
+    assert not (tmp_path / "l.safetensors").exists()

@@ -121,7 +121,8 @@ class Heun(Solver):
     @classmethod
     def steps_for_nfe(cls, nfe: int) -> int:
         if nfe < 1 or nfe % 2 == 0:
-            raise NFEError(f"heun makes 2N − 1 evaluations (N steps, last one Euler): NFE must be odd and ≥ 1, got {nfe}; use {max(1, nfe - 1)} or {nfe + 1}")
+            nearest = "use 1" if nfe < 1 else f"use {nfe - 1} or {nfe + 1}"
+            raise NFEError(f"heun makes 2N − 1 evaluations (N steps, last one Euler): NFE must be odd and ≥ 1, got {nfe}; {nearest}")
         return (nfe + 1) // 2
 
     @property
