@@ -234,3 +234,38 @@ def test_train_and_sample_end_to_end(tiny_sd, tmp_path, capsys):
     assert sample_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "guidance_scale=5.0" in err[-1] and not (tmp_path / "other").exists()
+
+
+def test_released_layout_variants(tiny_sd, tmp_path):
+    """What hub folders hold: fp16 variant files only, a VAE with 2022 attention names in a .bin, and a CLIP text
+    encoder that still stores its position_ids; loaded and cast to float32, the same denoiser and decoder."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "released"
+    shutil.copytree(tiny_sd, folder)
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.half() for k, v in load_file(str(unet)).items()}, str(unet.with_name("diffusion_pytorch_model.fp16.safetensors")))
+    unet.unlink()
+    encoder = folder / "text_encoder" / "model.safetensors"
+    state = {k: v.half() for k, v in load_file(str(encoder)).items()}
+    save_file({**state, "text_model.embeddings.position_ids": torch.arange(MAX_TOKENS)[None]}, str(encoder.with_name("model.fp16.safetensors")))
+    encoder.unlink()
+    vae = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    renamed = {}
+    for name, value in load_file(str(vae)).items():
+        for new, old in legacy.items():
+            name = name.replace(f"attentions.0.{new}.", f"attentions.0.{old}.")
+        renamed[name] = value
+    assert any(".query." in name for name in renamed)
+    torch.save(renamed, vae.with_suffix(".bin"))
+    vae.unlink()
+
+    original, released = _load(tiny_sd), _load(folder)
+    assert all(p.dtype == torch.float32 for p in released.denoiser.parameters())
+    x = torch.randn(3, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    labels = torch.eye(len(PROMPTS), dtype=torch.float64)[:3]
+    with torch.no_grad():
+        expected, found = original.denoiser(x, 2.0, labels), released.denoiser(x, 2.0, labels)
+        torch.testing.assert_close(found, expected, rtol=0, atol=0.02 * float(expected.abs().max()))
+        torch.testing.assert_close(released.decoder(x.float()), original.decoder(x.float()), rtol=0, atol=1e-5)

@@ -33,6 +33,7 @@ from .diffusers_folder import (
     _read_weights,
     betas_from_scheduler_config,
     check_unet_config,
+    convert_legacy_attention_names,
     load_diffusers_folder,
 )
 from .errors import CheckpointError, one_line, quoted, state_dict_mismatch
@@ -58,6 +59,7 @@ TEXT_PIPELINES = ("StableDiffusionPipeline",)
 # diffusers/transformers weight file names, full precision first; fp16 variants are read and cast to float32.
 _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin")
 _TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin")
+_REBUILT_BUFFERS = ("embeddings.position_ids",)
 _TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -171,8 +173,12 @@ def _load_component(folder: Path, name: str, build: Callable[[dict[str, Any]], n
             module = build(config)
     except Exception as err:  # diffusers/transformers reject a bad config with assorted exception types
         raise CheckpointError(f"{config_path}: cannot build the {name} ({type(err).__name__}: {one_line(err)})") from None
-    state_dict = _read_weights(weights_path)
-    mismatch = state_dict_mismatch(module.state_dict(), state_dict)
+    expected = module.state_dict()
+    # 2022-era diffusers attention names (released SD v1 VAEs) are renamed; buffers that older transformers saved
+    # and current versions rebuild (CLIP's position_ids) are dropped when the module does not keep them.
+    state_dict = convert_legacy_attention_names(_read_weights(weights_path))
+    state_dict = {k: v for k, v in state_dict.items() if k in expected or not k.endswith(_REBUILT_BUFFERS)}
+    mismatch = state_dict_mismatch(expected, state_dict)
     if mismatch:
         raise CheckpointError(f"{weights_path}: weights do not match {name}/config.json: {mismatch}")
     module.load_state_dict(state_dict, strict=True, assign=True)
