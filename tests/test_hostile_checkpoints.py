@@ -1,19 +1,16 @@
 """Crafted EDM pickles that attack the reader's resources rather than run code (issue 13, items 2–6): deep
 nesting, huge counts, malformed contents, terminal-control text, tensor records and storage blobs that claim more
 than they hold, zip bombs. Each ends in one printable CheckpointError line, in the loader and in both CLIs."""
-import collections
 import io
 import pickle
-import struct
 import sys
-import zipfile
 
 import pytest
 import torch
 
 from dode_lightning.checkpoints import CheckpointError, load_denoiser
 from dode_lightning.checkpoints import edm_pickle
-from dode_lightning.checkpoints.edm_writer import dumps, network_record, persistent_record
+from dode_lightning.checkpoints.edm_writer import StoredTensor, deflated_zip_blob, dumps, legacy_storage_blob, network_record, persistent_record
 from dode_lightning.cli import train_main
 from dode_lightning.networks import EDMPrecond
 from dode_lightning.sample_cli import sample_main
@@ -111,17 +108,6 @@ def test_untrusted_text_is_quoted_and_shortened(tmp_path):
     assert "\\x1b[31m" in message and "\x1b" not in message
 
 
-class _TensorRecord:
-    """Pickles as torch's tensor record `_rebuild_tensor_v2(storage, offset, size, stride, …)` with any geometry."""
-
-    def __init__(self, held: int, size: tuple, stride: tuple, offset: int = 0) -> None:
-        self.storage = torch.storage.TypedStorage(wrap_storage=torch.zeros(held).untyped_storage(), dtype=torch.float32, _internal=True)
-        self.geometry = (offset, size, stride)
-
-    def __reduce__(self):
-        return torch._utils._rebuild_tensor_v2, (self.storage, *self.geometry, False, collections.OrderedDict())
-
-
 def _with_weight(weight) -> bytes:
     """The tiny network's snapshot with `model.map_layer0.weight` replaced by `weight` (a (32, 8) tensor)."""
     record = _tiny_record()
@@ -133,7 +119,7 @@ def _with_weight(weight) -> bytes:
 
 def test_the_tensor_record_writer_round_trips(tmp_path):
     """The crafted records below differ from this one only in geometry: this one loads."""
-    loaded = load_denoiser("edm_pickle", _write(tmp_path, _with_weight(_TensorRecord(256, (32, 8), (8, 1)))))
+    loaded = load_denoiser("edm_pickle", _write(tmp_path, _with_weight(StoredTensor(legacy_storage_blob(torch.zeros(256)), (32, 8), (8, 1)))))
     assert torch.equal(loaded.denoiser.model.map_layer0.weight, torch.zeros(32, 8))
 
 
@@ -144,88 +130,37 @@ def test_the_tensor_record_writer_round_trips(tmp_path):
 )
 def test_tensor_record_claiming_more_than_its_storage_is_refused(tmp_path, held, size, stride, offset):
     # Before: set_ grew the storage with uninitialised memory and the network loaded (and sampled) with it.
-    message = _refusal(_write(tmp_path, _with_weight(_TensorRecord(held, size, stride, offset))))
+    message = _refusal(_write(tmp_path, _with_weight(StoredTensor(legacy_storage_blob(torch.zeros(held)), size, stride, offset))))
     assert f"its storage holds {held}" in message or "64-bit" in message
-
-
-def _legacy_blob(numel_claimed: int, values: bytes, numel_stored: int | None = None) -> bytes:
-    """A legacy storage stream as `Storage.__reduce__` writes it, with the numel claims under our control."""
-
-    storage = object()
-
-    class Header(pickle.Pickler):
-        def persistent_id(self, obj):
-            return ("storage", torch.FloatStorage, "0", "cpu", numel_claimed, None) if obj is storage else None
-
-    parts = [pickle.dumps(x, protocol=2) for x in (edm_pickle._LEGACY_MAGIC, edm_pickle._LEGACY_PROTOCOL, {"little_endian": True})]
-    buffer = io.BytesIO()
-    Header(buffer, protocol=2).dump(storage)
-    parts += [buffer.getvalue(), pickle.dumps(["0"], protocol=2), struct.pack("<q", numel_claimed if numel_stored is None else numel_stored), values]
-    return b"".join(parts)
-
-
-class _Blob:
-    def __init__(self, blob: bytes) -> None:
-        self.blob = blob
-
-    def __reduce__(self):
-        return torch.storage._load_from_bytes, (self.blob,)
-
-
-class _BlobTensor:
-    def __init__(self, blob: bytes, size: tuple, stride: tuple) -> None:
-        self.storage, self.size, self.stride = _Blob(blob), size, stride
-
-    def __reduce__(self):
-        return torch._utils._rebuild_tensor_v2, (self.storage, 0, self.size, self.stride, False, collections.OrderedDict())
 
 
 def test_legacy_blob_reader_matches_torch(tmp_path):
     values = torch.arange(256, dtype=torch.float32)
-    blob = _legacy_blob(256, values.numpy().tobytes())
+    blob = legacy_storage_blob(values)
     read_by_torch = torch.load(io.BytesIO(blob), weights_only=True)  # the crafted stream is what torch writes
     assert torch.equal(torch.tensor(read_by_torch.tolist(), dtype=torch.float32), values)
-    loaded = load_denoiser("edm_pickle", _write(tmp_path, _with_weight(_BlobTensor(blob, (32, 8), (8, 1)))))
+    loaded = load_denoiser("edm_pickle", _write(tmp_path, _with_weight(StoredTensor(blob, (32, 8), (8, 1)))))
     assert torch.equal(loaded.denoiser.model.map_layer0.weight, values.reshape(32, 8))
 
 
 @pytest.mark.parametrize(
-    "claimed,stored,count", [(10**10, None, 256), (256, 10**10, 256), (256, None, 255), (256, None, 257)],
+    "claimed,stored,count", [(10**10, None, 256), (256, 10**10, 256), (256, 256, 255), (256, 256, 257)],
     ids=["header_claims_huge", "count_claims_huge", "truncated", "trailing_data"],
 )
 def test_storage_blob_must_hold_what_it_claims(tmp_path, claimed, stored, count):
     # Before: torch's legacy reader allocated claimed × 4 bytes (40 GB here) before reading the data.
-    blob = _legacy_blob(claimed, bytes(4 * count), stored)
-    message = _refusal(_write(tmp_path, _with_weight(_BlobTensor(blob, (32, 8), (8, 1)))))
+    blob = legacy_storage_blob(torch.zeros(count), claimed, stored)
+    message = _refusal(_write(tmp_path, _with_weight(StoredTensor(blob, (32, 8), (8, 1)))))
     assert "a storage blob claims" in message
-
-
-def zip_bomb_blob(inflated_bytes: int) -> bytes:
-    """torch.save's zip layout for a storage, its data member replaced by `inflated_bytes` of deflated zeros
-    (deflate packs zeros about 1000:1, so the blob is about a thousandth of that)."""
-    buffer = io.BytesIO()
-    torch.save(torch.zeros(1).untyped_storage(), buffer)
-    out = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as original, zipfile.ZipFile(out, "w") as bomb:
-        for info in original.infolist():
-            if not info.filename.endswith("/data/0"):
-                bomb.writestr(info.filename, original.read(info))
-                continue
-            member = zipfile.ZipInfo(info.filename)
-            member.compress_type = zipfile.ZIP_DEFLATED
-            with bomb.open(member, "w", force_zip64=True) as handle:
-                for _ in range(inflated_bytes >> 20):
-                    handle.write(bytes(1 << 20))
-    return out.getvalue()
 
 
 def test_zip_bomb_storage_blob_is_refused_unread(tmp_path, monkeypatch):
     # Before: torch.load inflated every member in memory (4.2 MB file → 4.6 GB resident) before any check.
     inflated = []
     monkeypatch.setattr(torch, "load", lambda *a, **k: inflated.append(1) or pytest.fail("torch.load reached"))
-    bomb = zip_bomb_blob(8 << 20)
+    bomb = deflated_zip_blob(8 << 20)
     assert len(bomb) < 200_000
-    message = _refusal(_write(tmp_path, _with_weight(_BlobTensor(bomb, (32, 8), (8, 1)))))
+    message = _refusal(_write(tmp_path, _with_weight(StoredTensor(bomb, (32, 8), (8, 1)))))
     assert "a storage blob is a zip archive" in message and not inflated
 
 

@@ -44,19 +44,24 @@ __all__ = [
     "recover_state_dict",
     "build_network",
     "load_edm_network",
+    "LEGACY_STORAGE_MAGIC",
+    "LEGACY_STORAGE_PROTOCOL",
+    "MAX_PICKLE_OPERATIONS",
+    "MAX_NESTING",
 ]
 
 PERSISTENCE_VERSION = 6
 _PICKLE_PROTO = 0x80
-MAX_PICKLE_OPERATIONS = 1 << 21
-"""Budget of pickle operations per snapshot. The tiny fixture (121 layers) takes 24 k; the largest EDM release
-networks have about 320 layers (~65 k). Each operation creates at most one small object, so the budget also caps
-what a crafted file can make the unpickler allocate besides its own bytes (about 150 MB at worst)."""
+MAX_PICKLE_OPERATIONS = 1 << 19
+"""Budget of pickle operations per snapshot: 524 288. The tiny fixture (121 layers) takes 24 k, full-size
+snapshots in the layouts of the largest EDM releases (FFHQ DDPM++, ImageNet ADM, ~320 layers) about 60 k. Each
+operation creates at most one small object, so the budget also bounds every container's size and what a crafted
+file can make the unpickler allocate besides its own bytes (docs/hostile_checkpoints.md)."""
 MAX_NESTING = 100
 """Deepest container nesting accepted; the EDM fixture nests 18 levels (snapshot → record state → _modules → …)."""
 MAX_TENSOR_DIMS = 64
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-_LEGACY_PROTOCOL = 1001
+LEGACY_STORAGE_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_STORAGE_PROTOCOL = 1001
 _STORAGE_DTYPES = {
     "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
     "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
@@ -235,7 +240,7 @@ def _read_storage_blob(data: bytes) -> _Storage:
         raise CheckpointError("a storage blob is a zip archive; EDM network pickles hold uncompressed legacy storages")
     stream = io.BytesIO(data)
     magic, protocol, system, claim, keys = (_StorageHeaderUnpickler(stream).load() for _ in range(5))
-    if type(magic) is not int or magic != _LEGACY_MAGIC or type(protocol) is not int or protocol != _LEGACY_PROTOCOL:
+    if type(magic) is not int or magic != LEGACY_STORAGE_MAGIC or type(protocol) is not int or protocol != LEGACY_STORAGE_PROTOCOL:
         raise CheckpointError("a storage blob is not a legacy torch.save storage stream")
     if not isinstance(system, dict) or system.get("little_endian") is not True:
         raise CheckpointError("a storage blob is not little-endian")

@@ -8,6 +8,9 @@ with the `nn.Module` `__dict__` fields, class attributes, `_init_args`/`_init_kw
 is a placeholder comment (NVIDIA's source is not ours to ship, and no reader should run it — EDM's own loader
 therefore cannot open these files), and layer records carry their attributes as `_init_kwargs` (readers rebuild
 only from the top-level network's init kwargs).
+
+`legacy_storage_blob`, `StoredTensor` and `deflated_zip_blob` write single tensor records and storage blobs with
+claims under the caller's control, for the reader's tests and benchmarks with crafted files.
 """
 from __future__ import annotations
 
@@ -16,16 +19,23 @@ import inspect
 import io
 import os
 import pickle
+import struct
 import types
+import zipfile
 from typing import Any
 
 import numpy as np
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ..networks import edm as edm_layers
 from ..networks.precond import PRECONDITIONERS
+from .edm_pickle import LEGACY_STORAGE_MAGIC, LEGACY_STORAGE_PROTOCOL
 
-__all__ = ["PLACEHOLDER_SOURCE", "persistent_record", "network_record", "dumps", "snapshot_bytes", "write_edm_snapshot"]
+__all__ = [
+    "PLACEHOLDER_SOURCE", "persistent_record", "network_record", "dumps", "snapshot_bytes", "write_edm_snapshot",
+    "legacy_storage_blob", "StoredTensor", "deflated_zip_blob",
+]
 
 PLACEHOLDER_SOURCE = "# training/networks.py placeholder written by dode_lightning.checkpoints.edm_writer; never executed\n"
 _LOSS_SOURCE = "# training/loss.py placeholder written by dode_lightning.checkpoints.edm_writer; never executed\n"
@@ -179,3 +189,62 @@ def write_edm_snapshot(path: str | os.PathLike, net: nn.Module, dataset_kwargs: 
     """Write `net` (one of our preconditioners) as an EDM-format snapshot file, streamed to disk."""
     with open(path, "wb") as handle:
         _dump(handle, net, dataset_kwargs, extra)
+
+
+def legacy_storage_blob(values: Tensor, claimed: int | None = None, stored: int | None = None) -> bytes:
+    """The stream `Storage.__reduce__` writes for a float32 storage holding `values` (checkpoints.md §4: magic
+    number, protocol, system info, the persistent id, the key list, int64 numel, raw data). `claimed` replaces the
+    numel in the persistent id and `stored` the one before the data."""
+    numel = values.numel()
+    storage = object()
+
+    class Header(pickle.Pickler):
+        def persistent_id(self, obj: Any) -> tuple | None:
+            return ("storage", torch.FloatStorage, "0", "cpu", numel if claimed is None else claimed, None) if obj is storage else None
+
+    head = io.BytesIO()
+    for part in (LEGACY_STORAGE_MAGIC, LEGACY_STORAGE_PROTOCOL, {"protocol_version": LEGACY_STORAGE_PROTOCOL, "little_endian": True}):
+        pickle.dump(part, head, protocol=2)
+    Header(head, protocol=2).dump(storage)
+    pickle.dump(["0"], head, protocol=2)
+    data = values.detach().to(torch.float32).contiguous().numpy().tobytes()
+    return head.getvalue() + struct.pack("<q", numel if stored is None else stored) + data
+
+
+class StoredTensor:
+    """Pickles as torch's tensor record `_rebuild_tensor_v2(_load_from_bytes(blob), offset, size, stride, …)`, with
+    the blob and the geometry as given."""
+
+    def __init__(self, blob: bytes, size: tuple, stride: tuple, offset: int = 0) -> None:
+        self.blob, self.geometry = blob, (offset, size, stride)
+
+    def __reduce__(self) -> tuple:
+        return torch._utils._rebuild_tensor_v2, (_StorageBlob(self.blob), *self.geometry, False, collections.OrderedDict())
+
+
+class _StorageBlob:
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+
+    def __reduce__(self) -> tuple:
+        return torch.storage._load_from_bytes, (self.blob,)
+
+
+def deflated_zip_blob(inflated_bytes: int) -> bytes:
+    """torch.save's zip layout for a storage, its data member replaced by `inflated_bytes` of deflated zeros
+    (deflate packs zeros about 1000:1): the zip bomb that `torch.load` would inflate in memory."""
+    plain = io.BytesIO()
+    torch.save(torch.zeros(1).untyped_storage(), plain)
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(plain.getvalue())) as original, zipfile.ZipFile(out, "w") as bomb:
+        for info in original.infolist():
+            if not info.filename.endswith("/data/0"):
+                bomb.writestr(info.filename, original.read(info))
+                continue
+            member = zipfile.ZipInfo(info.filename)
+            member.compress_type = zipfile.ZIP_DEFLATED
+            with bomb.open(member, "w", force_zip64=True) as handle:
+                chunk = bytes(1 << 20)
+                for _ in range(inflated_bytes >> 20):
+                    handle.write(chunk)
+    return out.getvalue()
