@@ -32,7 +32,7 @@ from .distill import SolverSetup
 from .lambda_file import load_lambdas
 from .lambda_file import schedule_id as describe_schedule
 from .schedules import VPDiscrete
-from .solvers import SOLVERS, NFEError, Solver, StageCorrector, StageGenerator
+from .solvers import SOLVERS, LambdaLayout, NFEError, Solver, StageCorrector, StageGenerator
 
 __all__ = ["DODEScheduler", "SchedulerConfigError", "export_scheduler", "evaluation_sigmas"]
 
@@ -60,8 +60,9 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
 
     Config: the β table under diffusers' names (so `from_config(pipe.scheduler.config)` picks it up),
     `prediction_type` of the network, and the solver: `solver`, `grid`/`grid_kwargs` (used when no `sigmas` are
-    stored), `sigmas` (the step boundaries, descending), `lambdas` (one per stage; needs `sigmas` and `nfe`, and
-    fixes the number of steps), `integer_timesteps` (as the calibration's denoiser option), `state_dtype`,
+    stored), `sigmas` (the step boundaries, descending), `lambdas` (per stage, compact as the λ file holds them;
+    needs `sigmas` and `nfe`, and fixes the number of steps), `history`/`lambda_groups` (their `LambdaLayout`),
+    `integer_timesteps` (as the calibration's denoiser option), `state_dtype`,
     `guidance_scale` (what the λ were fitted at), `schedule_id` (the λ file's schedule, checked against the β
     table) and `calibration` (the λ file's metadata, for the record).
     """
@@ -83,7 +84,9 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         grid: str | None = None,
         grid_kwargs: dict[str, Any] | None = None,
         sigmas: list[float] | None = None,
-        lambdas: list[float] | None = None,
+        lambdas: list[Any] | None = None,
+        history: int = 1,
+        lambda_groups: str = "none",
         integer_timesteps: bool = False,
         state_dtype: str = "float64",
         guidance_scale: float | None = None,
@@ -124,7 +127,7 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         except (NFEError, ValueError) as err:
             raise SchedulerConfigError(f"{self.config.solver} on the stored sigmas: {err}") from None
 
-    def _check_lambdas(self, lambdas: list[float], nfe: int | None) -> Tensor:
+    def _check_lambdas(self, lambdas: list[Any], nfe: int | None) -> Tensor:
         solver = self.stored_solver
         if solver is None or nfe is None:
             raise SchedulerConfigError("a config with lambdas must also hold sigmas and nfe (the grid the λ were fitted on); export it with export_scheduler")
@@ -134,8 +137,13 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
             lam = torch.tensor(lambdas, dtype=torch.float64)
         except (TypeError, ValueError):
             raise SchedulerConfigError(f"lambdas must be a list of numbers, got {str(lambdas)[:80]}") from None
-        if lam.shape != (solver.num_stages,):
-            raise SchedulerConfigError(f"{self.config.solver} with NFE {nfe} has {solver.num_stages} stages, the config holds λ of shape {tuple(lam.shape)}")
+        try:
+            self.layout = LambdaLayout(int(self.config.history), str(self.config.lambda_groups))
+        except ValueError as err:
+            raise SchedulerConfigError(str(err)) from None
+        wanted = "(stages,)" if self.layout.scalar else f"(stages, {self.layout.history}, groups)"
+        if len(lam) != solver.num_stages or lam.dim() != (1 if self.layout.scalar else 3) or (lam.dim() == 3 and lam.shape[1] != self.layout.history):
+            raise SchedulerConfigError(f"{self.config.solver} with NFE {nfe} has {solver.num_stages} stages, the config holds λ of shape {tuple(lam.shape)}, its layout needs {wanted}")
         if not bool(torch.isfinite(lam).all()):
             raise SchedulerConfigError("lambdas contain NaN or infinite values; export the scheduler again from the λ file")
         return lam
@@ -148,6 +156,7 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         self._stages: StageGenerator | None = None
         self._correct: StageCorrector | None = None
         self._pending_output: Tensor | None = None
+        self._applied: Tensor | None = None
         self._last_state: Tensor | None = None
         self._last_sample: Tensor | None = None
 
@@ -290,8 +299,9 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
             state = sample.to(self.state_dtype) / self._vp_ratio(sigma)
         self._pending_output = model_output
         if k == 0:
-            lambdas = self.lambdas
-            self._correct = StageCorrector(None if lambdas is None else (lambda i, _stage: lambdas[i]))
+            lambdas = None if self.lambdas is None else self._lambdas_for(tuple(sample.shape[1:]), sample.device)
+            history = 1 if self.lambdas is None else self.layout.history
+            self._correct = StageCorrector(None if lambdas is None else (lambda i, _stage: lambdas[i]), history)
             self._stages = self.solver.stages(self._denoise, state)
             stage = next(self._stages)
         else:
@@ -305,6 +315,15 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return (prev_sample,)
         return SchedulerOutput(prev_sample=prev_sample)
+
+    def _lambdas_for(self, image_shape: tuple[int, ...], device: torch.device) -> Tensor:
+        """The compact λ expanded by their layout for images of this shape (float64, as `sample.py` applies them)."""
+        if self._applied is None or (not self.layout.scalar and tuple(self._applied.shape[2:]) != image_shape):
+            try:
+                self._applied = self.layout.expand(self.lambdas, image_shape).to(device)
+            except ValueError as err:
+                raise SchedulerConfigError(f"{err}; these λ were fitted for latents of another shape") from None
+        return self._applied
 
     def check_guidance_scale(self, guidance_scale: float) -> None:
         """Warn when a pipeline runs at another classifier-free guidance scale than the λ were fitted at.
@@ -360,8 +379,6 @@ def export_scheduler(lambda_file: str | os.PathLike, pipeline: str | os.PathLike
     if not schedule_wanted.startswith("VPDiscrete"):
         raise SchedulerConfigError(f"{lambda_file} was fitted on the schedule {schedule_wanted or '?'}; DODEScheduler runs discrete VP (diffusers DDPM-type) models only")
     lambdas = tensors["lambdas"]
-    if lambdas.ndim != 1:
-        raise SchedulerConfigError(f"{lambda_file} holds λ of shape {tuple(lambdas.shape)}; DODEScheduler supports one λ per stage")
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
     init = {k: base[k] for k in keys if k in base}
     schedule = VPDiscrete(betas_from_scheduler_config(init))
@@ -382,6 +399,8 @@ def export_scheduler(lambda_file: str | os.PathLike, pipeline: str | os.PathLike
         grid_kwargs=setup.grid_kwargs,
         sigmas=solver.sigmas.tolist(),
         lambdas=lambdas.to(torch.float64).tolist(),
+        history=int(meta.get("history", 1)),
+        lambda_groups=str(meta.get("lambda_groups", "none")),
         integer_timesteps=integer_timesteps,
         state_dtype=str(meta.get("state_dtype", "float64")),
         guidance_scale=meta.get("guidance_scale"),

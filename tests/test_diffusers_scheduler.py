@@ -19,7 +19,7 @@ from dode_lightning.distill import seeded_noise
 from dode_lightning.lambda_file import load_lambdas, save_lambdas
 from dode_lightning.sample_cli import export_scheduler_main, sample_main
 from dode_lightning.sampling import ImageStore, to_uint8
-from dode_lightning.solvers import SOLVERS
+from dode_lightning.solvers import SOLVERS, LambdaLayout
 from tests.conftest import fixture_path, unit_noise
 
 diffusers = pytest.importorskip("diffusers")
@@ -246,6 +246,15 @@ def test_guidance_scale_recorded_in_the_lambda_file_warns_at_another(calibrated,
         scheduler.guidance_callback(type("Pipe", (), {"guidance_scale": 3.0})(), 0, 999, {})
 
 
+def test_export_keeps_the_lambda_layout(calibrated, folder, tmp_path):
+    tensors, meta = load_lambdas(calibrated / "lambdas.safetensors")
+    stages = len(tensors["lambdas"])
+    layered = save_lambdas(tmp_path / "layered.safetensors", {**tensors, "lambdas": torch.full((stages, 2, 3), 0.01)}, {**meta, "history": 2, "lambda_groups": "channel"})
+    scheduler = export_scheduler(layered, folder)
+    assert (scheduler.config.history, scheduler.config.lambda_groups) == (2, "channel")
+    assert torch.tensor(scheduler.config.lambdas).shape == (stages, 2, 3)
+
+
 def test_export_refuses_another_beta_table(calibrated, folder, tmp_path):
     config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     (tmp_path / "scheduler_config.json").write_text(json.dumps({**config, "beta_end": 0.012}))
@@ -365,3 +374,31 @@ def test_guidance_callback_warns_inside_the_sd_pipeline(tiny_sd):
     with pytest.warns(UserWarning, match="fitted at guidance_scale=7.5; at 5.0"):
         pipe(PROMPT, guidance_scale=GUIDANCE, num_inference_steps=2, latents=latents, output_type="latent",
              callback_on_step_end=scheduler.guidance_callback)
+
+
+@pytest.mark.parametrize("history,groups", [(2, "none"), (1, "channel"), (3, "blocks:2")])
+def test_lambda_layouts_run_as_sample_py_applies_them(digits, vp, history, groups):
+    """History-m and per-group λ (compact (K, m, G) in the config) expand to the latents' shape at the first step."""
+    probe = DODEScheduler(solver="dpm_solver_pp_3m")
+    probe.set_timesteps(6)
+    solver = probe.solver
+    layout = LambdaLayout(history, groups)
+    shape = layout.shape(solver.num_stages, (1, 8, 8))
+    compact = 0.1 * torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    scheduler = DODEScheduler(
+        solver="dpm_solver_pp_3m", nfe=solver.nfe, sigmas=solver.sigmas.tolist(), lambdas=compact.tolist(), history=history, lambda_groups=groups
+    )
+    scheduler.set_timesteps(6)
+    noise = unit_noise(3, seed=8)
+    model = exact_model(digits, vp, "epsilon")
+    x = noise.clone()
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(x, t), t, x).prev_sample
+    reference = solver.sample(DiscreteEpsDenoiser(model, vp), noise, layout.expand(compact, (1, 8, 8)))
+    assert float((x - reference).abs().max()) < 1e-9
+    assert float((reference - solver.sample(DiscreteEpsDenoiser(model, vp), noise)).abs().max()) > 1e-3
+    if groups != "none":  # per-group λ belong to one channel count
+        scheduler.set_timesteps(6)
+        other = torch.zeros(3, 2, 8, 8, dtype=torch.float64)
+        with pytest.raises(SchedulerConfigError, match="latents of another shape"):
+            scheduler.step(other, scheduler.timesteps[0], other)
