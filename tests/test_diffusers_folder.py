@@ -205,3 +205,22 @@ def test_bad_sample_size_fails_before_sampling_writes_anything(tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "sample_size is 1000000" in err[0], err
     assert not outdir.exists()
+
+
+@pytest.mark.parametrize("kind", ["deflated", "legacy"])
+def test_bin_weights_must_be_an_uncompressed_zip(tmp_path, kind, monkeypatch):
+    # Before: torch.load inflated a deflated member whole (a zip bomb) or allocated legacy storages as claimed.
+    from dode_lightning.checkpoints.edm_writer import deflated_zip_blob
+
+    pytest.importorskip("diffusers")
+    folder = _folder_with(tmp_path)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    weights = folder / "unet" / "diffusion_pytorch_model.bin"
+    if kind == "deflated":
+        weights.write_bytes(deflated_zip_blob(8 << 20))
+    else:
+        torch.save({"conv_in.weight": torch.zeros(1)}, weights, _use_new_zipfile_serialization=False)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load reached"))
+    with pytest.raises(CheckpointError) as err:
+        load_denoiser("diffusers", folder)
+    assert ("compressed member" if kind == "deflated" else "not a zip-format torch.save file") in str(err.value)

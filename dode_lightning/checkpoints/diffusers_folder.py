@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +188,22 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _check_stored_zip(path: Path) -> None:
+    """torch.save (torch ≥ 1.6) writes an uncompressed zip. A compressed member, which torch.load would inflate
+    whole in memory before checking its size (a zip bomb), and a pre-zip legacy file, whose storages torch allocates
+    at the size they claim, are refused before torch.load sees them."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            packed = [info.filename for info in archive.infolist() if info.compress_type != zipfile.ZIP_STORED]
+    except (zipfile.BadZipFile, OSError):
+        raise CheckpointError(f"{path}: not a zip-format torch.save file; convert the weights to safetensors or re-save them with torch ≥ 1.6") from None
+    if packed:
+        raise CheckpointError(f"{path}: {len(packed)} compressed member(s) (first {quoted(packed[0])}); torch.save stores weights uncompressed")
+
+
 def _read_weights(path: Path) -> dict[str, Tensor]:
+    if path.suffix != ".safetensors":
+        _check_stored_zip(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
