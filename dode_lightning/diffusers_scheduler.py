@@ -93,10 +93,13 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         schedule_id: str | None = None,
         calibration: dict[str, Any] | None = None,
     ) -> None:
-        betas = betas_from_scheduler_config(
-            {"num_train_timesteps": num_train_timesteps, "beta_start": beta_start, "beta_end": beta_end,
-             "beta_schedule": beta_schedule, "trained_betas": trained_betas}
-        )
+        try:
+            betas = betas_from_scheduler_config(
+                {"num_train_timesteps": num_train_timesteps, "beta_start": beta_start, "beta_end": beta_end,
+                 "beta_schedule": beta_schedule, "trained_betas": trained_betas}
+            )
+        except (ValueError, TypeError) as err:
+            raise SchedulerConfigError(f"β table: {err}") from None
         self.schedule = VPDiscrete(betas)
         if schedule_id is not None and schedule_id != describe_schedule(self.schedule):
             raise SchedulerConfigError(f"the β table of this config is not the one the λ were fitted on ({schedule_id}); export the scheduler again from the calibrated pipeline")
@@ -119,9 +122,12 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
     # --- set-up -------------------------------------------------------------------------------------------------
 
     def _solver_on(self, sigmas: list[float] | Tensor) -> Solver:
-        grid = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1)
+        try:
+            grid = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):
+            raise SchedulerConfigError(f"sigmas must be a list of numbers, got {str(sigmas)[:80]}") from None
         if len(grid) < 2 or not bool(torch.isfinite(grid).all()) or bool((grid[:-1] <= grid[1:]).any()) or float(grid[-1]) < 0:
-            raise SchedulerConfigError(f"sigmas must be ≥ 2 finite, non-negative, strictly descending values, got {grid.tolist()}")
+            raise SchedulerConfigError(f"sigmas must be ≥ 2 finite, non-negative, strictly descending values, got {_short(grid)}")
         try:
             return self.solver_class.from_grid(grid, self.schedule)
         except (NFEError, ValueError) as err:
@@ -135,7 +141,7 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
             raise SchedulerConfigError(f"the stored sigmas give {self.config.solver} NFE {solver.nfe}, the config says nfe {nfe}")
         try:
             lam = torch.tensor(lambdas, dtype=torch.float64)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RuntimeError):
             raise SchedulerConfigError(f"lambdas must be a list of numbers, got {str(lambdas)[:80]}") from None
         try:
             self.layout = LambdaLayout(int(self.config.history), str(self.config.lambda_groups))
@@ -374,10 +380,10 @@ def export_scheduler(lambda_file: str | os.PathLike, pipeline: str | os.PathLike
     the calibration's denoiser used (its `integer_timesteps` option). Save the result with `save_pretrained`.
     """
     tensors, meta = load_lambdas(lambda_file)
-    base = _scheduler_config(pipeline)
     schedule_wanted = str(meta.get("schedule", ""))
     if not schedule_wanted.startswith("VPDiscrete"):
         raise SchedulerConfigError(f"{lambda_file} was fitted on the schedule {schedule_wanted or '?'}; DODEScheduler runs discrete VP (diffusers DDPM-type) models only")
+    base = _scheduler_config(pipeline)
     lambdas = tensors["lambdas"]
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
     init = {k: base[k] for k in keys if k in base}

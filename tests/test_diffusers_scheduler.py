@@ -17,6 +17,7 @@ from dode_lightning.cli import train_main
 from dode_lightning.denoisers import DiscreteEpsDenoiser
 from dode_lightning.distill import seeded_noise
 from dode_lightning.lambda_file import load_lambdas, save_lambdas
+from dode_lightning.lambda_file import schedule_id as describe_schedule
 from dode_lightning.sample_cli import export_scheduler_main, sample_main
 from dode_lightning.sampling import ImageStore, to_uint8
 from dode_lightning.solvers import SOLVERS, LambdaLayout
@@ -268,7 +269,11 @@ def test_cli_bad_input_is_one_line_and_creates_nothing(tmp_path, folder, capsys)
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1 and "train.py" in err
     assert not out.exists()
-    assert export_scheduler_main(["--lambdas", str(tmp_path / "missing.safetensors"), "--pipeline", str(tmp_path), "--out", str(out)]) == 2
+    edm = save_lambdas(tmp_path / "edm.safetensors", {"lambdas": torch.zeros(3)}, {"solver": "heun", "nfe": 3, "schedule": 'EDM{"t_max": 80.0}'})
+    for lambdas, pipeline, message in [(edm, folder, "discrete VP"), (edm, tmp_path, "discrete VP")]:
+        assert export_scheduler_main(["--lambdas", str(lambdas), "--pipeline", str(pipeline), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
     assert not out.exists()
 
 
@@ -279,7 +284,8 @@ def test_cli_bad_input_is_one_line_and_creates_nothing(tmp_path, folder, capsys)
 def saved(tmp_path):
     probe = DODEScheduler(solver="ddim")
     probe.set_timesteps(5)
-    DODEScheduler(solver="ddim", nfe=5, sigmas=probe.solver.sigmas.tolist(), lambdas=[0.1] * 5).save_pretrained(tmp_path)
+    calibrated_on = describe_schedule(probe.schedule)
+    DODEScheduler(solver="ddim", nfe=5, sigmas=probe.solver.sigmas.tolist(), lambdas=[0.1] * 5, schedule_id=calibrated_on).save_pretrained(tmp_path)
     return tmp_path
 
 
@@ -292,6 +298,11 @@ def saved(tmp_path):
         ({"nfe": 6}, "nfe 6"),
         ({"prediction_type": "flow"}, "prediction_type"),
         ({"sigmas": None}, "sigmas and nfe"),
+        ({"sigmas": [1.0, 2.0, 0.0, 0.0, 0.0, 0.0]}, "strictly descending"),
+        ({"sigmas": "abc"}, "list of numbers"),
+        ({"lambdas": [[0.1], "x"]}, "list of numbers"),
+        ({"beta_end": 0.03}, "β table"),
+        ({"lambda_groups": "rows"}, "lambda groups"),
     ],
 )
 def test_tampered_config_is_refused(saved, change, message):
