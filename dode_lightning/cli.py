@@ -197,9 +197,11 @@ def exact_report(module: DODECalibration, data: TeacherTargets, held_out: int = 
     label_dim = module.loaded.label_dim if data._conditional(module) else 0
     lambdas = module.applied_lambdas().cpu()
     rows = []
+    shape = module.loaded.image_shape
+    held_out_seeds = range(HELD_OUT_SEED, HELD_OUT_SEED + held_out)
+    batches = {"calibration": data.calibration_noise(shape, label_dim), "held-out": seeded_noise(held_out_seeds, shape, label_dim)}
     with tqdm(total=8, desc="exact-model report") as bar:
-        for name, seeds in (("calibration", data.seeds), ("held-out", range(HELD_OUT_SEED, HELD_OUT_SEED + held_out))):
-            noise, labels = seeded_noise(seeds, module.loaded.image_shape, label_dim)
+        for name, (noise, labels) in batches.items():
             start = student.init_state(noise) / float(student.scales[0])
             exact = mixture.exact_endpoint(start, float(student.sigmas[0]), labels)
             bar.update(1)

@@ -3,6 +3,12 @@
 A denoiser is any callable `denoiser(x, sigma, class_labels=None) -> x0_hat` where `x` is the state in VE form
 (x = x₀ + σ·n, unit scale), `sigma` is a scalar or a per-sample tensor, and the result is the estimate of x₀.
 Solvers for scaled (VP) states divide by s before calling and multiply back themselves.
+
+A denoiser that wraps an ε-network may also offer `eps_and_denoised(x, sigma, class_labels) -> (ε̂, x̂₀)` from the
+same single evaluation. ε-solvers ask for both through the function `eps_and_denoised`, so they get the network's
+own ε: deriving it back from x̂₀ = x − σ·ε costs ~ulp(|x|)/σ in float32, which large λ amplify. Wrappers that only
+pass a call through (counting, fixed batch shape, no-grad) forward it; wrappers that change x̂₀ (clipping) must
+not, so the ε-solvers then see the changed x̂₀.
 """
 from __future__ import annotations
 
@@ -19,8 +25,10 @@ __all__ = [
     "x0_from_eps",
     "eps_from_v",
     "broadcast_sigma",
+    "eps_and_denoised",
     "DiscreteEpsDenoiser",
     "CountingDenoiser",
+    "NoGradDenoiser",
 ]
 
 
@@ -50,6 +58,22 @@ def eps_from_v(x_vp: Tensor, sigma: Tensor | float, v: Tensor) -> Tensor:
     """ε from a v-prediction at VP state x_vp: ε = √ᾱ·v + √(1−ᾱ)·x_vp with √ᾱ = 1/√(1+σ²) (Salimans & Ho 2022)."""
     sigma = broadcast_sigma(sigma, x_vp)
     return (v + sigma * x_vp) / torch.sqrt(1.0 + sigma**2)
+
+
+def eps_and_denoised(
+    denoiser: Denoiser, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(ε̂, x̂₀) at (x, σ) from one evaluation, in x's dtype.
+
+    The denoiser's own pair when it offers one (ε-networks: ε exact, x̂₀ = x − σ·ε); otherwise x̂₀ exact and
+    ε̂ = (x − x̂₀)/σ (x₀-networks, and any wrapper that changes x̂₀).
+    """
+    native = getattr(denoiser, "eps_and_denoised", None)
+    if native is not None:
+        eps, denoised = native(x, sigma, class_labels)
+        return eps.to(x.dtype), denoised.to(x.dtype)
+    denoised = denoiser(x, sigma, class_labels).to(x.dtype)
+    return eps_from_x0(x, sigma, denoised), denoised
 
 
 EpsModel = Callable[..., Tensor]
@@ -93,7 +117,8 @@ class DiscreteEpsDenoiser(nn.Module):
             t = nearest
         return (t - self.time_shift).clamp(0.0, self.schedule.num_timesteps - 1)
 
-    def forward(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+    def eps_and_denoised(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The network's ε̂ exactly as it returned it (cast to x's dtype) and x̂₀ = x − σ·ε̂ (x itself at σ = 0)."""
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
         sigma_b = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma.reshape(-1)
         t = self.timestep(sigma_b.cpu()).to(x.device)
@@ -102,7 +127,10 @@ class DiscreteEpsDenoiser(nn.Module):
         args = (x * scale, t_model) + ((class_labels,) if self.conditional else ())
         eps = self.eps_model(*args).to(x.dtype)
         x0 = x0_from_eps(x, sigma_b.to(x.dtype), eps)
-        return torch.where(broadcast_sigma(sigma_b, x) == 0, x, x0)
+        return eps, torch.where(broadcast_sigma(sigma_b, x) == 0, x, x0)
+
+    def forward(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+        return self.eps_and_denoised(x, sigma, class_labels)[1]
 
 
 class CountingDenoiser:
@@ -113,7 +141,29 @@ class CountingDenoiser:
         self.calls = 0
         self.sigmas: list[Tensor] = []
 
-    def __call__(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+    def _record(self, sigma: Tensor | float) -> None:
         self.calls += 1
         self.sigmas.append(torch.as_tensor(sigma).detach().clone())
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+        self._record(sigma)
         return self.denoiser(x, sigma, class_labels)
+
+    def eps_and_denoised(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self._record(sigma)
+        return eps_and_denoised(self.denoiser, x, sigma, class_labels)
+
+
+class NoGradDenoiser:
+    """Evaluates a denoiser under `torch.no_grad()` (a frozen network never needs its graph), in both call forms."""
+
+    def __init__(self, denoiser: Denoiser) -> None:
+        self.denoiser = denoiser
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+        with torch.no_grad():
+            return self.denoiser(x, sigma, class_labels)
+
+    def eps_and_denoised(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            return eps_and_denoised(self.denoiser, x, sigma, class_labels)

@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Literal
 import torch
 from torch import Tensor
 
-from .denoisers import Denoiser
+from .denoisers import Denoiser, NoGradDenoiser
 from .grids import make_sigmas
 from .schedules import Schedule
 from .solvers import SOLVERS, LambdaLayout, Solver, Stage, StageCorrector, run_stages
@@ -21,6 +21,7 @@ __all__ = [
     "MAX_NFE",
     "SolverSetup",
     "seeded_noise",
+    "global_stream_noise",
     "build_teacher",
     "teacher_targets",
     "fit_closed_form",
@@ -92,6 +93,22 @@ def seeded_noise(
     if not label_dim:
         return noise, None
     return noise, torch.eye(label_dim, dtype=dtype)[torch.cat(labels)]
+
+
+def global_stream_noise(
+    seed: int, batch_size: int, shape: tuple[int, ...], label_dim: int = 0, dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, Tensor | None]:
+    """Latents (and one-hot labels) of the whole batch from one stream, as the official noise-side code draws them.
+
+    Equals `torch.manual_seed(seed); torch.randn(batch_size, *shape)` on the CPU (float32, then cast), without
+    touching the global generator; labels, if any, are `randint(label_dim, (batch_size,))` drawn next from it.
+    Unlike `seeded_noise`, a sample depends on the batch size and its position in the batch.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    noise = torch.randn((batch_size, *shape), generator=gen).to(dtype)
+    if not label_dim:
+        return noise, None
+    return noise, torch.eye(label_dim, dtype=dtype)[torch.randint(label_dim, (batch_size,), generator=gen)]
 
 
 def _default_teacher(student: str) -> str:
@@ -396,13 +413,9 @@ def stagewise_losses(
     def observe(k: int, stage: Stage, state: Tensor) -> None:
         losses.append(((targets[k] - state).to(torch.float64) ** 2).mean())
 
-    def denoise(x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
-        with torch.no_grad():
-            return denoiser(x, sigma, labels)
-
     layout = layout or LambdaLayout()
     applied = layout.expand(lambdas, noise.shape[1:])
-    run_stages(student.stages(denoise, student.init_state(noise), class_labels), lambda k, _s: applied[k], observe, layout.history)
+    run_stages(student.stages(NoGradDenoiser(denoiser), student.init_state(noise), class_labels), lambda k, _s: applied[k], observe, layout.history)
     return torch.stack(losses)
 
 

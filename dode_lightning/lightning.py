@@ -28,6 +28,7 @@ from .distill import (
     build_teacher,
     evaluate_lambdas,
     fit_closed_form,
+    global_stream_noise,
     holdout_mask,
     seeded_noise,
     stagewise_losses,
@@ -332,12 +333,15 @@ class DODECalibration(pl.LightningModule):
 
 
 class TeacherTargets(pl.LightningDataModule):
-    """Calibration latents (per-seed generators) and the teacher states the student's stages are compared with.
+    """Calibration latents and the teacher states the student's stages are compared with.
 
     Args:
         scale: C, teacher evaluations per student evaluation (≥ 2).
         batch_size: |B|, calibration samples.
         seed: first seed; the batch uses seeds seed … seed + |B| − 1, split across ranks.
+        noise: `per_seed` (default: one generator per seed, as EDM's generate.py; a sample depends only on its
+            seed) or `global_stream` (the official noise-side draw `torch.manual_seed(seed); torch.randn(|B|, C, H, W)`
+            on the CPU; rank r takes rows r, r + W, … of that one batch, so the pooled fit sees the same union batch).
         target_mode: `aligned` (default; targets at the student states' noise levels) or `paper` (official index rule).
         teacher: teacher solver (default: Euler/DDIM; iPNDM and DEIS use their own family).
         class_conditional: draw labels (default: when the denoiser has labels).
@@ -350,6 +354,7 @@ class TeacherTargets(pl.LightningDataModule):
         scale: int = 10,
         batch_size: int = 100,
         seed: int = 0,
+        noise: Literal["per_seed", "global_stream"] = "per_seed",
         target_mode: Literal["aligned", "paper"] = "aligned",
         teacher: str | None = None,
         class_conditional: bool | None = None,
@@ -361,7 +366,11 @@ class TeacherTargets(pl.LightningDataModule):
             raise ConfigError(f"the teacher scale C must be ≥ 2 (the paper uses 10), got {scale}")
         if batch_size < 1 or adam_batch_size < 1:
             raise ConfigError(f"batch sizes must be ≥ 1, got batch_size={batch_size}, adam_batch_size={adam_batch_size}")
-        self.scale, self.batch_size, self.seed = scale, batch_size, seed
+        if noise not in ("per_seed", "global_stream"):
+            raise ConfigError(f"unknown noise {noise!r}; choose per_seed or global_stream")
+        if noise == "global_stream" and not 0 <= seed < 1 << 64:
+            raise ConfigError(f"the global_stream seed must be in 0 … 2⁶⁴ − 1 (torch.manual_seed's range), got {seed}")
+        self.scale, self.batch_size, self.seed, self.noise = scale, batch_size, seed, noise
         self.target_mode, self.teacher_name = target_mode, teacher
         self.class_conditional, self.adam_batch_size = class_conditional, adam_batch_size
         self.cache_dir = cache_dir
@@ -374,10 +383,23 @@ class TeacherTargets(pl.LightningDataModule):
     def seeds(self) -> list[int]:
         return list(range(self.seed, self.seed + self.batch_size))
 
-    def rank_seeds(self) -> list[int]:
+    def _rank_and_world(self) -> tuple[int, int]:
         trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def rank_seeds(self) -> list[int]:
+        rank, world = self._rank_and_world()
         return self.seeds[rank::world]
+
+    def calibration_noise(
+        self, shape: tuple[int, ...], label_dim: int, dtype: torch.dtype = torch.float64, rank: int = 0, world: int = 1
+    ) -> tuple[Tensor, Tensor | None]:
+        """Calibration latents and one-hot labels (None without labels): rank's share of W ranks, every W-th sample
+        (default: the whole batch)."""
+        if self.noise == "per_seed":
+            return seeded_noise(self.seeds[rank::world], shape, label_dim, dtype)
+        noise, labels = global_stream_noise(self.seed, self.batch_size, shape, label_dim, dtype)
+        return noise[rank::world], None if labels is None else labels[rank::world]
 
     def metadata(self, module: DODECalibration) -> dict[str, Any]:
         teacher, _ = build_teacher(module.student, module.setup_spec, self.scale, self.target_mode, self.teacher_name)
@@ -388,6 +410,7 @@ class TeacherTargets(pl.LightningDataModule):
             "batch_size": self.batch_size,
             "target_mode": self.target_mode,
             "seeds": [self.seed, self.seed + self.batch_size - 1],
+            "noise": self.noise,
             "class_conditional": self._conditional(module),
         }
 
@@ -421,7 +444,7 @@ class TeacherTargets(pl.LightningDataModule):
             self.cache_hit = True
         else:
             self._check_cache_writable(key)  # before the teacher runs, not after
-            noise, labels = seeded_noise(seeds, module.loaded.image_shape, label_dim, module.dtype_)
+            noise, labels = self.calibration_noise(module.loaded.image_shape, label_dim, module.dtype_, *self._rank_and_world())
             start = time.perf_counter()
             with tqdm(total=teacher.nfe, desc=f"teacher ({teacher.name}, NFE {teacher.nfe})", disable=self.trainer.global_rank != 0) as bar:
                 with torch.no_grad():
@@ -456,6 +479,8 @@ class TeacherTargets(pl.LightningDataModule):
             "scale": self.scale,
             "target_mode": self.target_mode,
             "seeds": seeds,
+            # global_stream: a sample depends on the whole batch's size (CPU randn fills in blocks), not only its seed
+            "noise": [self.noise, self.batch_size],
             "label_dim": label_dim,
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .atomic import atomic_write_bytes, is_temporary_of
+from .denoisers import eps_and_denoised
 from .distill import SEED_LIMIT, seeded_noise
 from .lambda_file import lambdas_to_apply, load_lambdas
 from .lightning import ConfigError, build_student
@@ -144,11 +145,19 @@ class FixedBatch(nn.Module):
         super().__init__()
         self.denoiser, self.size = denoiser, size
 
-    def forward(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+    def _in_fixed_batches(self, fn: Callable[..., Tensor], x: Tensor, sigma: Tensor | float, class_labels: Tensor | None) -> Tensor:
         per_sample = torch.is_tensor(sigma) and sigma.ndim > 0 and sigma.shape[0] == len(x)
         if per_sample:
-            return in_fixed_batches(self.denoiser, self.size, x, sigma, class_labels)
-        return in_fixed_batches(lambda xs, labels: self.denoiser(xs, sigma, labels), self.size, x, class_labels)
+            return in_fixed_batches(fn, self.size, x, sigma, class_labels)
+        return in_fixed_batches(lambda xs, labels: fn(xs, sigma, labels), self.size, x, class_labels)
+
+    def forward(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+        return self._in_fixed_batches(self.denoiser, x, sigma, class_labels)
+
+    def eps_and_denoised(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        # Both outputs stacked on dim 1, so they are chunked and padded together.
+        both = self._in_fixed_batches(lambda *args: torch.stack(eps_and_denoised(self.denoiser, *args), 1), x, sigma, class_labels)
+        return both[:, 0], both[:, 1]
 
 
 def in_fixed_batches(fn: Callable[..., Tensor], size: int, *per_sample: Tensor | None) -> Tensor:

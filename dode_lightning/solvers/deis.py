@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..denoisers import Denoiser
+from ..denoisers import Denoiser, eps_and_denoised
 from ..schedules import Schedule, VPDiscrete
 from .base import OneStagePerStep, register_solver
 from .stages import Stage, StageGenerator
@@ -108,7 +108,7 @@ def deis_stages(
         sigma, sigma_next = float(sigmas[k]), float(sigmas[k + 1])
         scale, scale_next = float(scales[k]), float(scales[k + 1])
         x_ve = x / scale
-        eps = (x_ve - denoiser(x_ve, sigma, class_labels).to(x.dtype)) / sigma
+        eps = eps_and_denoised(denoiser, x_ve, sigma, class_labels)[0]
         history = [eps, *history][:depth]
         kappa = coefficients[k]
         combined = sum(c * e for c, e in zip(kappa, history))

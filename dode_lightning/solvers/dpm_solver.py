@@ -10,7 +10,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from ..denoisers import Denoiser
+from ..denoisers import Denoiser, eps_and_denoised
 from ..schedules import Schedule
 from .base import OneStagePerStep, register_solver
 from .stages import Stage, StageGenerator
@@ -56,8 +56,7 @@ def dpm_solver_stages(
     sc = [float(v) for v in scales]
 
     def eps_at(state: Tensor, n: int) -> Tensor:
-        state_ve = state / sc[n]
-        return (state_ve - denoiser(state_ve, sig[n], class_labels).to(state.dtype)) / sig[n]
+        return eps_and_denoised(denoiser, state / sc[n], sig[n], class_labels)[0]
 
     def first_order(x_ve: Tensor, eps_s: Tensor, s: int, u: int) -> Tensor:
         """α_u/α_s·x − σ^vp_u(e^{ℓ_u − ℓ_s} − 1)ε_s = DDIM from node s to node u."""

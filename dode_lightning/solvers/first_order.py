@@ -6,7 +6,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..denoisers import Denoiser
+from ..denoisers import Denoiser, eps_and_denoised
 from ..schedules import Schedule
 from .base import NFEError, OneStagePerStep, Solver, register_solver
 from .stages import Stage, StageGenerator
@@ -24,7 +24,8 @@ def ddim_stages(
 ) -> StageGenerator:
     """DDIM with η = 0 on states x = s·(x₀ + σn); one stage per σ_k → σ_{k+1} (method.md §3.1, §3.6).
 
-    Update (the same for both predictions): x̃ = s_{k+1}·(x/s_k + (σ_{k+1} − σ_k)·ε̂), ε̂ = (x/s_k − D)/σ_k.
+    Update (the same for both predictions): x̃ = s_{k+1}·(x/s_k + (σ_{k+1} − σ_k)·ε̂), with ε̂ the network's own ε
+    for ε-networks and ε̂ = (x/s_k − D)/σ_k for x₀-networks (`eps_and_denoised`).
     `prediction="noise"`: d̂ = ε̂, b = s_{k+1}(σ_{k+1} − σ_k), ε̂_{−1} := x_T (λ_0 fitted, official noise side).
     `prediction="data"`: d̂ = D, b = s_{k+1}(1 − σ_{k+1}/σ_k), λ_0 ≡ 0 (official EDM side).
     """
@@ -35,8 +36,7 @@ def ddim_stages(
         sigma, sigma_next = float(sigmas[k]), float(sigmas[k + 1])
         scale, scale_next = float(scales[k]), float(scales[k + 1])
         x_ve = x / scale
-        denoised = denoiser(x_ve, sigma, class_labels).to(x.dtype)
-        eps = (x_ve - denoised) / sigma
+        eps, denoised = eps_and_denoised(denoiser, x_ve, sigma, class_labels)
         base = scale_next * (x_ve + (sigma_next - sigma) * eps)
         if prediction == "noise":
             d_hat, coeff = eps, scale_next * (sigma_next - sigma)

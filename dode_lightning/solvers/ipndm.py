@@ -5,7 +5,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from ..denoisers import Denoiser
+from ..denoisers import Denoiser, eps_and_denoised
 from ..schedules import Schedule
 from .base import OneStagePerStep, register_solver
 from .stages import Stage, StageGenerator
@@ -42,7 +42,7 @@ def ipndm_stages(
         sigma, sigma_next = float(sigmas[k]), float(sigmas[k + 1])
         scale, scale_next = float(scales[k]), float(scales[k + 1])
         x_ve = x / scale
-        eps = (x_ve - denoiser(x_ve, sigma, class_labels).to(x.dtype)) / sigma
+        eps = eps_and_denoised(denoiser, x_ve, sigma, class_labels)[0]
         history = [eps, *history][:order]
         eps_tilde = sum(w * e for w, e in zip(IPNDM_WEIGHTS[len(history) - 1], history))
         coeff = scale_next * (sigma_next - sigma)
