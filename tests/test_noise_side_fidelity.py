@@ -123,12 +123,12 @@ def test_wrappers_hand_over_the_networks_own_eps(folder):
     denoiser = load_denoiser("diffusers", folder).denoiser
     outputs = []
     denoiser.eps_model.register_forward_hook(lambda _module, _args, out: outputs.append(out))
-    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 5
-    wrapped = CountingDenoiser(NoGradDenoiser(FixedBatch(denoiser, 3)))
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 5
+    wrapped = CountingDenoiser(NoGradDenoiser(FixedBatch(denoiser, 3)))  # two chunks of 3, the second padded
     eps, denoised = eps_and_denoised(wrapped, x, 4.0)
-    assert wrapped.calls == 1 and len(outputs) == 1
-    assert torch.equal(eps, outputs[0])  # bit for bit: no x₀ round trip
-    assert torch.equal(denoised, denoiser(x, 4.0))
+    assert wrapped.calls == 1 and len(outputs) == 2
+    assert torch.equal(eps, torch.cat([outputs[0], outputs[1][:1]]))  # bit for bit: no x₀ round trip
+    assert torch.equal(denoised, FixedBatch(denoiser, 3)(x, 4.0))
 
 
 def test_x0_networks_keep_the_x0_form(digits):
