@@ -22,7 +22,7 @@ import torch
 from dode_lightning.denoisers import DiscreteEpsDenoiser
 from dode_lightning.grids import make_sigmas
 from dode_lightning.schedules import make_schedule
-from dode_lightning.solvers import DEIS1, DEIS2, IPNDM, DPMSolver2, DPMSolverPP2M, DPMSolverPP3M
+from dode_lightning.solvers import DEIS1, DEIS2, IPNDM, DPMSolver2, DPMSolverPP2M, DPMSolverPP3M, UniPC2, UniPC3
 from tests.conftest import unit_noise
 
 diffusers = pytest.importorskip("diffusers")
@@ -88,6 +88,27 @@ def test_dpm_solver_pp_matches_diffusers_multistep(eps_model, vp, order, cls, st
     ours = _ours(solver, DiscreteEpsDenoiser(eps_model, vp, integer_timesteps=True), noise)
     diff = _max_diff(ours, theirs)
     print(f"\ndiffusers DPMSolverMultistep order {order}, N = {steps}: max |Δ| = {diff:.2e}")
+    assert diff < TOL
+
+
+@pytest.mark.parametrize("order,cls", [(2, UniPC2), (3, UniPC3)])
+@pytest.mark.parametrize("steps", [5, 8, 20])
+def test_unipc_matches_diffusers(eps_model, vp, order, cls, steps):
+    """UniPC-bh2 (predict_x0, corrector after every evaluation, lower_order_final) on diffusers' own σ list."""
+    scheduler = diffusers.UniPCMultistepScheduler(beta_schedule="linear", solver_order=order, solver_type="bh2", lower_order_final=True)
+    scheduler.set_timesteps(steps)
+    scheduler.sigmas = scheduler.sigmas.double()  # same values; its coefficient arithmetic then runs in float64
+    noise = unit_noise(10, seed=6)
+    x, theirs = noise.clone(), [noise.clone()]
+    for t in scheduler.timesteps:
+        x = scheduler.step(eps_model(x, t), t, x).prev_sample
+        if scheduler.step_index > 1:
+            theirs.append(scheduler.last_sample.clone())  # the state its corrector produced at this step
+    theirs.append(x)
+    solver = _vp_solver(cls, scheduler.sigmas)
+    ours = _ours(solver, DiscreteEpsDenoiser(eps_model, vp, integer_timesteps=True), noise)
+    diff = _max_diff(ours, theirs)
+    print(f"\ndiffusers UniPCMultistep bh2 order {order}, N = {steps}: max |Δ| = {diff:.2e}")
     assert diff < TOL
 
 

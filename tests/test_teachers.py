@@ -11,7 +11,7 @@ import torch
 from dode_lightning.distill import SolverSetup, build_teacher, fit_closed_form, rmse, seeded_noise, teacher_targets
 from dode_lightning.schedules import EDM, make_schedule
 
-TEACHERS = ["euler", "heun", "dpm_solver_2", "dpm_solver_3", "dpm_solver_pp_3m", "ipndm", "deis_3"]
+TEACHERS = ["euler", "heun", "dpm_solver_2", "dpm_solver_3", "dpm_solver_pp_3m", "ipndm", "deis_3", "unipc_3"]
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from .dpm_solver import DPMSolver, DPMSolver2, DPMSolver3, dpm_solver_stages, si
 from .dpm_solver_pp import DPMSolverPP, DPMSolverPP2M, DPMSolverPP3M, dpm_solver_pp_stages, multistep_orders
 from .first_order import DDIM, Euler, Heun, ddim_stages, heun_stages
 from .ipndm import IPNDM, ipndm_stages
+from .unipc import UniPC, UniPC2, UniPC3, unipc_coefficients, unipc_orders, unipc_stages
 from .stages import LambdaLayout, LambdaRule, Stage, StageCorrector, StageGenerator, run_stages
 
 __all__ = [
@@ -37,6 +38,12 @@ __all__ = [
     "DPMSolverPP3M",
     "dpm_solver_pp_stages",
     "multistep_orders",
+    "UniPC",
+    "UniPC2",
+    "UniPC3",
+    "unipc_coefficients",
+    "unipc_orders",
+    "unipc_stages",
     "LambdaRule",
     "Stage",
     "StageCorrector",

@@ -1,0 +1,181 @@
+"""UniPC (Zhao et al. 2023), bh2 variant with data prediction, as a stage generator, and D-UniPC [ext].
+
+With α = s, σ^vp = s·σ and log-SNR ℓ = −log σ, UniPC's updates divided by α_t read, in VE form,
+x_t = (σ_t/σ_s)·x_s + (1 − σ_t/σ_s)·m_s − B(h)·Σ_i ρ_i·D1_i, B(h) = e^{−h} − 1 (bh2), D1_i = (m_{s_i} − m_s)/r_i,
+r_i = (ℓ_{s_i} − ℓ_s)/h. Each evaluation m_k first corrects the state it was evaluated at (UniC, no extra
+evaluation: it reuses the output the next predictor needs), then predicts the next state (UniP).
+"""
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..denoisers import Denoiser
+from ..schedules import Schedule
+from .base import NFEError, Solver, register_solver
+from .stages import Stage, StageGenerator
+
+__all__ = ["unipc_orders", "unipc_coefficients", "unipc_stages", "UniPC", "UniPC2", "UniPC3"]
+
+
+def unipc_orders(sigmas: Tensor, order: int, lower_order_final: bool = True) -> list[int]:
+    """Order of the predictor of step k: min(order, k + 1) (warm-up), with `lower_order_final` also ≤ N − k
+    (diffusers' rule, for every N), and 1 into σ = 0."""
+    steps = len(sigmas) - 1
+    orders = []
+    for k in range(steps):
+        q = min(order, k + 1, steps - k) if lower_order_final else min(order, k + 1)
+        orders.append(1 if float(sigmas[k + 1]) == 0 else q)
+    return orders
+
+
+def unipc_coefficients(rks: list[float], h: float, order: int, corrector: bool) -> tuple[list[float], float]:
+    """ρ and B(h) of a bh2 step of this order with log-SNR ratios `rks` of the earlier outputs.
+
+    Solves Σ_i ρ_i r_i^{p−1} = φ_p-terms·p!/B(h), p = 1 … order (the UniPC order conditions); the predictor uses
+    the first order − 1 conditions (ρ = 1/2 at order 2), the corrector all of them including the new output
+    (r = 1; ρ = 1/2 at order 1).
+    """
+    hh = -h
+    h_phi_1 = math.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1
+    b_h = math.expm1(hh)
+    nodes = [*rks, 1.0]
+    conditions, rhs = [], []
+    factorial = 1
+    for i in range(1, order + 1):
+        conditions.append([r ** (i - 1) for r in nodes])
+        rhs.append(h_phi_k * factorial / b_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    if corrector:
+        if order == 1:
+            return [0.5], b_h
+        matrix, vector = torch.tensor(conditions, dtype=torch.float64), torch.tensor(rhs, dtype=torch.float64)
+    else:
+        if order == 1:
+            return [], b_h
+        if order == 2:
+            return [0.5], b_h
+        matrix = torch.tensor(conditions, dtype=torch.float64)[:-1, :-1]
+        vector = torch.tensor(rhs[:-1], dtype=torch.float64)
+    return torch.linalg.solve(matrix, vector).tolist(), b_h
+
+
+def unipc_stages(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    scales: Tensor,
+    orders: list[int],
+    class_labels: Tensor | None = None,
+) -> StageGenerator:
+    """UniPC-bh2 multistep (`predict_x0`); step k predicts with order `orders[k]`, and the corrector of the state
+    it produced uses the same order.
+
+    Stages are the corrected states, where the trajectory lives: stage 0 is x_T itself (σ_0), stage k ≥ 1 the
+    UniC-corrected state at σ_k after the evaluation at the predicted one, and a last stage, without evaluation,
+    the final prediction at σ_N. D-UniPC: stage k ≥ 1 gets Δ_k = b_k(m_k − m_{k−1}) with b_k = s_k·B(h)·ρ_k, the
+    corrector's weight on the new output m_k, the final prediction Δ_N = b_N(m_{N−1} − m_{N−2}) with its data
+    coefficient b_N = s_N(1 − σ_N/σ_{N−1}); λ_0 ≡ 0. Each predictor starts from the λ-corrected state.
+    """
+    sig = [float(v) for v in sigmas]
+    sc = [float(v) for v in scales]
+    logsnr = [-math.log(s) if s > 0 else math.inf for s in sig]
+    outputs: list[Tensor] = []  # data predictions m_0 … m_{k−1}
+
+    def update(x_start: Tensor, s: int, t: int, m_new: Tensor | None, order: int) -> tuple[Tensor, float]:
+        """UniP (m_new None) or UniC (m_new the output at t) from node s, whose output is outputs[s]; also the
+        weight of m_new in the result."""
+        m0 = outputs[s]
+        ratio = sig[t] / sig[s]
+        if sig[t] == 0:
+            return m0, 0.0  # first order into σ = 0: the data prediction itself
+        h = logsnr[t] - logsnr[s]
+        earlier = [s - i for i in range(1, order)]
+        rks = [(logsnr[j] - logsnr[s]) / h for j in earlier]
+        rhos, b_h = unipc_coefficients(rks, h, order, corrector=m_new is not None)
+        residual = sum((rho * (outputs[j] - m0) / r for rho, j, r in zip(rhos, earlier, rks)), torch.zeros_like(m0))
+        if m_new is None:
+            return ratio * x_start + (1.0 - ratio) * m0 - b_h * residual, 0.0  # (1 − σ_t/σ_s) = −h·φ₁ in VE form
+        residual = residual + rhos[-1] * (m_new - m0)
+        return ratio * x_start + (1.0 - ratio) * m0 - b_h * residual, -b_h * rhos[-1]
+
+    x_ve = x / sc[0]
+    for k in range(len(orders)):
+        denoised = denoiser(x_ve, sig[k], class_labels).to(x.dtype)
+        if k == 0:
+            corrected, delta, coeff = x_ve, None, 0.0
+        else:
+            corrected, weight = update(start_ve, k - 1, k, denoised, orders[k - 1])
+            coeff = sc[k] * weight
+            delta = coeff * (denoised - outputs[-1])
+        outputs.append(denoised)
+        x = yield Stage(sc[k] * corrected, delta, coeff, sig[k], sig[k])
+        start_ve = x / sc[k]
+        x_ve, _ = update(start_ve, k, k + 1, None, orders[k])
+    coeff = sc[-1] * (1.0 - sig[-1] / sig[-2])  # the final prediction's weight on m_{N−1} (1 into σ = 0)
+    delta = None if len(outputs) < 2 else coeff * (outputs[-1] - outputs[-2])
+    x = yield Stage(sc[-1] * x_ve, delta, coeff, sig[-2], sig[-1])
+    return x
+
+
+class UniPC(Solver):
+    """UniPC-bh2 / D-UniPC (data prediction) of a fixed order; NFE = steps ≥ 1, N + 1 stages (see unipc_stages)."""
+
+    prediction: ClassVar[str] = "data"
+    order: ClassVar[int]
+
+    def __init__(
+        self, sigmas: Tensor, scales: Tensor | None = None, unit_prior: bool = False, lower_order_final: bool = True
+    ) -> None:
+        super().__init__(sigmas, scales, unit_prior)
+        self.steps_for_nfe(len(self.sigmas) - 1)
+        self.orders = unipc_orders(self.sigmas, self.order, lower_order_final)
+
+    @classmethod
+    def steps_for_nfe(cls, nfe: int) -> int:
+        if nfe < 1:
+            raise NFEError(f"{cls.name} needs NFE ≥ 1, got {nfe}")
+        return nfe
+
+    @property
+    def nfe(self) -> int:
+        return len(self.sigmas) - 1
+
+    @property
+    def target_sigmas(self) -> Tensor:
+        return self.sigmas.clone()  # x_T, the corrected states at σ_1 … σ_{N−1}, the final prediction
+
+    @property
+    def lambda_fitted(self) -> list[bool]:
+        return [k > 0 and self.nfe > 1 for k in range(self.nfe + 1)]
+
+    @classmethod
+    def default_grid(cls, schedule: Schedule) -> tuple[str, dict[str, float | bool]]:
+        """logSNR-uniform on [σ_min, σ_max] (no terminal 0) on VP schedules; Karras ρ = 7 + 0 otherwise."""
+        if schedule.variance_preserving:
+            return "logsnr_uniform", {"terminal_zero": False}
+        return "karras", {}
+
+    def stages(self, denoiser: Denoiser, x: Tensor, class_labels: Tensor | None = None) -> StageGenerator:
+        return unipc_stages(denoiser, x, self.sigmas, self.scales, self.orders, class_labels)
+
+
+@register_solver
+class UniPC2(UniPC):
+    """UniPC-bh2, order 2 (diffusers' default for guided sampling)."""
+
+    name = "unipc_2"
+    order = 2
+
+
+@register_solver
+class UniPC3(UniPC):
+    """UniPC-bh2, order 3 (diffusers' default `solver_order`)."""
+
+    name = "unipc_3"
+    order = 3
