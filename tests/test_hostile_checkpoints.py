@@ -92,6 +92,22 @@ def test_malformed_snapshot_contents(tmp_path, case, expected):
     assert expected in _refusal(_write(tmp_path, dumps(snapshot)))
 
 
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        ({"num_blocks": 2000}, "more than"),  # before: 26 s building 44 k layers; 10⁹ never finished
+        ({"M": 10**9}, "stored init argument 'M' is 1000000000"),  # iDDPM's σ table loops M times
+        ({"channel_mult": [1] * 1000}, "stored init argument 'channel_mult' has 1000 entries"),
+    ],
+    ids=["num_blocks", "loop_count", "long_list"],
+)
+def test_init_kwargs_cannot_describe_a_huge_network(tmp_path, change, expected):
+    record = _tiny_record()
+    _state(record)["_init_kwargs"].update(change)
+    message = _refusal(_write(tmp_path, dumps({"ema": record})))
+    assert "cannot rebuild EDMPrecond" in message and expected in message
+
+
 def test_untrusted_text_is_quoted_and_shortened(tmp_path):
     fake = "net\n\x1b[2J\x1b[31mFAKE: all good"
     message = _refusal(_write(tmp_path, pickle.dumps({fake: 1}, protocol=4)))

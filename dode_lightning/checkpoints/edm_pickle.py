@@ -18,6 +18,7 @@ holds, so nothing is allocated on a file's say-so beyond the bytes the file cont
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import io
 import itertools
@@ -28,7 +29,7 @@ import struct
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +61,10 @@ file can make the unpickler allocate besides its own bytes (docs/hostile_checkpo
 MAX_NESTING = 100
 """Deepest container nesting accepted; the EDM fixture nests 18 levels (snapshot → record state → _modules → …)."""
 MAX_TENSOR_DIMS = 64
+MAX_INIT_INTEGER = 1 << 16
+"""Largest integer accepted in a network's stored constructor arguments (they size loops and layer counts); EDM's
+own settings are all below 10⁴ (M = 1000, max_positions = 10000, label_dim = 1000)."""
+MAX_INIT_LIST = 64
 LEGACY_STORAGE_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_STORAGE_PROTOCOL = 1001
 _STORAGE_DTYPES = {
@@ -490,6 +495,43 @@ def recover_state_dict(record: PersistentRecord) -> dict[str, Tensor]:
     return out
 
 
+def _check_init_values(value: Any, name: str) -> None:
+    """Bound the integers and lists in the stored constructor arguments before they size anything."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INIT_INTEGER:
+        raise CheckpointError(f"stored init argument {quoted(name)} is {quoted(value)}; EDM networks use integers up to {MAX_INIT_INTEGER}")
+    if isinstance(value, (list, tuple)):
+        if len(value) > MAX_INIT_LIST:
+            raise CheckpointError(f"stored init argument {quoted(name)} has {len(value)} entries; at most {MAX_INIT_LIST}")
+        for item in value:
+            _check_init_values(item, name)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_init_values(item, f"{name}.{key}" if isinstance(key, str) else name)
+
+
+@contextlib.contextmanager
+def _registration_budget(limit: int) -> Iterator[None]:
+    """Refuse a network whose constructor registers more than `limit` layers, parameters and buffers: the stored
+    init kwargs could describe a network far larger than the weights the file holds (num_blocks = 10⁹ would build
+    for hours), and such a network could not match those weights anyway."""
+    registered = 0
+
+    def charge(*_: Any) -> None:
+        nonlocal registered
+        registered += 1
+        if registered > limit:
+            raise CheckpointError(f"the init kwargs describe a network with more than {limit} layers, parameters and buffers, far more than the file's weights")
+
+    hooks = nn.modules.module
+    handles = [hooks.register_module_module_registration_hook(charge), hooks.register_module_parameter_registration_hook(charge),
+               hooks.register_module_buffer_registration_hook(charge)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def build_network(record: PersistentRecord) -> nn.Module:
     """Rebuild the preconditioned network from its init kwargs and load the recovered weights strictly.
 
@@ -501,7 +543,11 @@ def build_network(record: PersistentRecord) -> nn.Module:
         raise CheckpointError(f"network class {quoted(record.class_name)} is not one of {', '.join(PRECONDITIONERS)}")
     state_dict = recover_state_dict(record)
     try:
-        with torch.device("meta"):
+        _check_init_values(list(record.init_args), "_init_args")
+        for name, value in record.init_kwargs.items():
+            _check_init_values(value, name)
+        # Each stored tensor is one parameter or buffer of a layer: 4 registrations per tensor leave ample room.
+        with torch.device("meta"), _registration_budget(4 * len(state_dict) + 256):
             net = cls(*record.init_args, **record.init_kwargs)
     except Exception as err:  # the kwargs come from the file: any failure to build is the file's fault
         raise CheckpointError(f"cannot rebuild {record.class_name} from the stored init kwargs: {one_line(err)}") from None
