@@ -3,7 +3,9 @@
 Calibration: C = 10, |B| = 100 (seeds 0–99), closed-form λ. Evaluation on held-out seeds from 1,000,000: RMSE to the
 exact ODE state where the run ends, and the Fréchet distance (pixel space) of the generated set to the exact marginal
 there. Also: base solver at 5× each NFE (for "D at n ≈ base at 5n") and closed form vs Adam λ.
-Usage: PYTHONPATH=. python benchmarks/quality.py [--quick] [--held-out 500] [--families ddim,euler] [--out-dir docs]
+`--peers`: instead, every D-variant (history, groups, guard) against UniPC, DPM-Solver++, iPNDM and DEIS, each on
+its best grid, on the EDM σ range (issue 12).
+Usage: PYTHONPATH=. python benchmarks/quality.py [--quick] [--peers] [--held-out 500] [--families ddim,euler] [--out-dir docs]
 """
 from __future__ import annotations
 
@@ -34,12 +36,14 @@ from dode_lightning.distill import (
     build_teacher,
     evaluate_lambdas,
     fit_closed_form,
+    holdout_mask,
     rmse,
     seeded_noise,
     teacher_targets,
 )
 from dode_lightning.gmm import GaussianMixture, digits_mixture
-from dode_lightning.solvers import NFEError, Solver
+from dode_lightning.schedules import EDM
+from dode_lightning.solvers import LambdaLayout, NFEError, Solver
 
 NFES = [3, 4, 5, 6, 8, 10, 15, 25, 50]
 # EDM's Heun makes 2N − 1 evaluations: only odd NFE exist; the paper's Heun grid adds 9 and 49.
@@ -194,6 +198,215 @@ def plot(rows: list[dict], families: list[Family], path, column: int, ylabel: st
     plt.close(fig)
 
 
+# ---- D-variants against the best training-free samplers, every method on its best grid (issue 12) ----
+
+PEER_NFES = [4, 5, 6, 8, 10, 15]
+PEERS = ["unipc_2", "unipc_3", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "ipndm", "deis_3"]
+D_FAMILIES = ["euler", "unipc_2", "unipc_3", "dpm_solver_pp_3m", "ipndm", "deis_3"]
+# (label, grid, keywords): EDM σ 80 → 0.002, ending in σ = 0 or at σ_min ("N + 1": no final jump to 0).
+GRIDS = [
+    ("Karras+0", "karras", {}),
+    ("Karras N+1", "karras", {"terminal_zero": False}),
+    ("log-SNR+0", "logsnr_uniform", {}),
+    ("log-SNR N+1", "logsnr_uniform", {"terminal_zero": False}),
+    ("time+0", "time_uniform", {}),
+    ("time N+1", "time_uniform", {"terminal_zero": False}),
+]
+D_GRIDS = ["Karras+0", "Karras N+1", "log-SNR N+1"]
+PEER_TEACHER = "unipc_3"
+# (label, LambdaLayout history (0: all earlier outputs), groups, guard fraction)
+VARIANTS = [
+    ("D", 1, "none", 0.0),
+    ("D+guard", 1, "none", 0.2),
+    ("D h3", 3, "none", 0.0),
+    ("D h-all", 0, "none", 0.0),
+    ("D h-all+guard", 0, "none", 0.2),
+    ("D h-all blocks:2", 0, "blocks:2", 0.0),
+]
+
+
+def _setup(name: str, nfe: int, grid: str, kwargs: dict) -> SolverSetup | None:
+    try:
+        setup = SolverSetup.resolve(name, nfe, EDM(), grid, **kwargs)
+        setup.build()
+    except (NFEError, ValueError):
+        return None
+    return setup
+
+
+def versus_peers(measure: Measure, calib: Tensor, nfes: list[int], peers: list[str], families: list[str], variants: list) -> dict:
+    """RMSE of every peer on every grid and of every D-variant on the D grids; teacher error and calibration cost."""
+    grids = {label: (grid, kwargs) for label, grid, kwargs in GRIDS}
+    base: dict[tuple[str, str, int], float] = {}
+    for name in sorted(set(peers) | set(families)):
+        for label, (grid, kwargs) in grids.items():
+            for nfe in nfes:
+                setup = _setup(name, nfe, grid, kwargs)
+                if setup is not None:
+                    base[(name, label, nfe)] = measure(setup.build(), fd=False)[0]
+        print(f"base {name}: done", flush=True)
+    d_rows: dict[tuple[str, str, str, int], tuple[float, list[int]]] = {}
+    teacher_rows, costs = [], []
+    for name in families:
+        for label in D_GRIDS:
+            grid, kwargs = grids[label]
+            for nfe in nfes:
+                setup = _setup(name, nfe, grid, kwargs)
+                if setup is None:
+                    continue
+                student = setup.build()
+                start = time.perf_counter()
+                teacher, indices = build_teacher(student, setup, SCALE, "aligned", PEER_TEACHER)
+                targets = teacher_targets(teacher, indices, measure.mixture, calib)
+                teacher_seconds = time.perf_counter() - start
+                if label == D_GRIDS[0] and nfe in (5, 10):
+                    teacher_rows.append((name, nfe, teacher.nfe, measure(teacher, fd=False)[0], base[(name, label, nfe)]))
+                for tag, history, groups, guard in variants:
+                    layout = LambdaLayout(history or student.num_stages, groups)
+                    holdout = holdout_mask(CALIBRATION_SEEDS, guard) if guard else None
+                    start = time.perf_counter()
+                    fit = fit_closed_form(student, measure.mixture, calib, targets, layout=layout, holdout=holdout)
+                    fit_seconds = time.perf_counter() - start
+                    d_rows[(name, label, tag, nfe)] = (measure(student, layout.expand(fit.lambdas, calib.shape[1:]), fd=False)[0], fit.dropped)
+                    if label == D_GRIDS[0] and nfe == 10 and tag in ("D", "D h-all"):
+                        floor = _evaluation_floor(teacher, student, measure.mixture, calib)
+                        costs.append((name, tag, teacher_seconds, fit_seconds, floor))
+            print(f"D {name} on {label}: done", flush=True)
+    return {"base": base, "d": d_rows, "teachers": teacher_rows, "costs": costs}
+
+
+def _evaluation_floor(teacher: Solver, student: Solver, mixture: GaussianMixture, calib: Tensor) -> float:
+    """Seconds of the network evaluations calibration cannot avoid: the teacher run and one student run on |B|."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        teacher.sample(mixture, calib)
+        student.sample(mixture, calib)
+    return time.perf_counter() - start
+
+
+def _best(values: dict, keys) -> tuple[float, str] | None:
+    found = [(values[k], k) for k in keys if k in values]
+    return min(found, key=lambda item: item[0]) if found else None
+
+
+def peer_tables(result: dict, nfes: list[int], peers: list[str], families: list[str], variants: list) -> tuple[str, str, str, str, dict]:
+    """Best peer vs best D per NFE; per family base vs D-variants; teachers; calibration cost. Also the plot data."""
+    base, d_rows = result["base"], result["d"]
+    tags = [v[0] for v in variants]
+    summary, plot = [], {"peers": {}, "d": {}}
+    for nfe in nfes:
+        peer = _best(base, [(p, g, nfe) for p in peers for g, _, _ in GRIDS])
+        d_best = _best({k: v[0] for k, v in d_rows.items()}, [(f, g, t, nfe) for f in families for g in D_GRIDS for t in tags])
+        if peer is None or d_best is None:
+            continue
+        (p_err, (p_name, p_grid, _)), (d_err, (d_name, d_grid, d_tag, _)) = peer, d_best
+        summary.append([str(nfe), f"{p_err:.4f} ({p_name}, {p_grid})", f"{d_err:.4f} ({d_tag} {d_name}, {d_grid})", f"{d_err / p_err:.2f}×"])
+    for p in peers:
+        plot["peers"][p] = [(n, _best(base, [(p, g, n) for g, _, _ in GRIDS])) for n in nfes]
+    family_rows = []
+    for f in families:
+        for nfe in nfes:
+            best_base = _best(base, [(f, g, nfe) for g in D_GRIDS])
+            if best_base is None:
+                continue
+            b_err, (_, grid, _) = best_base
+            cells = [f, str(nfe), f"{b_err:.4f} ({grid})"]
+            for tag in tags:
+                entry = d_rows.get((f, grid, tag, nfe))
+                cells.append("—" if entry is None else f"{entry[0]:.4f} ({entry[0] / b_err:.2f}×)" + (f" drop {entry[1]}" if entry[1] else ""))
+            family_rows.append(cells)
+        plot["d"][f] = [(n, _best({k: v[0] for k, v in d_rows.items()}, [(f, g, t, n) for g in D_GRIDS for t in tags])) for n in nfes]
+    summary_table = markdown_table(["NFE", "best training-free peer (grid)", "best D-variant (grid)", "D / peer"], summary)
+    family_table = markdown_table(["family", "NFE", "base (its best D grid)", *tags], family_rows)
+    teacher_table = markdown_table(
+        ["student", "NFE", f"teacher ({PEER_TEACHER}) NFE", "teacher RMSE", "student base RMSE"],
+        [[n, str(nfe), str(t_nfe), f"{t_err:.5f}", f"{b_err:.4f}"] for n, nfe, t_nfe, t_err, b_err in result["teachers"]],
+    )
+    cost_table = markdown_table(
+        ["student (NFE 10)", "variant", "teacher (s)", "fit (s)", "evaluation floor (s)", "(teacher + fit) / floor"],
+        [[n, tag, f"{t:.2f}", f"{fit:.3f}", f"{floor:.2f}", f"{(t + fit) / floor:.2f}"] for n, tag, t, fit, floor in result["costs"]],
+    )
+    return summary_table, family_table, teacher_table, cost_table, plot
+
+
+def plot_peers(plot: dict, path) -> None:
+    """Error vs NFE: every peer on its best grid per NFE (grey) and each family's best D-variant (colour)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    for i, (name, points) in enumerate(plot["peers"].items()):
+        xs = [n for n, best in points if best]
+        ax.plot(xs, [best[0] for _, best in points if best], ls="--", marker="os^vD<"[i % 6], color=str(0.2 + 0.1 * i), label=f"{name} (best grid)")
+    for name, points in plot["d"].items():
+        xs = [n for n, best in points if best]
+        ax.plot(xs, [best[0] for _, best in points if best], "-o", label=f"best D-{name}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    nfes = sorted({n for points in plot["peers"].values() for n, _ in points})
+    ax.set_xticks(nfes, [str(n) for n in nfes])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("NFE")
+    ax.set_ylabel("RMSE to the exact ODE state")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def peers_main(args, measure: Measure, calib: Tensor, start: float) -> None:
+    """`--peers`: the comparison with the training-free samplers, its tables, plot and docs section."""
+    if args.quick:
+        nfes, peers, families, variants = [5, 10], ["unipc_2", "dpm_solver_pp_3m"], ["euler", "unipc_3"], VARIANTS[:1] + VARIANTS[3:4]
+    else:
+        nfes, peers, families, variants = PEER_NFES, PEERS, D_FAMILIES, VARIANTS
+    result = versus_peers(measure, calib, nfes, peers, families, variants)
+    summary, family, teachers, costs, plot = peer_tables(result, nfes, peers, families, variants)
+    seconds = time.perf_counter() - start
+    print(summary, family, teachers, costs, sep="\n\n")
+    print(f"\n{seconds:.0f} s in all")
+    out = output_dir(args)
+    if out is None:
+        return
+    plot_peers(plot, figure_path(out, "quality_peers"))
+    command = "PYTHONPATH=. python benchmarks/quality.py --peers" + (" --quick" if args.quick else "")
+    text = f"""## D-variants against the best training-free samplers (issue 12)
+
+`{command}` — {machine()}; {seconds:.0f} s wall.
+
+Exact digits mixture, EDM σ 80 → 0.002, RMSE to the exact ODE state where the run ends (σ = 0, or σ_min for the
+"N+1" grids that stop there) on {measure.rmse_count} held-out seeds. Calibration: seeds 0–99, C = {SCALE}, `aligned`
+targets from a {PEER_TEACHER} teacher, closed form. Peers run on six grids (Karras ρ = 7, uniform log-SNR,
+uniform σ; each ending in 0 or at σ_min) and count on the best one per NFE; D-variants on {", ".join(D_GRIDS)}.
+Variants: `D` one λ per stage (the paper), `guard` 20 % of the calibration seeds held out (a stage whose λ does not
+lower their loss keeps λ = 0; "drop [k]" lists those stages), `h3` / `h-all` history m = 3 / all earlier outputs,
+`blocks:2` one λ per 4×4 quadrant.
+
+![RMSE vs NFE, peers and D](benchmarks/quality_peers.png)
+
+### Best peer vs best D-variant per NFE
+
+{summary}
+
+### Per family: base on its best grid (among the D grids) vs each D-variant on that grid
+
+{family}
+
+### Teacher error (Karras + 0 grid)
+
+{teachers}
+
+### Calibration cost (teacher + fit against the evaluation floor: teacher and student runs on |B| = 100)
+
+{costs}
+"""
+    write_section(out, "quality_peers", text)
+
+
 def main() -> None:
     args_parser = parser(__doc__)
     args_parser.add_argument("--held-out", type=int, default=500, help="seeds for the RMSE (exact ODE states)")
@@ -201,9 +414,15 @@ def main() -> None:
     args_parser.add_argument("--families", default=None, help="comma-separated solver names (default: all nine)")
     args_parser.add_argument("--adam-nfe", default="5,10", help="NFEs at which Adam is compared with the closed form")
     args_parser.add_argument("--adam-steps", type=int, default=300)
+    args_parser.add_argument("--peers", action="store_true", help="only the comparison with UniPC, DPM-Solver++, iPNDM, DEIS on their best grids")
     args = args_parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
+    if args.peers:
+        held_out = 100 if args.quick else args.held_out
+        test = seeded_noise(range(HELD_OUT_START, HELD_OUT_START + held_out), (1, 8, 8))[0]
+        peers_main(args, Measure(digits_mixture(), test, held_out), seeded_noise(CALIBRATION_SEEDS, (1, 8, 8))[0], start)
+        return
     if args.quick:
         families, nfes, held_out, fd_samples = [family("euler"), family("dpm_solver_3")], [5, 10], 100, 200
     else:

@@ -13,23 +13,24 @@ from benchmarks.common import write_section
 ROOT = Path(__file__).resolve().parents[1]
 
 CASES = [
-    ("quality", ["quality_rmse.png", "quality_fd.png"]),
-    ("cost", []),
-    ("overhead", []),
-    ("trajectories", ["fig2_cosine.png", "fig5_trajectory.png"]),
+    ("quality", [], "quality", ["quality_rmse.png", "quality_fd.png"]),
+    ("quality", ["--peers"], "quality_peers", ["quality_peers.png"]),
+    ("cost", [], "cost", []),
+    ("overhead", [], "overhead", []),
+    ("trajectories", [], "trajectories", ["fig2_cosine.png", "fig5_trajectory.png"]),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script,figures", CASES)
-def test_quick_mode_prints_a_table_and_writes_its_section(tmp_path, script, figures):
+@pytest.mark.parametrize("script,extra,section_name,figures", CASES)
+def test_quick_mode_prints_a_table_and_writes_its_section(tmp_path, script, extra, section_name, figures):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    command = [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--quick", "--out-dir", str(tmp_path)]
+    command = [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--quick", *extra, "--out-dir", str(tmp_path)]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "|---|" in result.stdout
     section = (tmp_path / "benchmarks.md").read_text()
-    assert f"<!-- begin {script} -->" in section and f"<!-- end {script} -->" in section
+    assert f"<!-- begin {section_name} -->" in section and f"<!-- end {section_name} -->" in section
     assert "--quick" in section
     for name in figures:
         assert (tmp_path / "benchmarks" / name).stat().st_size > 10_000
