@@ -325,9 +325,9 @@ class DODECalibration(pl.LightningModule):
             d_student = self.student.sample(self.denoiser, noise, self.applied_lambdas(), labels)
         decoder = self.loaded.decoder
         for tag, images in (("teacher", targets[-1]), ("base_student", base), ("d_student", d_student)):
-            if decoder is not None:  # latent model: the VAE decodes the grids (after the fit, images only)
+            if decoder is not None:  # latent model: the VAE decodes 16 of them, 4 per call (after the fit, images only)
                 with torch.no_grad():
-                    images = decoder.to(images.device)(images)
+                    images = torch.cat([decoder.to(images.device)(chunk) for chunk in images[:16].split(4)])
             writer.add_image(f"samples/{tag}", image_grid(images.cpu()), global_step=self.global_step)
         writer.flush()
 

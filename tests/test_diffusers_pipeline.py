@@ -1,12 +1,14 @@
 """The `diffusers_pipeline` source: tiny random-weight StableDiffusionPipeline folders written here with
 save_pretrained (no hub), classifier-free guidance as the pipeline computes it, CFG calibration, train.py and
 sample.py end to end, and the DDPMPipeline fixture folder."""
+import io
 import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dode_lightning.checkpoints import CheckpointError, load_denoiser
 from dode_lightning.cli import train_main
@@ -91,6 +93,15 @@ def test_guided_denoiser_equals_the_pipeline_step(tiny_sd, tiny_sd_v, prediction
     assert (unguided - x0).abs().max() > 1e-3  # guidance changes the result: the comparison above can fail
 
 
+def test_unet_batch_splits_the_guided_call(tiny_sd):
+    whole, split = _load(tiny_sd), _load(tiny_sd, unet_batch=2)
+    x = torch.randn(5, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    labels = torch.eye(len(PROMPTS), dtype=torch.float64)[[0, 3, 1, 5, 2]]
+    with torch.no_grad():
+        # float32 kernels differ in the last bits between batch shapes, amplified by w = 5
+        torch.testing.assert_close(split.denoiser(x, 1.5, labels), whole.denoiser(x, 1.5, labels), rtol=0, atol=1e-4)
+
+
 def test_prompt_embeds_file_equals_prompts(tiny_sd, tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import save_file
@@ -129,6 +140,9 @@ def test_prompt_file(tiny_sd, tmp_path):
         ({"guidance_scale": float("nan")}, "guidance_scale must be"),
         ({"prompts": [1, 2]}, "list of strings"),
         ({"prompts": "missing.txt"}, "prompt file"),
+        ({"guidance_scale": "7.5"}, "guidance_scale must be"),
+        ({"unet_batch": 0}, "unet_batch must be"),
+        ({"negative_prompt": None}, "negative_prompt must be"),
         ({"prompts": None, "prompt_embeds": "e.safetensors", "negative_prompt": "blurry"}, "negative_prompt needs"),
     ],
 )
@@ -211,7 +225,15 @@ def test_train_and_sample_end_to_end(tiny_sd, tmp_path, capsys):
     """train.py fits λ on the guided latent pipeline and records the guidance scale; sample.py decodes with the VAE,
     writes RGB images of the decoded size, and refuses the λ file at another guidance scale."""
     config = _config(tmp_path, tiny_sd)
-    assert train_main(["--config", str(config)]) == 0
+    logger = json.dumps({"class_path": "pytorch_lightning.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp_path / "tb"), "name": "sd"}})
+    assert train_main(["--config", str(config), "--trainer.logger", logger]) == 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents.*")).parent), size_guidance={"images": 0})
+    events.Reload()
+    grid = events.Images("samples/teacher")[0]  # the VAE decoded the 6 latents: 16×16 RGB, upscaled ×4 in the grid
+    assert (grid.width, grid.height) == (6 * 64, 64)
+    assert Image.open(io.BytesIO(grid.encoded_image_string)).mode == "RGB"  # not the 4-channel latents
     tensors, meta = load_lambdas(tmp_path / "lambdas.safetensors")
     assert meta["guidance_scale"] == GUIDANCE and isinstance(meta["guidance_scale"], float)
     assert meta["prompts"]["count"] == len(PROMPTS) and meta["class_conditional"] is True

@@ -22,7 +22,8 @@ Sources and their options:
   `diffusers`), or a latent, text-conditional `StableDiffusionPipeline` (`diffusers_pipeline.py`; needs
   diffusers and transformers). Options: `prompts` (a list, or a text file with one prompt per line) or
   `prompt_embeds` (a safetensors file with `prompt_embeds` (P, L, D) and `negative_prompt_embeds` (1, L, D)),
-  `negative_prompt` (default ''), `guidance_scale` (default 7.5, as the pipeline), `integer_timesteps`, `device`.
+  `negative_prompt` (default ''), `guidance_scale` (default 7.5, as the pipeline), `unet_batch` (samples per UNet
+  call, default all), `integer_timesteps`, `device`.
   The denoiser is the guided UNet in latent space; each seed draws one prompt index as a class label
   (`label_dim` = number of prompts); `decoder` is the VAE. Schedule: `VPDiscrete` of the folder's β table.
 * `gmm_digits` — the built-in exact Gaussian-mixture denoiser on 8×8 digits (no path). Options:
@@ -107,12 +108,13 @@ def _load_diffusers_pipeline(
     negative_prompt: str = "",
     guidance_scale: float | None = None,
     integer_timesteps: bool = False,
+    unet_batch: int | None = None,
     device: str = "cpu",
 ) -> LoadedDenoiser:
     from .diffusers_pipeline import SD_HUB_NAME, load_pipeline_folder
 
     folder = _require_path("diffusers_pipeline", path, f"a diffusers pipeline folder such as {SD_HUB_NAME} from the Hugging Face hub")
-    loaded = load_pipeline_folder(folder, prompts, prompt_embeds, negative_prompt, guidance_scale, integer_timesteps)
+    loaded = load_pipeline_folder(folder, prompts, prompt_embeds, negative_prompt, guidance_scale, integer_timesteps, unet_batch)
     loaded.denoiser.to(device)
     if loaded.decoder is not None:
         loaded.decoder.to(device)

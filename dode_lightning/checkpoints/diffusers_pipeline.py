@@ -113,14 +113,24 @@ class GuidedEpsModel(nn.Module):
     `StableDiffusionPipeline.__call__`); w = 1: the conditional output alone (the pipeline skips the unconditional
     half there, and the formula gives the same). No labels: the unconditional (negative-prompt) output.
     `prediction_type` `v_prediction`: ε = √ᾱ_t·v + √(1−ᾱ_t)·x_t at the model's (possibly fractional) timestep.
+    `unet_batch` caps the samples per UNet call (a guided call doubles them), so that a calibration batch of a
+    large UNet fits in accelerator memory; None: the whole batch at once.
     """
 
-    def __init__(self, unet: nn.Module, prompts: PromptBank, guidance_scale: float, prediction_type: str, schedule: VPDiscrete) -> None:
+    def __init__(
+        self, unet: nn.Module, prompts: PromptBank, guidance_scale: float, prediction_type: str, schedule: VPDiscrete, unet_batch: int | None = None
+    ) -> None:
         super().__init__()
         self.unet, self.prompts = unet, prompts
         self.guidance_scale, self.prediction_type, self.schedule = guidance_scale, prediction_type, schedule
+        self.unet_batch = unet_batch
 
     def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        size = self.unet_batch or len(x)
+        chunks = range(0, len(x), size)
+        return torch.cat([self._guided(x[i : i + size], t[i : i + size], None if class_labels is None else class_labels[i : i + size]) for i in chunks])
+
+    def _guided(self, x: Tensor, t: Tensor, class_labels: Tensor | None) -> Tensor:
         x32, t32 = x.to(torch.float32), t.to(torch.float32)
         count = len(x)
         negative = self.prompts.negative.expand(count, *self.prompts.negative.shape[1:])
@@ -246,10 +256,10 @@ def _text_encoder(folder: Path) -> tuple[Callable[[list[str]], Tensor], nn.Modul
 
 
 def _guidance(guidance_scale: float | None) -> float:
-    value = 7.5 if guidance_scale is None else float(guidance_scale)  # diffusers' StableDiffusionPipeline default
-    if not value >= 1.0 or value != value or value == float("inf"):
-        raise CheckpointError(f"guidance_scale must be a finite number ≥ 1 (1 = no guidance), got {guidance_scale}")
-    return value
+    value = 7.5 if guidance_scale is None else guidance_scale  # diffusers' StableDiffusionPipeline default
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 1.0 <= value < float("inf"):
+        raise CheckpointError(f"guidance_scale must be a finite number ≥ 1 (1 = no guidance), got {quoted(guidance_scale)}")
+    return float(value)
 
 
 def load_pipeline_folder(
@@ -259,6 +269,7 @@ def load_pipeline_folder(
     negative_prompt: str = "",
     guidance_scale: float | None = None,
     integer_timesteps: bool = False,
+    unet_batch: int | None = None,
 ) -> LoadedDenoiser:
     """A diffusers pipeline folder as a denoiser on the CPU (module doc); bad folders/options raise one-line errors."""
     folder = Path(path)
@@ -276,6 +287,10 @@ def load_pipeline_folder(
     if (prompts is None) == (prompt_embeds is None):
         raise CheckpointError(f"{kind} needs exactly one of prompts (a list or a text file, one per line) and prompt_embeds (a safetensors file)")
     scale = _guidance(guidance_scale)
+    if unet_batch is not None and (not isinstance(unet_batch, int) or isinstance(unet_batch, bool) or unet_batch < 1):
+        raise CheckpointError(f"unet_batch must be a positive integer (samples per UNet call) or null, got {quoted(unet_batch)}")
+    if not isinstance(negative_prompt, str):
+        raise CheckpointError(f"negative_prompt must be a string, got {quoted(negative_prompt)}")
     try:
         from diffusers import AutoencoderKL, UNet2DConditionModel
     except ImportError:
@@ -331,7 +346,7 @@ def load_pipeline_folder(
     if table is not None and table.shape[-1] != config.cross_attention_dim:
         raise CheckpointError(f"{prompt_embeds}: embeddings of width {table.shape[-1]}, the UNet expects {config.cross_attention_dim}")
     bank = PromptBank(count, negative.detach(), table, encode, prompt_list, text_encoder)
-    eps_model = GuidedEpsModel(unet, bank, scale, prediction, schedule)
+    eps_model = GuidedEpsModel(unet, bank, scale, prediction, schedule, unet_batch)
     denoiser = DiscreteEpsDenoiser(eps_model, schedule, integer_timesteps=integer_timesteps, conditional=True)
     size = config.sample_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
