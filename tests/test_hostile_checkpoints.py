@@ -54,7 +54,7 @@ def test_deep_list_and_self_reference_are_refused(tmp_path):
 
 def test_operation_budget_bounds_container_sizes(tmp_path, monkeypatch):
     monkeypatch.setattr(edm_pickle._RestrictedUnpickler, "max_operations", 1000)
-    big_list = b"\x80\x04](" + b"N" * 2000 + b"e."  # a list of 2000 Nones: ~4000 operations
+    big_list = b"\x80\x04](" + b"N" * 2000 + b"e."  # a list of 2000 Nones: about 2000 operations
     assert "more than 1,000 pickle operations" in _refusal(_write(tmp_path, big_list))
 
 
@@ -147,7 +147,7 @@ def test_the_tensor_record_writer_round_trips(tmp_path):
 def test_tensor_record_claiming_more_than_its_storage_is_refused(tmp_path, held, size, stride, offset):
     # Before: set_ grew the storage with uninitialised memory and the network loaded (and sampled) with it.
     message = _refusal(_write(tmp_path, _with_weight(StoredTensor(legacy_storage_blob(torch.zeros(held)), size, stride, offset))))
-    assert f"its storage holds {held}" in message or "64-bit" in message
+    assert f"its storage holds {held}" in message
 
 
 def test_legacy_blob_reader_matches_torch(tmp_path):
