@@ -249,6 +249,20 @@ def test_train_and_sample_end_to_end(tiny_sd, tmp_path, capsys):
     noise, onehot = seeded_noise([0, 1, 2], (4, 8, 8), len(PROMPTS))
     assert labels == onehot.argmax(-1).tolist()  # the prompt each seed drew
     assert len(list(outdir.rglob("*.png"))) == 3
+    # The λ file exported as a DODEScheduler (issue 11 item 1) inside the real pipeline gives sample.py's images.
+    from diffusers import StableDiffusionPipeline
+
+    from dode_lightning import export_scheduler
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, local_files_only=True, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = export_scheduler(tmp_path / "lambdas.safetensors", tiny_sd)
+    assert pipe.scheduler.config.guidance_scale == GUIDANCE
+    images = pipe([PROMPTS[i] for i in labels], negative_prompt=[""] * 3, guidance_scale=GUIDANCE, num_inference_steps=4,
+                  latents=noise.float(), output_type="np").images
+    with np.load(next((outdir / "npz").glob("*.npz"))) as shard:
+        difference = np.abs(np.round(images * 255).astype(np.int64) - shard["images"].astype(np.int64))
+    assert difference.max() <= 1  # measured: identical uint8 images; ±1 allows a rounding tie on another CPU
 
     capsys.readouterr()
     other = _config(tmp_path, tiny_sd, guidance_scale=2.0)
