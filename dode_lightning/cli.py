@@ -193,7 +193,7 @@ def exact_report(module: DODECalibration, data: TeacherTargets, held_out: int = 
     from .distill import build_teacher
 
     mixture, student = module.denoiser, module.student
-    teacher, _ = build_teacher(student, module.setup_spec, data.scale, data.target_mode, data.teacher_name)
+    teacher, _ = build_teacher(student, module.setup_spec, data.scale, data.target_mode, data.teacher_name, module.layout.history)
     label_dim = module.loaded.label_dim if data._conditional(module) else 0
     lambdas = module.applied_lambdas().cpu()
     rows = []

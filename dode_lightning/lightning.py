@@ -343,7 +343,8 @@ class TeacherTargets(pl.LightningDataModule):
             seed) or `global_stream` (the official noise-side draw `torch.manual_seed(seed); torch.randn(|B|, C, H, W)`
             on the CPU; rank r takes rows r, r + W, … of that one batch, so the pooled fit sees the same union batch).
         target_mode: `aligned` (default; targets at the student states' noise levels) or `paper` (official index rule).
-        teacher: teacher solver (default: Euler/DDIM; iPNDM and DEIS use their own family).
+        teacher: teacher solver (default: Euler/DDIM, iPNDM and DEIS their own family; UniPC-3 when model.history > 1
+            with aligned targets).
         class_conditional: draw labels (default: when the denoiser has labels).
         adam_batch_size: minibatch for the Adam fit.
         cache_dir: where teacher targets are cached (null: no cache).
@@ -402,7 +403,7 @@ class TeacherTargets(pl.LightningDataModule):
         return noise[rank::world], None if labels is None else labels[rank::world]
 
     def metadata(self, module: DODECalibration) -> dict[str, Any]:
-        teacher, _ = build_teacher(module.student, module.setup_spec, self.scale, self.target_mode, self.teacher_name)
+        teacher, _ = build_teacher(module.student, module.setup_spec, self.scale, self.target_mode, self.teacher_name, module.layout.history)
         return {
             "teacher": teacher.name,
             "teacher_nfe": teacher.nfe,
@@ -426,7 +427,7 @@ class TeacherTargets(pl.LightningDataModule):
             return
         module: DODECalibration = self.trainer.lightning_module
         try:
-            teacher, indices = build_teacher(module.student, module.setup_spec, self.scale, self.target_mode, self.teacher_name)
+            teacher, indices = build_teacher(module.student, module.setup_spec, self.scale, self.target_mode, self.teacher_name, module.layout.history)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         self.teacher_nfe = teacher.nfe

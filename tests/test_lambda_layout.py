@@ -105,3 +105,11 @@ def test_lambda_file_records_the_layout_and_refuses_a_mismatch(tmp_path):
         lambdas_to_apply(path, tensors, meta, 9, (1, 8, 8))
     with pytest.raises(ValueError, match="blocks:N"):
         LambdaLayout(1, "bands")
+
+
+def test_default_teacher_is_unipc_3_for_more_than_one_direction():
+    setup = SolverSetup.resolve("euler", 5, EDM())
+    student = setup.build()
+    assert build_teacher(student, setup, 4, "aligned")[0].name == "euler"
+    assert build_teacher(student, setup, 4, "aligned", history=3)[0].name == "unipc_3"
+    assert build_teacher(student, setup, 4, "paper", history=3)[0].name == "euler"
