@@ -12,7 +12,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
@@ -165,6 +165,13 @@ def adam_lambdas(student: Solver, denoiser: Denoiser, noise: Tensor, targets: Te
     return (theta * scale).detach()
 
 
+class ReferenceODE(Protocol):
+    """Anything that solves the probability-flow ODE accurately from a VE-form state (the mixture's exact solution,
+    or a fine solver run on a network)."""
+
+    def exact_endpoint(self, x: Tensor, sigma_start: float, *, sigma_end: float = 0.0) -> Tensor: ...
+
+
 class ExactStates:
     """Exact ODE states where each solver run ends, computed once per (start σ, end σ) and reused.
 
@@ -174,7 +181,7 @@ class ExactStates:
     Batches of `chunk` keep DOP853's step count driven by few samples (faster than one big system).
     """
 
-    def __init__(self, mixture: GaussianMixture, noise: Tensor, chunk: int = 100) -> None:
+    def __init__(self, mixture: ReferenceODE, noise: Tensor, chunk: int = 100) -> None:
         self.mixture, self.noise, self.chunk = mixture, noise, chunk
         self.cache: dict[tuple[float, float], Tensor] = {}
         self.seconds = 0.0

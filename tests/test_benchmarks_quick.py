@@ -18,6 +18,7 @@ CASES = [
     ("cost", [], "cost", []),
     ("overhead", [], "overhead", []),
     ("trajectories", [], "trajectories", ["fig2_cosine.png", "fig5_trajectory.png"]),
+    ("learned", [], "learned", ["learned_rmse.png"]),
 ]
 
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dode_lightning.lambda_file import load_lambdas
 from tests.conftest import fixture_path
@@ -23,10 +24,17 @@ def _train(tmp_path, config, *extra):
 
 
 def test_every_config_is_listed():
-    assert {c.name for c in CONFIGS} == {"gmm_digits.yaml", "edm_ffhq.yaml", "edm_cifar10.yaml", "edm_imagenet64.yaml", "ddpm_cifar10.yaml", "sd_latent.yaml"}
+    assert {c.name for c in CONFIGS} == {
+        "gmm_digits.yaml", "edm_digits_net.yaml", "edm_ffhq.yaml", "edm_cifar10.yaml", "edm_imagenet64.yaml", "ddpm_cifar10.yaml",
+        "sd_latent.yaml",
+    }
 
 
-@pytest.mark.parametrize("config", [c for c in CONFIGS if c.name != "gmm_digits.yaml"], ids=lambda c: c.name)
+# Configs whose model ships with the package (built in, or a file in the repository).
+OFFLINE = ("gmm_digits.yaml", "edm_digits_net.yaml")
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c.name not in OFFLINE], ids=lambda c: c.name)
 def test_missing_checkpoint_names_the_file_and_the_release(tmp_path, config):
     result = _train(tmp_path, config)
     assert result.returncode == 2
@@ -64,3 +72,11 @@ def test_diffusers_config_runs_on_the_fixture_folder(tmp_path):
     tensors, meta = _train_tiny(tmp_path, "ddpm_cifar10.yaml", {"source": "diffusers", "path": str(folder)})
     assert meta["solver"] == "ddim" and meta["schedule"].startswith("VPDiscrete") and meta["state_dtype"] == "float32"
     assert bool((tensors["lambdas"] != 0).all())  # noise-side DDIM fits every λ, λ_0 included
+
+
+def test_digits_net_config_calibrates_the_shipped_network(tmp_path):
+    denoiser = yaml.safe_load((ROOT / "configs" / "edm_digits_net.yaml").read_text())["model"]["denoiser"]
+    network = ROOT / denoiser["path"]  # relative to the repository root, where the config is run from
+    tensors, meta = _train_tiny(tmp_path, "edm_digits_net.yaml", {**denoiser, "path": str(network)})
+    assert meta["solver"] == "heun" and meta["denoiser"] == hashlib.sha256(network.read_bytes()).hexdigest()
+    assert tensors["lambdas"].shape == (3,) and bool((tensors["lambdas"][1:] != 0).all())
