@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -35,3 +37,12 @@ def digits() -> GaussianMixture:
 
 def unit_noise(batch: int, shape: tuple[int, ...] = (1, 8, 8), seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def wait_for_pngs(process: subprocess.Popen, outdir: Path, count: int, timeout: float = 120) -> None:
+    """Wait until a running sample.py has written `count` PNGs into `outdir` (to interrupt it mid-run)."""
+    deadline = time.monotonic() + timeout
+    while len(list(outdir.rglob("*.png"))) < count:
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)

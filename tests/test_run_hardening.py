@@ -25,6 +25,7 @@ from dode_lightning.lambda_file import LambdaFileError, load_lambdas, save_lambd
 from dode_lightning.lightning import ConfigError, build_student
 from dode_lightning.sample_cli import sample_main
 from dode_lightning.sampling import ImageStore, parse_seeds
+from tests.conftest import wait_for_pngs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "gmm_digits.yaml"
@@ -241,11 +242,7 @@ def test_sigterm_stops_cleanly_and_the_rerun_finishes(tmp_path):
     outdir = tmp_path / "out"
     command = [sys.executable, str(ROOT / "sample.py"), *_args(outdir, "0-299", "--batch-size", "1")]
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while len(list(outdir.rglob("*.png"))) < 4:
-        assert process.poll() is None, "the run ended before it could be stopped"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for_pngs(process, outdir, 4)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM

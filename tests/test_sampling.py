@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from dode_lightning.lightning import ConfigError, build_student
 from dode_lightning.networks import EDMPrecond
 from dode_lightning.sample_cli import sample_main
 from dode_lightning.sampling import FixedBatch, ImageStore, format_seeds, parse_seeds, sample_seeds, to_uint8
+from tests.conftest import wait_for_pngs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "gmm_digits.yaml"
@@ -139,11 +139,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     fid = ("--fid-ref", "exact", "--fid-ref-count", "300")
     outdir = tmp_path / "resumed"
     process = subprocess.Popen(_command(outdir, seeds, "--batch-size", "2"), cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while len(list(outdir.rglob("*.png"))) < 6:
-        assert process.poll() is None, "the run ended before it could be interrupted"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for_pngs(process, outdir, 6)
     process.send_signal(signal.SIGKILL)
     process.wait()
     partial = _pngs(outdir)
