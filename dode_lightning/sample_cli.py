@@ -37,6 +37,7 @@ from .sampling import (
     SeedData,
     format_seeds,
     parse_seeds,
+    union_seeds,
     read_manifest,
 )
 
@@ -175,15 +176,14 @@ def _reference(spec: str, detector_features: int, is_builtin: bool, conditional:
     raise ConfigError(f"FID reference {path} not found: give an npz with mu/sigma, a folder of images, or 'exact'")
 
 
-def _manifest(args: argparse.Namespace, config: dict[str, Any], module: DODESampler, seeds: list[int], previous: dict[str, Any] | None) -> dict[str, Any]:
-    requested = sorted(set(seeds) | set(parse_seeds(previous["seeds"]) if previous else []))
+def _manifest(args: argparse.Namespace, config: dict[str, Any], module: DODESampler, previous: dict[str, Any] | None) -> dict[str, Any]:
     return {
         "format": MANIFEST_FORMAT,
         "identity": module.identity(),
         "config": {"path": str(Path(args.config).resolve()), "model": config.get("model"), "trainer": config.get("trainer")},
         "lambda_file": module.lambda_file,
         "image_shape": list(module.image_shape),
-        "seeds": format_seeds(requested),
+        "seeds": union_seeds(args.seeds, *([previous["seeds"]] if previous else [])),
         "last_command": {"seeds": args.seeds, "format": args.format, "batch_size": args.batch_size, "eval_batch": args.eval_batch},
     }
 
@@ -241,7 +241,7 @@ def sample_main(argv: list[str] | None = None) -> int:
             reference = _reference(args.fid_ref, detector.num_features, is_builtin, module.label_dim > 0, args.fid_ref_count)
             fid = FIDCallback(detector, reference, outdir, args.batch_size, extra={"seeds": format_seeds(seeds)})
             callbacks.append(fid)
-        writer = SampleWriter(store, _manifest(args, config, module, seeds, previous))
+        writer = SampleWriter(store, _manifest(args, config, module, previous))
         callbacks.append(writer)
     except _EXPECTED as err:
         return _fail(str(err))

@@ -50,6 +50,8 @@ except ImportError:  # Windows
 __all__ = [
     "parse_seeds",
     "format_seeds",
+    "seed_ranges",
+    "union_seeds",
     "to_uint8",
     "sample_seeds",
     "FixedBatch",
@@ -77,35 +79,47 @@ _PNG_FILE = re.compile(r"\d{6,}\.png")
 _SHARD_FILE = re.compile(r"seeds-\d{6,}-n\d+\.npz")
 
 
-def parse_seeds(spec: str, limit: int = MAX_SEEDS) -> list[int]:
-    """`0-49999`, `5`, `0,10-19,100` → sorted list of distinct seeds in [0, 2³²) (ranges are inclusive).
+def seed_ranges(*specs: str) -> list[tuple[int, int]]:
+    """The union of seed specs (`0-49999`, `5`, `0,10-19,100`) as sorted, disjoint, inclusive (first, last) ranges.
 
     Seeds are EDM's: a 32-bit generator seed each, so a larger seed would repeat the image of seed mod 2³² and is
-    refused. The ranges are merged and counted before any list is built, so a huge range fails at once.
+    refused. Nothing is materialised, so a huge range costs nothing here.
     """
     ranges: list[tuple[int, int]] = []
-    for part in str(spec).split(","):
-        # At most 20 digits: anything longer is out of range anyway, and int() of it would be slow or refused.
-        match = re.fullmatch(r"\s*(\d{1,20})\s*(?:-\s*(\d{1,20})\s*)?", part)
-        if match is None:
-            raise ConfigError(f"malformed seed range {_shorten(spec)!r}: use e.g. 0-49999, 7 or 0,10-19 (non-negative, inclusive, below 2^32)")
-        first = int(match[1])
-        last = int(match[2]) if match[2] is not None else first
-        if last < first:
-            raise ConfigError(f"malformed seed range {_shorten(spec)!r}: {first}-{last} is empty (write the smaller seed first)")
-        if last >= SEED_LIMIT:
-            raise ConfigError(f"seed {last} is too large: seeds are 32-bit generator seeds (0 … {SEED_LIMIT - 1}), a larger one would repeat the image of seed mod 2^32")
-        ranges.append((first, last))
-    merged: list[list[int]] = []
+    for spec in specs:
+        for part in str(spec).split(","):
+            # At most 20 digits: anything longer is out of range anyway, and int() of it would be slow or refused.
+            match = re.fullmatch(r"\s*(\d{1,20})\s*(?:-\s*(\d{1,20})\s*)?", part)
+            if match is None:
+                raise ConfigError(f"malformed seed range {_shorten(spec)!r}: use e.g. 0-49999, 7 or 0,10-19 (non-negative, inclusive, below 2^32)")
+            first = int(match[1])
+            last = int(match[2]) if match[2] is not None else first
+            if last < first:
+                raise ConfigError(f"malformed seed range {_shorten(spec)!r}: {first}-{last} is empty (write the smaller seed first)")
+            if last >= SEED_LIMIT:
+                raise ConfigError(f"seed {last} is too large: seeds are 32-bit generator seeds (0 … {SEED_LIMIT - 1}), a larger one would repeat the image of seed mod 2^32")
+            ranges.append((first, last))
+    merged: list[tuple[int, int]] = []
     for first, last in sorted(ranges):
         if merged and first <= merged[-1][1] + 1:
-            merged[-1][1] = max(merged[-1][1], last)
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
         else:
-            merged.append([first, last])
-    count = sum(last - first + 1 for first, last in merged)
+            merged.append((first, last))
+    return merged
+
+
+def parse_seeds(spec: str, limit: int = MAX_SEEDS) -> list[int]:
+    """`0-49999`, `5`, `0,10-19,100` → sorted list of distinct seeds in [0, 2³²), at most `limit` of them."""
+    ranges = seed_ranges(spec)
+    count = sum(last - first + 1 for first, last in ranges)
     if count > limit:
         raise ConfigError(f"--seeds {_shorten(spec)!r} asks for {count} seeds; at most {limit} per run: split the range over several runs into the same --outdir")
-    return [seed for first, last in merged for seed in range(first, last + 1)]
+    return [seed for first, last in ranges for seed in range(first, last + 1)]
+
+
+def union_seeds(*specs: str) -> str:
+    """The union of seed specs, written as `parse_seeds` reads it (`0-14,20`), without listing the seeds."""
+    return ",".join(f"{first}" if first == last else f"{first}-{last}" for first, last in seed_ranges(*specs))
 
 
 def _shorten(text: str, limit: int = 60) -> str:
@@ -527,7 +541,11 @@ def read_manifest(outdir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError, RecursionError) as err:
         reason = getattr(err, "strerror", None) or type(err).__name__
         raise ConfigError(f"{path} is unreadable ({reason}); choose another --outdir") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("identity"), dict) or not isinstance(manifest.get("seeds"), str):
+    try:
+        valid = manifest["format"] == MANIFEST_FORMAT and isinstance(manifest["identity"], dict) and bool(seed_ranges(manifest["seeds"]))
+    except (TypeError, KeyError, ConfigError):
+        valid = False
+    if not valid:
         raise ConfigError(f"{path} is not a dode-lightning sample manifest; choose another --outdir")
     return manifest
 

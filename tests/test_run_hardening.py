@@ -102,6 +102,16 @@ def test_seeds_that_cannot_be_honoured_are_refused(in_tmp, capsys, spec, message
     assert not (in_tmp / "out").exists()
 
 
+def test_a_folder_with_more_seeds_than_one_run_takes_still_resumes(in_tmp):
+    outdir = in_tmp / "out"
+    assert sample_main(_args(outdir, "0-3")) == 0
+    manifest = json.loads((outdir / "manifest.json").read_text())
+    manifest["seeds"] = "0-3,100000000-119999999"  # what earlier runs of 10^7 seeds each recorded
+    (outdir / "manifest.json").write_text(json.dumps(manifest))
+    assert sample_main(_args(outdir, "4-5")) == 0
+    assert json.loads((outdir / "manifest.json").read_text())["seeds"] == "0-5,100000000-119999999"
+
+
 def test_largest_seed_is_distinct_and_overlapping_ranges_merge():
     assert parse_seeds("5-9,0-6,3") == list(range(10))
     assert parse_seeds("4294967295") == [4294967295]
@@ -116,7 +126,7 @@ def test_largest_seed_is_distinct_and_overlapping_ranges_merge():
 
 # --- 13: unexpected things in the output folder -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", ["png_folder_is_file", "npz_is_file", "manifest_is_dir", "manifest_is_list", "manifest_without_identity", "manifest_deep"])
+@pytest.mark.parametrize("case", ["png_folder_is_file", "npz_is_file", "manifest_is_dir", "manifest_is_list", "manifest_without_identity", "manifest_bad_seeds", "manifest_deep"])
 def test_unexpected_outdir_content_is_one_line_and_changes_nothing(in_tmp, capsys, case):
     outdir = in_tmp / "out"
     outdir.mkdir()
@@ -135,7 +145,11 @@ def test_unexpected_outdir_content_is_one_line_and_changes_nothing(in_tmp, capsy
         manifest.write_text("[" * 100_000 + "]" * 100_000)
         message = "is unreadable"
     else:
-        content = [] if case == "manifest_is_list" else {"format": sampling.MANIFEST_FORMAT, "seeds": "0-3"}
+        content = {
+            "manifest_is_list": [],
+            "manifest_without_identity": {"format": sampling.MANIFEST_FORMAT, "seeds": "0-3"},
+            "manifest_bad_seeds": {"format": sampling.MANIFEST_FORMAT, "identity": {}, "seeds": "0-99999999999"},
+        }[case]
         manifest.write_text(json.dumps(content))
         message = "not a dode-lightning sample manifest"
     before = _files(outdir)
