@@ -413,3 +413,42 @@ def test_lambda_layouts_run_as_sample_py_applies_them(digits, vp, history, group
         other = torch.zeros(3, 2, 8, 8, dtype=torch.float64)
         with pytest.raises(SchedulerConfigError, match="latents of another shape"):
             scheduler.step(other, scheduler.timesteps[0], other)
+
+
+def test_calibrated_scheduler_in_the_sd_pipeline_reproduces_sample_py(tiny_sd, tmp_path):
+    """train.py on the guided latent pipeline → export-scheduler → StableDiffusionPipeline with one generator and the
+    drawn prompt per seed gives sample.py's decoded images."""
+    folder, pipe, sd_config = tiny_sd
+    prompts = ["a red cat", "a blue dog", "an old boat"]
+    config = tmp_path / "sd.yaml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False},
+        "model": {"denoiser": {"source": "diffusers_pipeline", "path": str(folder), "prompts": prompts, "guidance_scale": GUIDANCE},
+                  "solver": "ddim", "nfe": 4, "state_dtype": "float32", "output": str(tmp_path / "lambdas.safetensors")},
+        "data": {"scale": 2, "batch_size": 3, "seed": 50, "cache_dir": str(tmp_path / "cache")},
+    }))
+    seeds = [0, 1, 2]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        assert train_main(["--config", str(config)]) == 0
+        assert sample_main(["--config", str(config), "--lambdas", str(tmp_path / "lambdas.safetensors"), "--seeds", "0-2",
+                            "--outdir", str(tmp_path / "images"), "--eval-batch", "3"]) == 0
+        assert sample_main(["export-scheduler", "--lambdas", str(tmp_path / "lambdas.safetensors"), "--pipeline", str(folder),
+                            "--out", str(tmp_path / "scheduler")]) == 0
+    scheduler = DODEScheduler.from_pretrained(tmp_path / "scheduler")
+    assert scheduler.config.guidance_scale == GUIDANCE and scheduler.calibrated_steps == 4
+    _, onehot = seeded_noise(seeds, (4, 8, 8), len(prompts))  # each seed's latents, then its prompt
+    drawn = [prompts[i] for i in onehot.argmax(-1).tolist()]
+
+    def pipeline_images(scheduler: DODEScheduler) -> np.ndarray:
+        pipe.scheduler = scheduler
+        images = pipe(drawn, negative_prompt=[""] * len(seeds), guidance_scale=GUIDANCE, num_inference_steps=4,
+                      generator=[torch.Generator().manual_seed(seed) for seed in seeds], output_type="pil").images
+        return np.stack([np.asarray(image) for image in images]).astype(int)
+
+    store = ImageStore(tmp_path / "images")
+    sampled = np.stack([np.asarray(Image.open(store.png_path(seed))) for seed in seeds]).astype(int)
+    mismatch = np.abs(pipeline_images(scheduler) - sampled)
+    assert np.abs(pipeline_images(DODEScheduler.from_config(sd_config)) - sampled).max() > 1  # the λ matter
+    print(f"\ncalibrated D-DDIM NFE 4 in StableDiffusionPipeline (guidance {GUIDANCE}) vs sample.py PNGs: max |Δ| = {mismatch.max()} (uint8), {(mismatch > 0).mean():.1e} of values differ")
+    assert mismatch.max() <= 1 and (mismatch > 0).mean() < 0.01
