@@ -1,22 +1,26 @@
 """`DODEScheduler`: any of this package's (D-)solvers as a diffusers scheduler, and `export_scheduler` for λ files.
 
-A diffusers pipeline calls the network itself and hands each output to `step()`. The scheduler therefore drives the
-solver's own stage generator lazily: `step()` k hands the output to a denoiser closure (converted to x̂₀), advances
-the generator by one evaluation (the state sent at step k triggers evaluation k), applies λ_k through the shared
-`StageCorrector` and returns the corrected state as `prev_sample`. No solver arithmetic lives here.
+A diffusers pipeline calls the network itself and hands each output to `step()`. The scheduler therefore runs the
+solver exactly as `sample.py` does — `run_stages` on its own stage generator, λ through the shared `StageCorrector`
+— in a worker thread whose denoiser pauses at every network evaluation: it hands the evaluation point to `step()`,
+which returns it as the next latents, and waits for the network output the pipeline computes there. The pipeline
+thus only ever sees evaluation points, so solvers that evaluate at a state they compute internally (UniPC's
+predictor after its corrector) run unchanged. No solver arithmetic lives here.
 
 Conventions. The pipeline's latents are diffusers' VP latents x_t = √ᾱ·x₀ + √(1−ᾱ)·ε, which equal this package's
 scaled state s·(x₀ + σn) with s = 1/√(1+σ²) = √ᾱ. Noise-side and VP-state solvers (`ddim`, DPM-Solver, DEIS, …)
-integrate exactly that state, so latents pass through unchanged and `init_noise_sigma = 1`. EDM-side VE-form
-solvers (`heun`) integrate x/s: the scheduler converts at its boundary, the pipeline never sees VE states, and
-`scale_model_input` is the identity for every solver. The network is called at the timestep t(σ) of each
-evaluation, exactly as `DiscreteEpsDenoiser` calls it in `sample.py` (fractional where σ is off the integer grid).
+integrate exactly that state, so `init_noise_sigma = 1`. EDM-side VE-form solvers (`heun`) integrate x/s: the
+scheduler converts at its boundary, the pipeline never sees VE states, and `scale_model_input` is the identity for
+every solver. Each evaluation point is handed out as `DiscreteEpsDenoiser` forms the network input in `sample.py`
+(x·s(σ)), and the network is called at its timestep t(σ) (fractional where σ is off the integer grid).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import queue
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,12 +31,12 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from torch import Tensor
 
 from .checkpoints.diffusers_folder import betas_from_scheduler_config
-from .denoisers import DiscreteEpsDenoiser, x0_from_eps
+from .denoisers import DiscreteEpsDenoiser, broadcast_sigma, eps_from_v, eps_from_x0, x0_from_eps
 from .distill import SolverSetup
 from .lambda_file import load_lambdas
 from .lambda_file import schedule_id as describe_schedule
 from .schedules import VPDiscrete
-from .solvers import SOLVERS, LambdaLayout, NFEError, Solver, StageCorrector, StageGenerator
+from .solvers import SOLVERS, LambdaLayout, NFEError, Solver, StageCorrector, run_stages
 
 __all__ = ["DODEScheduler", "SchedulerConfigError", "export_scheduler", "evaluation_sigmas"]
 
@@ -53,6 +57,62 @@ def evaluation_sigmas(solver: Solver) -> list[float]:
 
     solver.sample(record, torch.zeros(1, dtype=torch.float64))
     return called
+
+
+class _Stopped(Exception):
+    """Ends an abandoned solver run from inside its denoiser."""
+
+
+class SolverRun:
+    """One solver run (`run_stages` with a `StageCorrector`) in a worker thread, paused at every evaluation.
+
+    The run is the solver's denoiser: each call posts ("evaluate", x, σ) — x in VE form — and waits for `supply`
+    to provide (model output, network input) of that evaluation; `to_pair` turns them into (ε̂, x̂₀). The end of
+    the run posts ("final", state, None); an exception in the run is re-raised by `next_request`.
+    """
+
+    def __init__(self, solver: Solver, state: Tensor, corrector: StageCorrector, to_pair: Any) -> None:
+        self.to_pair = to_pair
+        self._requests: queue.Queue = queue.Queue()
+        self._outputs: queue.Queue = queue.Queue()
+        grad = torch.is_grad_enabled()  # grad mode is per thread: the run follows the caller's
+        self._thread = threading.Thread(target=self._run, args=(solver, state, corrector, grad), daemon=True)
+        self._thread.start()
+
+    def _run(self, solver: Solver, state: Tensor, corrector: StageCorrector, grad: bool) -> None:
+        try:
+            with torch.set_grad_enabled(grad):
+                final = run_stages(solver.stages(self, state), corrector=corrector)
+            self._requests.put(("final", final, None))
+        except _Stopped:
+            pass
+        except BaseException as err:  # handed to the pipeline's thread, which raises it
+            self._requests.put(("error", err, None))
+
+    def eps_and_denoised(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self._requests.put(("evaluate", x, float(sigma)))
+        supplied = self._outputs.get()
+        if supplied is None:
+            raise _Stopped
+        return self.to_pair(x, float(sigma), *supplied)
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+        return self.eps_and_denoised(x, sigma, class_labels)[1]
+
+    def next_request(self) -> tuple[str, Tensor, float | None]:
+        kind, value, sigma = self._requests.get()
+        if kind == "error":
+            raise value
+        return kind, value, sigma
+
+    def supply(self, model_output: Tensor, model_input: Tensor) -> None:
+        self._outputs.put((model_output, model_input))
+
+    def stop(self) -> None:
+        """End the run if it still waits for an output (a pipeline that stopped early, or a new set_timesteps)."""
+        if self._thread.is_alive():
+            self._outputs.put(None)
+            self._thread.join()
 
 
 class DODEScheduler(SchedulerMixin, ConfigMixin):
@@ -157,13 +217,12 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
     def _reset(self) -> None:
         self.solver: Solver | None = None
         self._evaluations: list[float] = []
+        if getattr(self, "_run", None) is not None:
+            self._run.stop()
         self._step_index = 0
         self._vp_state = True
-        self._stages: StageGenerator | None = None
-        self._correct: StageCorrector | None = None
-        self._pending_output: Tensor | None = None
+        self._run: SolverRun | None = None
         self._applied: Tensor | None = None
-        self._last_state: Tensor | None = None
         self._last_sample: Tensor | None = None
 
     @property
@@ -259,19 +318,16 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         """The identity: the latents already are the network's VP input."""
         return sample
 
-    def _denoise(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
-        """x̂₀ from the model output handed to the current `step()` (the solver's denoiser, VE-form x)."""
-        output, self._pending_output = self._pending_output, None
-        expected = self._evaluations[self._step_index]
-        if output is None or abs(float(sigma) - expected) > 1e-9 * max(1.0, expected):
-            raise RuntimeError(f"{self.config.solver} asked for an evaluation at σ = {float(sigma)} out of turn (step {self._step_index}, σ = {expected})")
-        output = output.to(device=x.device, dtype=x.dtype)
-        if self.config.prediction_type == "epsilon":
-            return x0_from_eps(x, sigma, output)
+    def _eps_and_denoised(self, x: Tensor, sigma: float, output: Tensor, model_input: Tensor) -> tuple[Tensor, Tensor]:
+        """(ε̂, x̂₀) at VE-form x from the network output, as `sample.py`'s denoisers form them (ε exact for ε-nets)."""
+        output = output.to(x.device)
         if self.config.prediction_type == "sample":
-            return output
-        scale = 1.0 / math.sqrt(1.0 + float(sigma) ** 2)  # v = α·ε − σ_vp·x₀ with α = s, σ_vp = s·σ, x_vp = s·x
-        return scale * scale * x - scale * float(sigma) * output
+            denoised = output.to(x.dtype)
+            return eps_from_x0(x, sigma, denoised), denoised
+        if self.config.prediction_type == "v_prediction":  # as the pipeline source turns v into ε (at the network input)
+            output = eps_from_v(model_input.to(output.dtype), torch.tensor(sigma, dtype=output.dtype, device=x.device), output)
+        eps = output.to(x.dtype)
+        return eps, x0_from_eps(x, sigma, eps)
 
     def step(
         self,
@@ -283,7 +339,7 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         generator: torch.Generator | None = None,
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple[Tensor]:
-        """One network evaluation of the solver: the corrected state x̃_k + λ_k·Δ_k, as the next latents.
+        """Hand the network output of evaluation k to the solver run; return where it evaluates next (or its end).
 
         `eta`, `use_clipped_model_output` and `generator` are accepted because DDIM/DDPM pipelines pass them; the
         solvers are deterministic ODE solvers (eta must be 0) and never clip.
@@ -298,29 +354,35 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         expected_t = float(self.timesteps[k])
         if abs(float(timestep) - expected_t) > 1e-3:
             raise SchedulerConfigError(f"step {k} got timestep {float(timestep)}, expected {expected_t}: loop over scheduler.timesteps in order")
-        sigma = self._evaluations[k]
-        if self._last_sample is not None and sample.shape == self._last_sample.shape and torch.equal(sample, self._last_sample):
-            state = self._last_state  # the latents we returned: continue from their full-precision state
-        else:
-            state = sample.to(self.state_dtype) / self._vp_ratio(sigma)
-        self._pending_output = model_output
         if k == 0:
-            lambdas = None if self.lambdas is None else self._lambdas_for(tuple(sample.shape[1:]), sample.device)
-            history = 1 if self.lambdas is None else self.layout.history
-            self._correct = StageCorrector(None if lambdas is None else (lambda i, _stage: lambdas[i]), history)
-            self._stages = self.solver.stages(self._denoise, state)
-            stage = next(self._stages)
-        else:
-            stage = self._stages.send(state)
-        new_state = self._correct(stage)
-        prev_sample = (new_state * self._vp_ratio(stage.sigma_next)).to(sample.dtype)
-        self._last_state, self._last_sample = new_state, prev_sample
+            self._start(sample)
+        elif not (sample.shape == self._last_sample.shape and torch.equal(sample, self._last_sample)):
+            raise SchedulerConfigError("the latents changed between steps (img2img/inpainting pipelines are not supported); pass back the prev_sample of the last step")
+        self._run.supply(model_output, sample)
+        kind, value, sigma = self._run.next_request()
         self._step_index += 1
-        if self._step_index == len(self._evaluations):
-            self._stages.close()
+        if kind == "evaluate":
+            prev_sample = value * broadcast_sigma(1.0 / math.sqrt(1.0 + sigma * sigma), value)  # the network input x·s(σ)
+        else:
+            prev_sample = value * self._vp_ratio(float(self.solver.sigmas[-1]))
+        if (kind == "final") != (self._step_index == len(self._evaluations)) or (kind == "evaluate" and not math.isclose(sigma, self._evaluations[k + 1], rel_tol=1e-9)):
+            raise RuntimeError(f"{self.config.solver} did not evaluate at its dry-run noise levels (step {k + 1}: {kind} at σ = {sigma})")
+        prev_sample = prev_sample.to(sample.dtype)
+        self._last_sample = prev_sample
         if not return_dict:
             return (prev_sample,)
         return SchedulerOutput(prev_sample=prev_sample)
+
+    def _start(self, sample: Tensor) -> None:
+        """Start the solver run from the pipeline's first latents and wait for its first evaluation."""
+        lambdas = None if self.lambdas is None else self._lambdas_for(tuple(sample.shape[1:]), sample.device)
+        history = 1 if self.lambdas is None else self.layout.history
+        corrector = StageCorrector(None if lambdas is None else (lambda i, _stage: lambdas[i]), history)
+        state = sample.to(self.state_dtype) / self._vp_ratio(float(self.solver.sigmas[0]))
+        self._run = SolverRun(self.solver, state, corrector, self._eps_and_denoised)
+        kind, _, sigma = self._run.next_request()
+        if kind != "evaluate" or not math.isclose(sigma, self._evaluations[0], rel_tol=1e-9):
+            raise RuntimeError(f"{self.config.solver} did not start with an evaluation at σ = {self._evaluations[0]}")
 
     def _lambdas_for(self, image_shape: tuple[int, ...], device: torch.device) -> Tensor:
         """The compact λ expanded by their layout for images of this shape (float64, as `sample.py` applies them)."""
