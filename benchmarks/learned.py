@@ -4,17 +4,17 @@ The exact mixture has no score error, so it cannot show a fitted correction over
 network (benchmarks/train_digits_net.py, shipped as dode_lightning/data/edm_digits_net.pkl, loaded through
 `load_denoiser("edm_pickle", …)`) can. Reference: the network's own probability-flow ODE solved by Heun with
 --reference-steps Karras steps from where each run starts to where it ends, checked against half the steps.
-Calibration: C = 10, |B| = 100 (seeds 0–99) or 10, `aligned` targets, closed form. Reported per run: RMSE to the
-reference on held-out seeds (from 1,000,000) and on the seeds the λ were fitted on (the generalisation gap), and the
-Fréchet distance in pixel space of the held-out samples to the training data (mean/covariance of the 1797 digits).
-Usage: PYTHONPATH=. python benchmarks/learned.py [--quick] [--held-out 500] [--families euler,heun] [--out-dir docs]
+Calibration: C = 10, |B| = 100 (seeds 0–99) or 10, `aligned` targets from a UniPC-3 teacher, closed form; variants
+from one λ per stage to history m = all × 2×2 spatial blocks, with and without the never-worse guard. Reported per
+run: RMSE to the reference on held-out seeds (from 1,000,000) and on the seeds the λ were fitted on (the
+generalisation gap), and the Fréchet distance in pixel space of the held-out samples to the training data.
+Usage: PYTHONPATH=. python benchmarks/learned.py [--quick] [--held-out 200] [--families euler,unipc_3] [--out-dir docs]
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -25,7 +25,6 @@ from benchmarks.common import (
     SCALE,
     ExactStates,
     Family,
-    family,
     figure_path,
     frechet_distance,
     machine,
@@ -34,21 +33,27 @@ from benchmarks.common import (
     parser,
     write_section,
 )
-from benchmarks.quality import nfes_for
+from benchmarks.quality import PEER_TEACHER, nfes_for
 from benchmarks.train_digits_net import DIGITS_NET_PATH
 from dode_lightning.checkpoints import load_denoiser
 from dode_lightning.denoisers import Denoiser
-from dode_lightning.distill import SolverSetup, build_teacher, fit_closed_form, rmse, seeded_noise, teacher_targets
+from dode_lightning.distill import SolverSetup, build_teacher, fit_closed_form, holdout_mask, rmse, seeded_noise, teacher_targets
 from dode_lightning.gmm import digits_data
 from dode_lightning.grids import append_zero, karras_sigmas
-from dode_lightning.solvers import Solver, run_stages
+from dode_lightning.solvers import LambdaLayout, Solver, run_stages
 from dode_lightning.solvers.first_order import heun_stages
 
 NFES = [4, 5, 6, 8, 10]
 # Heun realises only odd NFE; 9 stands in for 8/10 as in the paper's grid.
 HEUN_EXTRA = [9]
-# DEIS-3 is left out by default: on the exact model it tracks iPNDM within 2 %.
-FAMILY_NAMES = ["ddim", "euler", "heun", "ipndm", "dpm_solver_pp_3m"]
+# The families on the EDM schedule (one reference ODE solution serves them all), UniPC the strongest peer.
+FAMILIES = {
+    "euler": Family("euler", "edm", "Euler-x₀ = EDM DDIM (Karras)"),
+    "heun": Family("heun", "edm", "Heun = EDM (Karras)"),
+    "dpm_solver_pp_3m": Family("dpm_solver_pp_3m", "edm", "DPM-Solver++ 3M (Karras)"),
+    "unipc_3": Family("unipc_3", "edm", "UniPC-3 (Karras)"),
+}
+FAMILY_NAMES = ["euler", "unipc_3"]
 
 
 class FineHeun:
@@ -71,26 +76,41 @@ class FineHeun:
 
 @dataclass(frozen=True)
 class Variant:
-    """A sampler variant: its label, how it gets its λ from (student, setup, denoiser, calibration latents), and
-    how many of the calibration seeds it fits on (|B|)."""
+    """A sampler variant: base solver, or a D-variant with the capacity options of `LambdaLayout` (history m,
+    0 = all earlier outputs; λ groups), the never-worse guard (held-out fraction) and its calibration batch |B|."""
 
     label: str
-    calibrate: Callable[[Solver, SolverSetup, Denoiser, Tensor], Tensor | None]
+    distilled: bool = True
+    history: int = 1
+    groups: str = "none"
+    guard: float = 0.0
     batch: int = len(CALIBRATION_SEEDS)
 
-
-def _base(student: Solver, setup: SolverSetup, denoiser: Denoiser, calib: Tensor) -> None:
-    return None
-
-
-def _distilled(student: Solver, setup: SolverSetup, denoiser: Denoiser, calib: Tensor) -> Tensor:
-    teacher, indices = build_teacher(student, setup, SCALE, "aligned")
-    targets = teacher_targets(teacher, indices, denoiser, calib)
-    return fit_closed_form(student, denoiser, calib, targets).lambdas
+    def layout(self, student: Solver) -> LambdaLayout:
+        return LambdaLayout(self.history or student.num_stages, self.groups)
 
 
-# "D, |B| = 10": the same fit on a tenth of the batch, the generalisation check a single λ per stage allows.
-VARIANTS = [Variant("base", _base), Variant("D", _distilled), Variant("D, |B| = 10", _distilled, batch=10)]
+# From one λ per stage up to the most capacity (all earlier outputs × 2×2 spatial blocks), the latter also on a tenth
+# of the calibration batch: where a correction overfits, its held-out error rises while its calibration error falls.
+VARIANTS = [
+    Variant("base", distilled=False),
+    Variant("D"),
+    Variant("D h-all", history=0),
+    Variant("D h-all+guard", history=0, guard=0.2),
+    Variant("D h-all blocks:2", history=0, groups="blocks:2"),
+    Variant("D h-all blocks:2, |B|=10", history=0, groups="blocks:2", batch=10),
+]
+
+
+def calibrate(variant: Variant, student: Solver, denoiser: Denoiser, calib: Tensor, targets: Tensor) -> tuple[Tensor | None, list[int]]:
+    """The variant's λ (expanded as the sampler takes them) and the stages its guard dropped."""
+    if not variant.distilled:
+        return None, []
+    layout = variant.layout(student)
+    noise, targets = calib[: variant.batch], targets[:, : variant.batch]
+    holdout = holdout_mask(range(variant.batch), variant.guard) if variant.guard else None
+    fit = fit_closed_form(student, denoiser, noise, targets, layout=layout, holdout=holdout)
+    return layout.expand(fit.lambdas, noise.shape[1:]), fit.dropped
 
 
 class Measure:
@@ -139,7 +159,7 @@ def reference_check(measure: Measure, reference: FineHeun, count: int) -> list[l
 
 
 def run(families: list[Family], nfes: list[int], measure: Measure, calib: Tensor) -> list[dict]:
-    """All rows: per family, NFE and variant, the scores of `Measure`."""
+    """All rows: per family, NFE and variant, the scores of `Measure` (one teacher run per family and NFE)."""
     rows = []
     for fam in families:
         schedule = fam.make_schedule()
@@ -147,44 +167,59 @@ def run(families: list[Family], nfes: list[int], measure: Measure, calib: Tensor
         for nfe in nfes_for(fam, wanted):
             setup = SolverSetup.resolve(fam.solver, nfe, schedule)
             student = setup.build()
-            row = {"family": fam.solver, "nfe": nfe, "reference_fd": measure.reference_row(student)["fd"]}
+            teacher, indices = build_teacher(student, setup, SCALE, "aligned", PEER_TEACHER)
+            targets = teacher_targets(teacher, indices, measure.denoiser, calib)
             for variant in VARIANTS:
-                lambdas = variant.calibrate(student, setup, measure.denoiser, calib[: variant.batch])
-                row[variant.label] = measure(student, lambdas, variant.batch)
-            rows.append(row)
-            print("| " + " | ".join(_row_cells(row)) + " |", flush=True)
+                lambdas, dropped = calibrate(variant, student, measure.denoiser, calib, targets)
+                row = {"family": fam.solver, "nfe": nfe, "variant": variant.label, "dropped": dropped,
+                       "reference_fd": measure.reference_row(student)["fd"], **measure(student, lambdas, variant.batch)}
+                rows.append(row)
+            base = rows[-len(VARIANTS)]["held_out"]
+            print(f"{fam.solver} NFE {nfe}: " + ", ".join(f"{r['variant']} {r['held_out']:.4f} ({r['held_out'] / base:.2f}×)" for r in rows[-len(VARIANTS):]), flush=True)
     return rows
 
 
-def _row_cells(row: dict) -> list[str]:
-    base = row["base"]["held_out"]
-    cells = [row["family"], str(row["nfe"])]
-    for variant in VARIANTS:
-        score = row[variant.label]
-        ratio = "" if variant.label == "base" else f" ({score['held_out'] / base:.2f}×)"
-        cells += [f"{score['held_out']:.4f}{ratio}", f"{score['calib']:.4f}", f"{score['fd']:.3f}"]
-    return cells + [f"{row['reference_fd']:.3f}"]
+def _base_of(rows: list[dict], row: dict) -> float:
+    return next(r["held_out"] for r in rows if (r["family"], r["nfe"], r["variant"]) == (row["family"], row["nfe"], "base"))
 
 
-def header() -> list[str]:
-    cells = ["family", "NFE"]
-    for variant in VARIANTS:
-        cells += [f"{variant.label} held-out RMSE", f"{variant.label} RMSE on its calib. seeds", f"{variant.label} FD"]
-    return cells + ["reference FD"]
+def detail_table(rows: list[dict]) -> str:
+    """Every run: held-out RMSE (× base), RMSE on its own calibration seeds, their ratio, FD, dropped stages."""
+    lines = []
+    for row in rows:
+        base = _base_of(rows, row)
+        lines.append([
+            row["family"], str(row["nfe"]), row["variant"], f"{row['held_out']:.4f} ({row['held_out'] / base:.2f}×)",
+            f"{row['calib']:.4f}", f"{row['held_out'] / row['calib']:.2f}", f"{row['fd']:.3f}", f"{row['reference_fd']:.3f}",
+            ", ".join(map(str, row["dropped"])) or "—",
+        ])
+    header = ["family", "NFE", "variant", "held-out RMSE (× base)", "RMSE on its calib. seeds", "held-out / calib.", "FD", "reference FD", "guard dropped"]
+    return markdown_table(header, lines)
+
+
+def summary_table(rows: list[dict], variants: list[Variant]) -> str:
+    """Held-out RMSE per family and NFE (rows) and variant (columns), the best D-variant in bold."""
+    lines = []
+    keys = sorted({(r["family"], r["nfe"]) for r in rows}, key=lambda k: ([r["family"] for r in rows].index(k[0]), k[1]))
+    for fam, nfe in keys:
+        values = {r["variant"]: r["held_out"] for r in rows if (r["family"], r["nfe"]) == (fam, nfe)}
+        best = min((v for k, v in values.items() if k != "base"), default=None)
+        lines.append([fam, str(nfe)] + [f"**{values[v.label]:.4f}**" if values[v.label] == best else f"{values[v.label]:.4f}" for v in variants])
+    return markdown_table(["family", "NFE"] + [v.label for v in variants], lines)
 
 
 def best_per_nfe(rows: list[dict], nfes: list[int]) -> str:
     """Per NFE and variant, the family with the smallest held-out RMSE."""
     lines = []
     for nfe in nfes:
-        mine = [r for r in rows if r["nfe"] == nfe]
-        if not mine:
-            continue
         cells = [str(nfe)]
         for variant in VARIANTS:
-            best = min(mine, key=lambda r: r[variant.label]["held_out"])
-            cells.append(f"{best['family']} {best[variant.label]['held_out']:.4f}")
-        lines.append(cells)
+            mine = [r for r in rows if r["nfe"] == nfe and r["variant"] == variant.label]
+            if mine:
+                best = min(mine, key=lambda r: r["held_out"])
+                cells.append(f"{best['family']} {best['held_out']:.4f}")
+        if len(cells) > 1:
+            lines.append(cells)
     return markdown_table(["NFE"] + [f"best {v.label}" for v in VARIANTS], lines)
 
 
@@ -200,10 +235,10 @@ def plot(rows: list[dict], families: list[Family], path: Path) -> None:
     nrows = -(-len(families) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False)
     for ax, fam in zip(axes.flat, families):
-        mine = [r for r in rows if r["family"] == fam.solver]
-        nfes = [r["nfe"] for r in mine]
+        nfes = sorted({r["nfe"] for r in rows if r["family"] == fam.solver})
         for variant in VARIANTS:
-            ax.plot(nfes, [r[variant.label]["held_out"] for r in mine], "o-", label=variant.label)
+            mine = [r for r in rows if r["family"] == fam.solver and r["variant"] == variant.label]
+            ax.plot([r["nfe"] for r in mine], [r["held_out"] for r in mine], "o-", label=variant.label)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(nfes, [str(n) for n in nfes])
@@ -222,32 +257,30 @@ def plot(rows: list[dict], families: list[Family], path: Path) -> None:
 
 def main() -> None:
     args_parser = parser(__doc__)
-    args_parser.add_argument("--held-out", type=int, default=500, help="held-out seeds (RMSE and FD)")
+    args_parser.add_argument("--held-out", type=int, default=200, help="held-out seeds (RMSE and FD)")
     args_parser.add_argument("--families", default=",".join(FAMILY_NAMES), help="comma-separated solver names")
-    args_parser.add_argument("--reference-steps", type=int, default=128, help="Heun steps of the reference ODE solution")
-    args_parser.add_argument("--check-seeds", type=int, default=200, help="seeds for the reference's convergence check")
+    args_parser.add_argument("--reference-steps", type=int, default=64, help="Heun steps of the reference ODE solution")
+    args_parser.add_argument("--check-seeds", type=int, default=100, help="seeds for the reference's convergence check")
     args_parser.add_argument("--network", default=str(DIGITS_NET_PATH))
-    args_parser.add_argument("--threads", type=int, default=1)
+    args_parser.add_argument("--threads", type=int, default=2)
     args = args_parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    families = [family(name) for name in args.families.split(",")]
+    families = [FAMILIES[name] for name in args.families.split(",")]
     nfes, held_out, steps = NFES, args.held_out, args.reference_steps
     if args.quick:
-        families, nfes, held_out, steps = families[:2], [5], 100, 16
+        families, nfes, held_out, steps = families[:1], [5], 100, 16
     loaded = load_denoiser("edm_pickle", args.network)
     calib, _ = seeded_noise(CALIBRATION_SEEDS, loaded.image_shape)
     test, _ = seeded_noise(range(HELD_OUT_START, HELD_OUT_START + held_out), loaded.image_shape)
     reference = FineHeun(loaded.denoiser, steps)
     measure = Measure(loaded.denoiser, reference, test, calib, digits_data()[0])
-    print("| " + " | ".join(header()) + " |", flush=True)
     rows = run(families, nfes, measure, calib)
     check = markdown_table(["reference σ range", "Heun steps", "RMSE to half the steps", "std of the states"],
                            reference_check(measure, reference, min(args.check_seeds, held_out)))
-    quality = markdown_table(header(), [_row_cells(r) for r in rows])
-    best = best_per_nfe(rows, nfes)
+    summary, detail, best = summary_table(rows, VARIANTS), detail_table(rows), best_per_nfe(rows, nfes)
     seconds = time.perf_counter() - start
-    print(check, quality, best, sep="\n\n")
+    print(check, summary, best, detail, sep="\n\n")
     print(f"\n{seconds:.0f} s in all, {measure.exact.seconds:.0f} s of it for the reference states")
     out = output_dir(args)
     if out is None:
@@ -260,14 +293,16 @@ def main() -> None:
 
 Model: `{args.network}`, a {sum(p.numel() for p in loaded.denoiser.parameters()):,}-parameter SongUNet inside
 EDMPrecond trained on the same digits with the EDM loss (`benchmarks/train_digits_net.py`). Unlike the exact mixture
-it has a score error, so here a correction fitted on the calibration batch can overfit. Calibration: C = {SCALE},
-|B| = 100 (seeds 0–99; "D, |B| = 10": seeds 0–9), `aligned` targets, closed-form λ, each family's default teacher.
-**held-out RMSE** ({held_out} seeds from {HELD_OUT_START:,}) and **RMSE on its calib. seeds** (the seeds its λ were
-fitted on; all 100 for the base solver) are to the network's own
-probability-flow ODE solution from the same latent (Heun, {steps} Karras steps, same start and end σ as the run);
-**FD** is the Fréchet distance in pixel space of the held-out samples to the mean/covariance of the 1797 training
-digits (moved to the σ where the run ends); "reference FD" is that of the reference ODE solutions, the limit every
-sampler approaches. Ratios are to the base solver.
+it has a score error, so here a correction fitted on the calibration batch can overfit. Students on the EDM Karras
+grid ending at 0 (each family's default). Calibration: C = {SCALE}, `aligned` targets from a {PEER_TEACHER} teacher
+(as `quality.py --peers`), closed form, |B| = 100 (seeds 0–99) or 10 (seeds 0–9, the most capacity only). Variants: `D` one λ per stage,
+`h-all` history m = all earlier outputs, `blocks:2` one λ per 4×4 quarter of the image (the digits have one channel,
+so per-channel λ is the scalar λ), `guard` 20 % of the calibration seeds held out (a stage whose λ does not lower
+their loss keeps λ = 0). **held-out RMSE** ({held_out} seeds from {HELD_OUT_START:,}) and **RMSE on its calib.
+seeds** (the seeds its λ were fitted on; all 100 for the base solver) are to the network's own probability-flow ODE
+solution from the same latent (Heun, {steps} Karras steps, same start and end σ as the run); **FD** is the Fréchet
+distance in pixel space of the held-out samples to the mean/covariance of the 1797 training digits; "reference FD"
+is that of the reference ODE solutions, the limit every sampler approaches.
 
 ![RMSE vs NFE on the learned network](benchmarks/learned_rmse.png)
 
@@ -275,11 +310,17 @@ Reference convergence:
 
 {check}
 
-{quality}
+Held-out RMSE (best D-variant in bold):
+
+{summary}
 
 Best family per NFE (held-out RMSE):
 
 {best}
+
+All runs:
+
+{detail}
 """
     write_section(out, "learned", text)
 
