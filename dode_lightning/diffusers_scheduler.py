@@ -101,6 +101,8 @@ class SolverRun:
 
     def next_request(self) -> tuple[str, Tensor, float | None]:
         kind, value, sigma = self._requests.get()
+        if kind != "evaluate":
+            self._thread.join()  # the run posts its end last
         if kind == "error":
             raise value
         return kind, value, sigma

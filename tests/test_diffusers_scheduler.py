@@ -3,8 +3,10 @@
 Pipeline runs use the tiny-ddpm fixture (random float32 UNet, outputs of magnitude ~300), so differences are reported
 relative to the largest latent: float32 arithmetic on either side gives ~1e-7 of it per step.
 """
+import inspect
 import json
 import math
+import threading
 import warnings
 from pathlib import Path
 
@@ -95,21 +97,48 @@ def test_zero_lambda_matches_ddim_scheduler_in_ddim_pipeline(ddpm_pipe, ddpm_con
     assert diff < 2e-6
 
 
-@pytest.mark.parametrize("order", [2, 3])
-def test_zero_lambda_matches_dpm_solver_pp_in_ddpm_pipeline(ddpm_pipe, ddpm_config, order):
-    config = ddpm_config
-    reference = diffusers.DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=order)
+MULTISTEP_REFERENCES = {
+    "dpm_solver_pp_2m": lambda config: diffusers.DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2),
+    "dpm_solver_pp_3m": lambda config: diffusers.DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=3),
+    "unipc_2": lambda config: diffusers.UniPCMultistepScheduler.from_config(config, solver_order=2, solver_type="bh2", predict_x0=True),
+    "unipc_3": lambda config: diffusers.UniPCMultistepScheduler.from_config(config, solver_order=3, solver_type="bh2", predict_x0=True),
+}
+
+
+@pytest.mark.parametrize("solver", sorted(MULTISTEP_REFERENCES))
+def test_zero_lambda_matches_multistep_schedulers_in_ddpm_pipeline(ddpm_pipe, ddpm_config, solver):
+    """DPM-Solver++ and UniPC (whose pipeline latents are its predictions, not its corrected states)."""
+    reference = MULTISTEP_REFERENCES[solver](ddpm_config)
     reference.set_timesteps(10)
+    if "generator" not in inspect.signature(reference.step).parameters:  # DDPMPipeline passes it to every scheduler
+        plain_step = reference.step
+        reference.step = lambda *args, generator=None, **kwargs: plain_step(*args, **kwargs)
     # Its grid (timesteps of its own spacing rule, then σ = 0) stored as our grid: σ(t) in float64 at the same t.
-    schedule = DODEScheduler.from_config(config).schedule  # the pipeline's β table, float32 values as diffusers'
+    schedule = DODEScheduler.from_config(ddpm_config).schedule  # the pipeline's β table, float32 values as diffusers'
     sigmas = schedule.sigma(reference.timesteps.double()).tolist() + [0.0]
-    ours_scheduler = DODEScheduler.from_config(config, solver=f"dpm_solver_pp_{order}m", sigmas=sigmas)
+    ours_scheduler = DODEScheduler.from_config(ddpm_config, solver=solver, sigmas=sigmas)
     theirs = run_pipeline(ddpm_pipe, reference, 10)
     ours = run_pipeline(ddpm_pipe, ours_scheduler, 10)
     assert torch.equal(ours_scheduler.timesteps, reference.timesteps)
     diff = relative_difference(ours, theirs)
-    print(f"\nDPMSolverMultistepScheduler (dpmsolver++, order {order}) vs DODEScheduler λ ≡ 0, 10 steps: max |Δ| / max |x| = {diff:.1e}")
+    print(f"\n{type(reference).__name__} vs DODEScheduler {solver} λ ≡ 0, 10 steps: max |Δ| / max |x| = {diff:.1e}")
     assert diff < 2e-6
+
+
+def test_abandoned_run_ends_and_run_errors_reach_the_caller(digits, vp):
+    scheduler = DODEScheduler(solver="unipc_3")
+    scheduler.set_timesteps(5)
+    model = exact_model(digits, vp, "epsilon")
+    x = unit_noise(2, seed=9)
+    threads = threading.active_count()
+    x = scheduler.step(model(x, scheduler.timesteps[0]), scheduler.timesteps[0], x).prev_sample
+    assert threading.active_count() == threads + 1  # the run waits for the next evaluation
+    scheduler.set_timesteps(5)  # a new run: the old one ends
+    assert threading.active_count() == threads
+    x = unit_noise(2, seed=9)
+    with pytest.raises(RuntimeError, match="size"):  # raised inside the run (a wrongly shaped output), re-raised here
+        scheduler.step(torch.zeros(2, 1, 4, 4, dtype=torch.float64), scheduler.timesteps[0], x)
+    assert threading.active_count() == threads
 
 
 @pytest.mark.parametrize("solver,steps", [("ddim", 10), ("dpm_solver_2", 6)])
