@@ -292,8 +292,9 @@ def fit_closed_form(
     rank's λ equal to the fit on the union batch (§1). Losses are mean squared errors per element over the
     pooled batch.
 
-    `holdout` (bool per sample) is the never-worse guard: those samples are left out of the sums, and a stage
-    whose λ does not lower their loss keeps λ_k = 0 (listed in `StageFit.dropped`).
+    `holdout` (bool per sample) is the never-worse guard: those samples are left out of the sums, a stage whose
+    λ does not lower their loss keeps λ_k = 0 (listed in `StageFit.dropped`), and if the λ do not bring their
+    final state closer to the teacher's than the base solver does, every λ is 0.
     """
     return _stage_pass(student, denoiser, noise, targets, class_labels, reduce, None, layout or LambdaLayout(), holdout)
 
@@ -391,11 +392,36 @@ def _stage_pass(
 
     corrector = StageCorrector(choose, layout.history)
     with torch.no_grad():
-        run_stages(student.stages(denoiser, previous[0], class_labels), observe=observe, corrector=corrector)
+        final = run_stages(student.stages(denoiser, previous[0], class_labels), observe=observe, corrector=corrector)
+        if guard and fixed is None and not _helps_at_the_end(student, denoiser, noise, targets[-1], class_labels, held, final, reduce):
+            dropped[:] = [k for k, free in enumerate(student.lambda_fitted) if free]
+            lambdas.zero_()
     return StageFit(
         lambdas, record["base"], record["fit"], record["dr"], record["dd"], record["coeff"], record["sigma"], float(count),
         record["step"], layout, dropped, record["held_base"], record["held_fit"],
     )
+
+
+def _helps_at_the_end(
+    student: Solver,
+    denoiser: Denoiser,
+    noise: Tensor,
+    target: Tensor,
+    class_labels: Tensor | None,
+    held: Tensor,
+    final: Tensor,
+    reduce: Reduce,
+) -> bool:
+    """Whether the fitted λ bring the held-out samples' final state closer to the teacher's than the base solver.
+
+    Stage by stage a λ can lower its own loss and still make the end worse (later steps of a high-order solver
+    cancel part of the earlier errors); this is the guard's last check, one base run on the held-out samples.
+    """
+    labels = None if class_labels is None else class_labels[held]
+    base = student.sample(denoiser, noise[held], class_labels=labels)
+    errors = torch.stack([((target[held] - final[held]).to(torch.float64) ** 2).sum(), ((target[held] - base).to(torch.float64) ** 2).sum()])
+    errors = reduce(errors)
+    return bool(errors[0] < errors[1])
 
 
 def stagewise_losses(

@@ -113,3 +113,14 @@ def test_default_teacher_is_unipc_3_for_more_than_one_direction():
     assert build_teacher(student, setup, 4, "aligned")[0].name == "euler"
     assert build_teacher(student, setup, 4, "aligned", history=3)[0].name == "unipc_3"
     assert build_teacher(student, setup, 4, "paper", history=3)[0].name == "euler"
+
+
+def test_guard_falls_back_to_the_base_solver_when_the_end_gets_worse(digits, problem):
+    """Held-out final targets that agree with the base solver exactly: any λ makes their end worse."""
+    student, noise, targets = problem
+    held = holdout_mask(range(60), 0.25)
+    bad = targets.clone()
+    bad[-1, held] = student.sample(digits, noise[held])
+    guarded = fit_closed_form(student, digits, noise, bad, holdout=held)
+    assert guarded.dropped == [1, 2, 3, 4] and float(guarded.lambdas.abs().sum()) == 0.0
+    assert float(fit_closed_form(student, digits, noise, targets, holdout=held).lambdas.abs().sum()) > 0
