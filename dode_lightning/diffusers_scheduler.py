@@ -169,11 +169,6 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
             raise SchedulerConfigError(f"prediction_type {prediction_type!r} is not supported; choose one of {', '.join(PREDICTION_TYPES)}")
         if solver not in SOLVERS:
             raise SchedulerConfigError(f"unknown solver {solver!r}; choose one of {', '.join(sorted(SOLVERS))}")
-        if not SOLVERS[solver].evaluates_at_stage_states:
-            raise SchedulerConfigError(
-                f"{solver} evaluates the network at states its stages do not return, so a pipeline cannot drive it one "
-                "step at a time; sample it with sample.py (the base solver: diffusers' UniPCMultistepScheduler)"
-            )
         if state_dtype not in ("float32", "float64"):
             raise SchedulerConfigError(f"state_dtype must be float32 or float64, got {state_dtype!r}")
         self.solver_class = SOLVERS[solver]

@@ -178,13 +178,8 @@ def exact_model(digits, vp, prediction: str):
     return model
 
 
-def test_a_solver_evaluated_off_its_stage_states_is_refused():
-    with pytest.raises(SchedulerConfigError, match="unipc_3 evaluates the network at states its stages do not return"):
-        DODEScheduler(solver="unipc_3")
-
-
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
-@pytest.mark.parametrize("name", sorted(name for name, cls in SOLVERS.items() if cls.evaluates_at_stage_states))
+@pytest.mark.parametrize("name", sorted(SOLVERS))  # UniPC too: it evaluates at a prediction it never yields
 def test_scheduler_loop_equals_solver_sample_for_every_solver(digits, vp, name, prediction):
     steps = 3 if name == "heun" else 5  # heun: 2·3 − 1 = 5 evaluations, repeated timesteps
     probe = DODEScheduler(solver=name)

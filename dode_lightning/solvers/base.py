@@ -28,9 +28,6 @@ class Solver(ABC):
 
     name: ClassVar[str]
     prediction: ClassVar[str]
-    evaluates_at_stage_states: ClassVar[bool] = True
-    """Whether every network evaluation is made at the state the previous stage produced: the contract of drivers
-    that hand one external evaluation per stage (DODEScheduler). UniPC evaluates at a prediction it never yields."""
 
     def __init__(self, sigmas: Tensor, scales: Tensor | None = None, unit_prior: bool = False) -> None:
         self.sigmas = torch.as_tensor(sigmas, dtype=torch.float64)

@@ -128,7 +128,6 @@ class UniPC(Solver):
 
     prediction: ClassVar[str] = "data"
     order: ClassVar[int]
-    evaluates_at_stage_states = False  # stage k ≥ 1 yields the corrected state; the next evaluation is at UniP of it
 
     def __init__(
         self, sigmas: Tensor, scales: Tensor | None = None, unit_prior: bool = False, lower_order_final: bool = True
