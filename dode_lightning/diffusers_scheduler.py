@@ -38,7 +38,7 @@ from .lambda_file import schedule_id as describe_schedule
 from .schedules import VPDiscrete
 from .solvers import SOLVERS, LambdaLayout, NFEError, Solver, StageCorrector, run_stages
 
-__all__ = ["DODEScheduler", "SchedulerConfigError", "export_scheduler", "evaluation_sigmas"]
+__all__ = ["DODEScheduler", "SchedulerConfigError", "SolverRun", "export_scheduler", "evaluation_sigmas"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
