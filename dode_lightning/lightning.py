@@ -23,6 +23,7 @@ from .atomic import atomic_path, writable_folder_error
 from .checkpoints import CheckpointError, LoadedDenoiser, load_denoiser
 from .checkpoints.errors import one_line
 from .distill import (
+    SEED_LIMIT,
     SolverSetup,
     StageFit,
     build_teacher,
@@ -367,6 +368,8 @@ class TeacherTargets(pl.LightningDataModule):
             raise ConfigError(f"the teacher scale C must be ≥ 2 (the paper uses 10), got {scale}")
         if batch_size < 1 or adam_batch_size < 1:
             raise ConfigError(f"batch sizes must be ≥ 1, got batch_size={batch_size}, adam_batch_size={adam_batch_size}")
+        if not 0 <= seed <= SEED_LIMIT - batch_size:
+            raise ConfigError(f"calibration seeds {seed} … {seed + batch_size - 1} must lie in 0 … {SEED_LIMIT - 1} (32-bit generator seeds); lower data.seed")
         if noise not in ("per_seed", "global_stream"):
             raise ConfigError(f"unknown noise {noise!r}; choose per_seed or global_stream")
         if noise == "global_stream" and not 0 <= seed < 1 << 64:

@@ -252,7 +252,7 @@ def test_written_files_follow_the_umask(in_tmp):
 
 # --- 21: SIGTERM stops the run between batches, resumably ---------------------------------------------------------------
 
-def test_sigterm_stops_cleanly_and_the_rerun_finishes(tmp_path):
+def test_sigterm_stops_cleanly_and_the_rerun_finishes(tmp_path, monkeypatch):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     outdir = tmp_path / "out"
     command = [sys.executable, str(ROOT / "sample.py"), *_args(outdir, "0-299", "--batch-size", "1")]
@@ -264,8 +264,8 @@ def test_sigterm_stops_cleanly_and_the_rerun_finishes(tmp_path):
     assert stderr.strip().splitlines()[-1].startswith("error: stopped by SIGTERM")
     partial = _pngs(outdir)
     assert 4 <= len(partial) < 300
-    result = subprocess.run([*command[:-2], "--batch-size", "64"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    monkeypatch.chdir(tmp_path)
+    assert sample_main(_args(outdir, "0-299", "--batch-size", "64")) == 0
     assert sorted(_pngs(outdir)) == list(range(300))
 
 
@@ -370,7 +370,16 @@ def train(tmp_path, monkeypatch):
     return run
 
 
-@pytest.mark.parametrize("override,message", [(["--model.denoiser.source", "hf_hub"], "unknown denoiser source"), (["--model.rho", "0"], "finite rho > 0"), (["--data.scale", "1000000"], "more than 1000000")])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (["--model.denoiser.source", "hf_hub"], "unknown denoiser source"),
+        (["--model.rho", "0"], "finite rho > 0"),
+        (["--data.scale", "1000000"], "more than 1000000"),
+        (["--data.seed", "4294967291"], "must lie in 0 … 4294967295"),
+        (["--data.seed", "-1"], "must lie in 0 … 4294967295"),
+    ],
+)
 def test_bad_model_section_is_one_line_in_train_py(train, capsys, override, message):
     assert train(*override) == 2
     assert message in _one_error_line(capsys)
