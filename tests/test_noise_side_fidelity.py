@@ -166,14 +166,14 @@ def test_train_py_global_stream_is_recorded_and_cached_apart(tmp_path, monkeypat
         "data: {scale: 2, batch_size: 6, seed: 3, class_conditional: false, cache_dir: " + json.dumps(str(tmp_path / "cache")) + "}\n"
     )
     runs = {}
-    for noise in ("per_seed", "global_stream", "global_stream"):
+    for noise, report in (("per_seed", "false"), ("global_stream", "true"), ("global_stream", "false")):
         out = tmp_path / f"{noise}.safetensors"
-        assert train_main(["--config", str(config), "--data.noise", noise, "--model.output", str(out)]) == 0
+        assert train_main(["--config", str(config), "--data.noise", noise, "--model.output", str(out), "--exact_report", report]) == 0
         runs[noise] = load_lambdas(out)
+    assert capsys.readouterr().out.count("| calibration (6) |") == 1  # the report scores the global-stream batch
     assert runs["per_seed"][1]["noise"] == "per_seed" and runs["global_stream"][1]["noise"] == "global_stream"
     assert len(list((tmp_path / "cache").glob("targets-*.pt"))) == 2  # one cache entry per noise, the second run hit it
     assert not torch.equal(runs["per_seed"][0]["lambdas"], runs["global_stream"][0]["lambdas"])
-    capsys.readouterr()
     assert train_main(["--config", str(config), "--data.noise", "shared"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "noise" in err[0], err
