@@ -24,6 +24,7 @@ from benchmarks.common import (
     HELD_OUT_START,
     SCALE,
     ExactStates,
+    ReferenceODE,
     Family,
     figure_path,
     frechet_distance,
@@ -38,7 +39,7 @@ from benchmarks.train_digits_net import DIGITS_NET_PATH
 from dode_lightning.checkpoints import load_denoiser
 from dode_lightning.denoisers import Denoiser
 from dode_lightning.distill import SolverSetup, build_teacher, fit_closed_form, holdout_mask, rmse, seeded_noise, teacher_targets
-from dode_lightning.gmm import digits_data
+from dode_lightning.gmm import digits_data, digits_mixture
 from dode_lightning.grids import append_zero, karras_sigmas
 from dode_lightning.solvers import LambdaLayout, Solver, run_stages
 from dode_lightning.solvers.first_order import heun_stages
@@ -116,10 +117,10 @@ def calibrate(variant: Variant, student: Solver, denoiser: Denoiser, calib: Tens
 class Measure:
     """Runs a sampler on held-out and calibration latents together and scores it against the reference states."""
 
-    def __init__(self, denoiser: Denoiser, reference: FineHeun, held_out: Tensor, calib: Tensor, data: Tensor) -> None:
+    def __init__(self, denoiser: Denoiser, reference: ReferenceODE, held_out: Tensor, calib: Tensor, data: Tensor, chunk: int) -> None:
         self.denoiser, self.held_count = denoiser, len(held_out)
         self.noise = torch.cat([held_out, calib])
-        self.exact = ExactStates(reference, self.noise, chunk=len(self.noise))
+        self.exact = ExactStates(reference, self.noise, chunk)
         self.runs: dict[tuple[float, float], Solver] = {}
         flat = data.reshape(len(data), -1).to(torch.float64)
         self.data_mean, self.data_cov = flat.mean(0), torch.cov(flat.T)
@@ -263,6 +264,7 @@ def main() -> None:
     args_parser.add_argument("--check-seeds", type=int, default=100, help="seeds for the reference's convergence check")
     args_parser.add_argument("--network", default=str(DIGITS_NET_PATH))
     args_parser.add_argument("--threads", type=int, default=2)
+    args_parser.add_argument("--exact-model", action="store_true", help="run the same variants on the exact mixture instead")
     args = args_parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -270,28 +272,55 @@ def main() -> None:
     nfes, held_out, steps = NFES, args.held_out, args.reference_steps
     if args.quick:
         families, nfes, held_out, steps = families[:1], [5], 100, 16
-    loaded = load_denoiser("edm_pickle", args.network)
-    calib, _ = seeded_noise(CALIBRATION_SEEDS, loaded.image_shape)
-    test, _ = seeded_noise(range(HELD_OUT_START, HELD_OUT_START + held_out), loaded.image_shape)
-    reference = FineHeun(loaded.denoiser, steps)
-    measure = Measure(loaded.denoiser, reference, test, calib, digits_data()[0])
+    calib, _ = seeded_noise(CALIBRATION_SEEDS, (1, 8, 8))
+    test, _ = seeded_noise(range(HELD_OUT_START, HELD_OUT_START + held_out), (1, 8, 8))
+    if args.exact_model:
+        # The same variants on the exact mixture: its own DOP853 solution is the reference (batches of 100, as quality.py).
+        denoiser = digits_mixture()
+        measure = Measure(denoiser, denoiser, test, calib, digits_data()[0], chunk=100)
+    else:
+        denoiser = load_denoiser("edm_pickle", args.network).denoiser
+        reference = FineHeun(denoiser, steps)
+        measure = Measure(denoiser, reference, test, calib, digits_data()[0], chunk=len(test) + len(calib))
     rows = run(families, nfes, measure, calib)
-    check = markdown_table(["reference σ range", "Heun steps", "RMSE to half the steps", "std of the states"],
-                           reference_check(measure, reference, min(args.check_seeds, held_out)))
     summary, detail, best = summary_table(rows, VARIANTS), detail_table(rows), best_per_nfe(rows, nfes)
+    check = "" if args.exact_model else markdown_table(
+        ["reference σ range", "Heun steps", "RMSE to half the steps", "std of the states"],
+        reference_check(measure, reference, min(args.check_seeds, held_out)),
+    )
     seconds = time.perf_counter() - start
     print(check, summary, best, detail, sep="\n\n")
     print(f"\n{seconds:.0f} s in all, {measure.exact.seconds:.0f} s of it for the reference states")
     out = output_dir(args)
     if out is None:
         return
+    command = "PYTHONPATH=. python benchmarks/learned.py" + (" --quick" if args.quick else "") + (" --exact-model" if args.exact_model else "")
+    if args.exact_model:
+        text = f"""### The same variants on the exact model
+
+`{command}` — {machine()}; {seconds:.0f} s wall. Same students, teacher, variants and seeds ({held_out} held-out),
+on the exact digits mixture; RMSE to its exact ODE solution (DOP853), FD to the same 1797 training digits.
+
+Held-out RMSE (best D-variant in bold):
+
+{summary}
+
+Best family per NFE (held-out RMSE):
+
+{best}
+
+All runs:
+
+{detail}
+"""
+        write_section(out, "learned_exact", text)
+        return
     plot(rows, families, figure_path(out, "learned_rmse"))
-    command = "PYTHONPATH=. python benchmarks/learned.py" + (" --quick" if args.quick else "")
     text = f"""## Learned network
 
 `{command}` — {machine()}; {seconds:.0f} s wall ({measure.exact.seconds:.0f} s of it for the reference states).
 
-Model: `{args.network}`, a {sum(p.numel() for p in loaded.denoiser.parameters()):,}-parameter SongUNet inside
+Model: `{args.network}`, a {sum(p.numel() for p in denoiser.parameters()):,}-parameter SongUNet inside
 EDMPrecond trained on the same digits with the EDM loss (`benchmarks/train_digits_net.py`). Unlike the exact mixture
 it has a score error, so here a correction fitted on the calibration batch can overfit. Students on the EDM Karras
 grid ending at 0 (each family's default). Calibration: C = {SCALE}, `aligned` targets from a {PEER_TEACHER} teacher
