@@ -116,6 +116,14 @@ def write_section(out_dir: Path, name: str, text: str) -> Path:
     return path
 
 
+def print_and_write(text: str, out: Path | None) -> None:
+    """Print a benchmark's Markdown report and, for a full run, write it to its own file under docs/."""
+    print("\n" + text)
+    if out is not None:
+        out.write_text(text)
+        print(f"wrote {out}")
+
+
 def figure_path(out_dir: Path, name: str) -> Path:
     """docs/benchmarks/<name>.png (created folder); link it from benchmarks.md as benchmarks/<name>.png."""
     folder = out_dir / "benchmarks"

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from benchmarks.common import print_and_write
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_EDM = dict(img_resolution=16, img_channels=3, model_type="SongUNet", model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
 RATE = re.compile(r"predict ([\d.]+) s, ([\d.]+) images/s")
@@ -145,11 +147,7 @@ def main() -> None:
                 *rows,
                 "",
             ]
-    text = "\n".join(lines)
-    print("\n" + text)
-    if out is not None:
-        out.write_text(text)
-        print(f"wrote {out}")
+    print_and_write("\n".join(lines), out)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -10,12 +9,12 @@ from typing import Any, Sequence
 
 import torch
 from jsonargparse import Namespace
-from lightning_fabric.utilities.exceptions import MisconfigurationException
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from pytorch_lightning.cli import LightningArgumentParser, SaveConfigCallback
 from tqdm.auto import tqdm
 
 from .atomic import writable_folder_error
 from .checkpoints import CheckpointError
+from .cli_common import CheckedTrainerCLI, forget_run_version, one_line, unique_version
 from .distill import StageFit, rmse, seeded_noise
 from .grids import GRIDS
 from .lambda_file import LambdaFileError, check_lambdas, save_lambdas
@@ -23,7 +22,7 @@ from .lightning import ConfigError, DODECalibration, TeacherTargets, limit_threa
 from .quiet import silence_lightning_noise
 from .solvers import SOLVERS
 
-__all__ = ["train_main", "HELD_OUT_SEED", "CalibrationCLI", "one_line", "run_version"]
+__all__ = ["train_main", "HELD_OUT_SEED", "CalibrationCLI", "parse_error", "run_version"]
 
 # Held-out seeds for the exact-model report start far from any calibration batch.
 HELD_OUT_SEED = 1_000_000
@@ -44,19 +43,9 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
-# Set by rank 0 once it has named the run, so the DDP processes it launches log under the same name.
-RUN_VERSION_ENV = "DODE_RUN_VERSION"
-
-
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
-
-
-def one_line(message: str, limit: int = 400) -> str:
-    """A parser's multi-line message as one line (indentation dropped), shortened to `limit` characters."""
-    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def parse_error(err: argparse.ArgumentError, program: str) -> str:
@@ -72,15 +61,7 @@ def run_version(model: Namespace, data: Namespace, root: Path) -> str:
     base = f"{model.solver}_nfe{model.nfe}_{data.target_mode}_{model.fit}"
     if data.teacher:
         base += f"_teacher-{data.teacher}"
-    version, count = base, 1
-    while (root / version).exists():
-        count += 1
-        version = f"{base}_{count}"
-    return version
-
-
-def _is_launched_rank() -> bool:
-    return any(int(os.environ.get(var, "0") or 0) > 0 for var in ("LOCAL_RANK", "NODE_RANK", "RANK"))
+    return unique_version(root, base)
 
 
 def _add_choices(parser: LightningArgumentParser, choices: dict[str, Sequence[str]]) -> None:
@@ -97,7 +78,7 @@ class SaveConfigToLogDir(SaveConfigCallback):
             super().setup(trainer, pl_module, stage)
 
 
-class CalibrationCLI(LightningCLI):
+class CalibrationCLI(CheckedTrainerCLI):
     """train.py's LightningCLI: no optimizer or lr-scheduler sections (λ have their own fit), choices in --help, an
     `--exact_report` switch, and TensorBoard runs named by configuration instead of `version_N`."""
 
@@ -117,13 +98,8 @@ class CalibrationCLI(LightningCLI):
         if not isinstance(logger, Namespace) or not str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
             return
         init = logger.init_args
-        if init.get("version") is not None:
-            return
-        if _is_launched_rank() and os.environ.get(RUN_VERSION_ENV):
-            init.version = os.environ[RUN_VERSION_ENV]
-            return
-        init.version = run_version(self.config.model, self.config.data, Path(init.save_dir) / (init.get("name") or ""))
-        os.environ[RUN_VERSION_ENV] = init.version
+        if init.get("version") is None:
+            init.version = run_version(self.config.model, self.config.data, Path(init.save_dir) / (init.get("name") or ""))
 
 
 def _output_path(module: DODECalibration, trainer: Any) -> Path:
@@ -230,8 +206,7 @@ def train_main(args: list[str] | None = None) -> int:
     """`python train.py --config configs/x.yaml [--model.nfe 5 …]`; returns the exit code."""
     started = time.perf_counter()
     silence_lightning_noise()
-    if not _is_launched_rank():
-        os.environ.pop(RUN_VERSION_ENV, None)  # a name chosen by an earlier run in this process is not ours
+    forget_run_version()
     try:
         cli = CalibrationCLI(
             DODECalibration,
@@ -252,8 +227,6 @@ def train_main(args: list[str] | None = None) -> int:
         trainer.fit(module, datamodule=data)
     except argparse.ArgumentError as err:
         return _fail(parse_error(err, "train.py"))
-    except MisconfigurationException as err:
-        return _fail(f"cannot set up the Trainer: {one_line(str(err))}; check the trainer section (e.g. --trainer.accelerator cpu on a machine without a GPU)")
     except (ConfigError, CheckpointError, FileNotFoundError, ImportError) as err:
         return _fail(str(err))
     fit = module.evaluate()  # a collective under DDP: every rank takes part

@@ -25,14 +25,15 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
+from tqdm.auto import tqdm
 
 from .lightning import ConfigError
 from .atomic import atomic_write_bytes
-from .sampling import SampleBatch, to_uint8
+from .sampling import GRID_FILE, MANIFEST, SampleBatch, to_uint8
 
 __all__ = [
     "InceptionFeatures",
@@ -52,11 +53,20 @@ __all__ = [
     "exact_reference_images",
     "FIDCallback",
     "clamped_fid",
+    "default_detector",
+    "check_detector_match",
+    "verify_images",
+    "sample_count_warning",
+    "reference_detector",
+    "load_reference_side",
 ]
 
 INCEPTION_FILE = "default_1.pt"
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+INCEPTION_ID = f"inception default_1.pt sha1 {INCEPTION_SHA1}"
+# The built-in model's image shape: its default detector is the pixel one (an Inception FID of 8×8 digits means little).
+BUILTIN_IMAGE_SHAPE = (1, 8, 8)
 
 
 def tf1_resize(x: Tensor, size: int) -> Tensor:
@@ -135,15 +145,44 @@ def find_inception() -> Path:
 
 @dataclass
 class Detector:
-    """A feature extractor and the name FID values computed with it are reported under."""
+    """A feature extractor, the spec that loads it (`name`), the name FID values computed with it are reported under,
+    and `identity`, which pins the weights (a file hash where there is a file); reference npz files record it."""
 
     module: nn.Module
     name: str
     metric_name: str
+    identity: str
 
     @property
     def num_features(self) -> int:
         return int(self.module.num_features)
+
+
+def default_detector(image_shape: Sequence[int], recorded: str | None = None) -> str:
+    """The one default rule: the detector a reference npz records; else `pixels` for the built-in model's 1×8×8
+    images and `inception` for everything else."""
+    if recorded:
+        return recorded
+    return "pixels" if tuple(image_shape) == BUILTIN_IMAGE_SHAPE else "inception"
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _probe_features(module: nn.Module, spec: str, image_shape: Sequence[int] | None) -> int:
+    if hasattr(module, "num_features"):
+        return int(module.num_features)
+    if image_shape is None:
+        raise ConfigError(f"detector {spec!r} has no num_features attribute; its feature size cannot be probed")
+    try:
+        with torch.no_grad():
+            features = module(torch.zeros(1, *image_shape, dtype=torch.uint8))
+    except Exception as err:  # a user's detector may fail in any way; say which one and why, in one line
+        raise ConfigError(f"detector {spec!r} fails on a uint8 batch of shape {(1, *image_shape)} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    if not torch.is_tensor(features) or features.ndim != 2:
+        raise ConfigError(f"detector {spec!r} must return (N, d) features, got {getattr(features, 'shape', type(features).__name__)}")
+    return int(features.shape[-1])
 
 
 def load_detector(spec: str, image_shape: Sequence[int] | None = None, weights: str | None = None) -> Detector:
@@ -152,42 +191,69 @@ def load_detector(spec: str, image_shape: Sequence[int] | None = None, weights: 
     A `module:factory` is called without arguments and must return an nn.Module; `weights` is then a state_dict file
     loaded with `torch.load(weights_only=True)`. Detectors other than `pixels` and `inception` get uint8 NCHW images.
     """
+    named = spec in ("inception", "pixels") or spec.startswith("inception:")
+    is_file = Path(spec).suffix in (".pt", ".pth", ".ts") or Path(spec).is_file()
+    is_factory = not named and not is_file and ":" in spec
+    if weights is not None and not is_factory:
+        raise ConfigError(f"--fid-weights applies to a <module>:<factory> detector only, not to {spec!r}")
     if spec == "inception" or spec.startswith("inception:"):
         path = Path(spec.split(":", 1)[1]) if ":" in spec else find_inception()
         if not path.is_file():
             raise ConfigError(f"Inception weights not found: {path}")
-        return Detector(InceptionFeatures(path), f"inception:{path}", "FID (fid-helper default_1 Inception)")
+        return Detector(InceptionFeatures(path), spec, "FID (fid-helper default_1 Inception)", INCEPTION_ID)
     if spec == "pixels":
         if image_shape is None:
             raise ConfigError("the pixels detector needs the image shape")
         module: nn.Module = PixelFeatures(image_shape)
-        return Detector(module, "pixels", "FD_pix (Fréchet distance on raw pixels; not Inception FID)")
+        return Detector(module, "pixels", "FD_pix (Fréchet distance on raw pixels; not Inception FID)", "pixels")
     path = Path(spec)
-    if path.suffix in (".pt", ".pth", ".ts") or path.is_file():
+    if is_file:
         if not path.is_file():
             raise ConfigError(f"detector file not found: {path}")
         try:
             module = torch.jit.load(str(path), map_location="cpu")
-        except RuntimeError as err:
+        except (RuntimeError, ValueError) as err:
             raise ConfigError(f"{path} is not a TorchScript module ({str(err).splitlines()[0]})") from None
-    elif ":" in spec:
+        identity = f"torchscript sha256 {_file_digest(path)}"
+    elif is_factory:
         name, attr = spec.split(":", 1)
         try:
             factory = getattr(importlib.import_module(name), attr)
         except (ImportError, AttributeError) as err:
             raise ConfigError(f"cannot import detector {spec!r}: {err}") from None
-        module = factory()
+        try:
+            module = factory()
+        except Exception as err:  # user code: report it in one line
+            raise ConfigError(f"detector factory {spec!r} failed ({type(err).__name__}: {err})") from None
+        if not isinstance(module, nn.Module):
+            raise ConfigError(f"detector factory {spec!r} returned {type(module).__name__}, not a torch.nn.Module")
+        identity = spec
         if weights is not None:
-            module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+            weights_path = Path(weights)
+            try:
+                module.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+            except FileNotFoundError:
+                raise ConfigError(f"--fid-weights {weights_path} not found") from None
+            except Exception as err:  # unpickling refusals, zip errors, key mismatches: all one line
+                reason = (str(err).splitlines() or [""])[0][:200]
+                raise ConfigError(f"--fid-weights {weights_path} is not a state_dict for {spec!r} ({type(err).__name__}: {reason})") from None
+            identity += f" weights sha256 {_file_digest(weights_path)}"
     else:
         raise ConfigError(f"unknown detector {spec!r}: use inception, inception:<file>, pixels, a TorchScript file or module:factory")
     module = module.eval()
+    num_features = _probe_features(module, spec, image_shape)
     if not hasattr(module, "num_features"):
-        if image_shape is None:
-            raise ConfigError(f"detector {spec!r} has no num_features attribute; its feature size cannot be probed")
-        with torch.no_grad():
-            module.num_features = int(module(torch.zeros(1, *image_shape, dtype=torch.uint8)).shape[-1])
-    return Detector(module, spec, f"FD ({spec} features; not Inception FID)")
+        module.num_features = num_features
+    return Detector(module, spec, f"FD ({spec} features; not Inception FID)", identity)
+
+
+def check_detector_match(path: Path, recorded: str | None, detector: Detector) -> None:
+    """Refuse a reference npz computed with another detector (EDM's files record none and are taken as they are)."""
+    if recorded is not None and recorded != detector.identity:
+        raise ConfigError(
+            f"reference {path} was computed with detector '{recorded}', this run uses '{detector.identity}'; "
+            "pass the same --fid-detector (and --fid-weights) or rebuild the reference with sample.py fid-ref"
+        )
 
 
 def make_metric(detector: Detector) -> FrechetInceptionDistance:
@@ -218,15 +284,34 @@ def metric_stats(metric: FrechetInceptionDistance, real: bool = True) -> tuple[T
     return mu, (cov_sum - n * torch.outer(mu, mu)) / (n - 1), n
 
 
-def save_reference(path: str | Path, mu: Tensor, sigma: Tensor, n: int, detector: str) -> None:
-    """EDM-style npz (`mu` (d,), `sigma` (d, d), float64) plus `n` and the detector name; written atomically."""
+def save_reference(path: str | Path, mu: Tensor, sigma: Tensor, n: int, detector: Detector) -> None:
+    """EDM-style npz (`mu` (d,), `sigma` (d, d), float64) plus `n`, the detector's identity and the spec that loads
+    it (`detector_spec`, the default detector of runs against this file); written atomically."""
     buffer = io.BytesIO()
-    np.savez(buffer, mu=mu.cpu().numpy(), sigma=sigma.cpu().numpy(), n=np.int64(n), detector=np.str_(detector))
+    np.savez(
+        buffer, mu=mu.cpu().numpy(), sigma=sigma.cpu().numpy(), n=np.int64(n), detector=np.str_(detector.identity), detector_spec=np.str_(detector.name)
+    )
     atomic_write_bytes(Path(path), buffer.getvalue())
 
 
+def reference_detector(path: str | Path) -> tuple[str | None, str | None]:
+    """(identity, spec) of the detector a reference npz records; (None, None) for EDM's files, which record none."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            identity = str(data["detector"]) if "detector" in data.files else None
+            spec = str(data["detector_spec"]) if "detector_spec" in data.files else None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"reference {path} is not a readable npz ({err})") from None
+    return identity, spec
+
+
 def load_reference_npz(path: str | Path, num_features: int) -> tuple[Tensor, Tensor, int]:
-    """Validated (μ, Σ, n) from an npz; n defaults to 2 when absent (any n ≥ 2 reproduces μ and Σ exactly)."""
+    """Validated (μ, Σ, n) from an npz; n defaults to 2 when absent (any n ≥ 2 reproduces μ and Σ exactly).
+
+    Σ must be a covariance: symmetric and positive semi-definite up to rounding. A matrix with a negative eigenvalue
+    makes tr √(Σ_r Σ_g) complex and the FID meaningless (torchmetrics would report its real part, even 0).
+    """
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -237,39 +322,72 @@ def load_reference_npz(path: str | Path, num_features: int) -> tuple[Tensor, Ten
             n = int(data["n"]) if "n" in keys else 2
     except ConfigError:
         raise
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, TypeError) as err:
         raise ConfigError(f"reference {path} is not a readable npz ({err})") from None
     d = num_features
     if mu.shape != (d,) or sigma.shape != (d, d):
         raise ConfigError(f"reference {path} has mu {mu.shape} and sigma {sigma.shape}; this detector needs ({d},) and ({d}, {d})")
+    try:
+        mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
+    except (TypeError, ValueError):
+        raise ConfigError(f"reference {path} holds non-numeric mu/sigma ({mu.dtype}, {sigma.dtype})") from None
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()) or n < 2:
         raise ConfigError(f"reference {path} has non-finite statistics or n < 2")
-    return torch.from_numpy(mu.astype(np.float64)), torch.from_numpy(sigma.astype(np.float64)), n
+    scale = max(float(np.abs(sigma).max()), np.finfo(np.float64).tiny)
+    if not np.allclose(sigma, sigma.T, rtol=0, atol=1e-9 * scale):
+        raise ConfigError(f"reference {path} has a sigma that is not symmetric, so not a covariance; rebuild it with sample.py fid-ref")
+    smallest = float(np.linalg.eigvalsh(sigma)[0])
+    if smallest < -1e-9 * scale * d:
+        raise ConfigError(f"reference {path} has a sigma with a negative eigenvalue ({smallest:.3g}), so not a covariance; rebuild it with sample.py fid-ref")
+    return torch.from_numpy(mu), torch.from_numpy(sigma), n
 
 
 def image_files(folder: str | Path) -> list[Path]:
-    """Image files under `folder` (recursive, sorted; hidden and temporary files skipped)."""
+    """Image files under `folder` (recursive, sorted; hidden and temporary files skipped, and the preview grid of a
+    sample.py output folder)."""
     folder = Path(folder)
+    preview = folder / GRID_FILE if (folder / MANIFEST).is_file() else None
     files = sorted(
-        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and p != preview and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
     if len(files) < 2:
-        raise ConfigError(f"reference folder {folder} holds {len(files)} image(s); FID statistics need at least 2")
+        raise ConfigError(f"image folder {folder} holds {len(files)} image(s); FID statistics need at least 2")
     return files
 
 
+def _unreadable(path: Path, err: Exception) -> ConfigError:
+    reason = (str(err).splitlines() or [""])[0][:200]
+    return ConfigError(f"cannot read image {path} ({type(err).__name__}: {reason}); remove or replace it")
+
+
+def verify_images(files: Sequence[Path]) -> None:
+    """Check every file is a whole image (PIL's verify: header and, for PNG, every chunk's CRC, without decoding)
+    before a run creates anything; a corrupt file is reported in one line."""
+    for path in files:
+        try:
+            with Image.open(path) as pil:
+                pil.verify()
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+            raise _unreadable(path, err) from None
+
+
 def _read_image(path: Path) -> np.ndarray:
-    with Image.open(path) as pil:
-        if pil.mode not in ("L", "RGB"):
-            pil = pil.convert("RGB")
-        array = np.asarray(pil)
+    try:
+        with Image.open(path) as pil:
+            if pil.mode not in ("L", "RGB"):
+                pil = pil.convert("RGB")
+            array = np.asarray(pil)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise _unreadable(path, err) from None
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
-def iter_image_batches(files: Sequence[Path], batch_size: int = 64) -> Iterator[Tensor]:
-    """uint8 NCHW batches; a batch ends early where the image size changes."""
+def iter_image_batches(files: Sequence[Path], batch_size: int = 64, desc: str | None = None) -> Iterator[Tensor]:
+    """uint8 NCHW batches; a batch ends early where the image size changes. `desc`: show a progress bar."""
     batch: list[np.ndarray] = []
-    for path in files:
+    for path in tqdm(files, desc=desc, unit="img", disable=desc is None):
         image = _read_image(path)
         if batch and (len(batch) == batch_size or image.shape != batch[0].shape):
             yield torch.from_numpy(np.stack(batch))
@@ -277,6 +395,16 @@ def iter_image_batches(files: Sequence[Path], batch_size: int = 64) -> Iterator[
         batch.append(image)
     if batch:
         yield torch.from_numpy(np.stack(batch))
+
+
+def sample_count_warning(n: int, num_features: int) -> str | None:
+    """A warning line when n samples cannot give a full-rank d×d covariance (n ≤ d): FID is then biased high."""
+    if n > num_features:
+        return None
+    return (
+        f"warning: {n} images for {num_features} features: the covariance has rank < d, so this FID is biased high; "
+        f"compare only at equal n (published numbers use 50,000)"
+    )
 
 
 def exact_reference_images(count: int, class_conditional: bool, seed: int = 2024) -> Tensor:
@@ -308,9 +436,36 @@ class Reference:
         return {"kind": self.kind, "path": str(self.path), "n": n}
 
 
+def load_reference_side(metric: FrechetInceptionDistance, ref: Reference, batch_size: int = 64, rank: int = 0, world: int = 1) -> None:
+    """Fill the metric's real side: npz statistics on global rank 0 only (states are summed across ranks); folder
+    and exact references split across ranks. Rank 0 shows a progress bar."""
+    device = metric.real_features_sum.device
+    with torch.no_grad():
+        if ref.kind == "npz":
+            if rank == 0:
+                load_stats(metric, *ref.stats)
+        elif ref.kind == "folder":
+            for images in iter_image_batches(ref.files[rank::world], batch_size, "reference images" if rank == 0 else None):
+                metric.update(images.to(device), real=True)
+        else:
+            images = exact_reference_images(ref.count, ref.class_conditional)[rank::world]
+            with tqdm(total=len(images), desc="reference (exact samples)", unit="img", disable=rank != 0) as bar:
+                for start in range(0, len(images), batch_size):
+                    chunk = images[start : start + batch_size]
+                    metric.update(chunk.to(device), real=True)
+                    bar.update(len(chunk))
+
+
 def clamped_fid(metric: FrechetInceptionDistance) -> float:
-    """metric.compute() (a collective under DDP), with the rounding negatives of identical sets clamped to 0."""
-    return max(float(metric.compute()), 0.0)
+    """metric.compute() (a collective under DDP), with the rounding negatives of identical sets clamped to 0.
+
+    A non-finite value, or a negative one beyond rounding (1e-6 per feature), means the statistics are not
+    covariances; it is an error, never reported as 0.
+    """
+    value = float(metric.compute())
+    if not math.isfinite(value) or value < -1e-6 * metric.real_features_sum.numel():
+        raise ConfigError(f"the Fréchet distance came out as {value:.6g}: the statistics are not valid covariances; check the reference")
+    return max(value, 0.0)
 
 
 class FIDCallback(Callback):
@@ -330,19 +485,7 @@ class FIDCallback(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.metric = make_metric(self.detector).to(pl_module.device)
-        rank, world = trainer.global_rank, trainer.world_size
-        ref = self.reference
-        with torch.no_grad():
-            if ref.kind == "npz":
-                if rank == 0:
-                    load_stats(self.metric, *ref.stats)
-            elif ref.kind == "folder":
-                for images in iter_image_batches(ref.files[rank::world], self.batch_size):
-                    self.metric.update(images.to(pl_module.device), real=True)
-            else:
-                images = exact_reference_images(ref.count, ref.class_conditional)[rank::world]
-                for start in range(0, len(images), self.batch_size):
-                    self.metric.update(images[start : start + self.batch_size].to(pl_module.device), real=True)
+        load_reference_side(self.metric, self.reference, self.batch_size, trainer.global_rank, trainer.world_size)
 
     def on_predict_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: SampleBatch, batch: Any, batch_idx: int, dataloader_idx: int = 0
@@ -360,6 +503,7 @@ class FIDCallback(Callback):
             "value": self.value,
             "num_generated": n_fake,
             "detector": self.detector.name,
+            "detector_identity": self.detector.identity,
             "num_features": self.detector.num_features,
             "reference": self.reference.describe(),
             **self.extra,

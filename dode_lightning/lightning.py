@@ -108,8 +108,13 @@ def build_student(
     sigma_max: float | None = None,
     rho: float | None = None,
     state_dtype: str = "float64",
+    grid_kwargs: dict[str, Any] | None = None,
 ) -> BuiltStudent:
-    """Load the denoiser (default: the built-in exact model) and build the student; bad settings → ConfigError."""
+    """Load the denoiser (default: the built-in exact model) and build the student; bad settings → ConfigError.
+
+    `grid_kwargs`: the complete grid settings as a λ file records them (with an explicit `grid`); sigma_min,
+    sigma_max and rho given as well override them.
+    """
     denoiser = denoiser or {"source": "gmm_digits"}
     if not isinstance(denoiser, dict) or "source" not in denoiser:
         raise ConfigError(f"the denoiser section must be a mapping with a source (edm_pickle, diffusers or gmm_digits), got {one_line(repr(denoiser), 80)}")
@@ -120,7 +125,7 @@ def build_student(
     except ValueError as err:  # unknown source or option, a path where none is taken: the config's fault
         raise ConfigError(f"denoiser section: {err}") from None
     loaded.denoiser.eval().requires_grad_(False)
-    grid_kwargs = {k: v for k, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)) if v is not None}
+    grid_kwargs = {**(grid_kwargs or {}), **{k: v for k, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)) if v is not None}}
     try:
         setup = SolverSetup.resolve(solver, nfe, loaded.schedule, grid, **grid_kwargs)
         student: Solver = setup.build()

@@ -1,9 +1,10 @@
 """Command-line entry of sampling (`sample.py`) and of reference statistics (`sample.py fid-ref`); docs/sampling.md.
 
-The run config is the calibration config: its `trainer` section (devices, strategy, num_nodes, logger, …) builds the
+The run config is the calibration config: its `trainer` section (devices, strategy, num_nodes, …) builds the
 Trainer through LightningCLI, and the sampling-relevant keys of its `model` section build `DODESampler`; the
 calibration-only keys (fit, adam_*, output) and the `data` section (except `class_conditional`) are ignored.
-Dotted overrides work as in train.py for those sections: `--trainer.devices 2 --model.nfe 5`.
+Solver, NFE and grid come from the λ file when one is given. Dotted overrides work as in train.py for those
+sections: `--trainer.devices 2 --model.nfe 5`. `sample.py fid` scores an existing folder against a reference.
 """
 from __future__ import annotations
 
@@ -15,19 +16,43 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import yaml
-from pytorch_lightning.cli import LightningCLI
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .atomic import atomic_path
 from .checkpoints import CheckpointError
-from .fid import Detector, FIDCallback, Reference, image_files, iter_image_batches, load_detector, load_reference_npz, make_metric, metric_stats, save_reference
+from .cli_common import CheckedTrainerCLI, forget_run_version, one_line, unique_version
+from .fid import (
+    BUILTIN_IMAGE_SHAPE,
+    Detector,
+    FIDCallback,
+    Reference,
+    check_detector_match,
+    clamped_fid,
+    default_detector,
+    image_files,
+    iter_image_batches,
+    load_detector,
+    load_reference_npz,
+    load_reference_side,
+    make_metric,
+    metric_stats,
+    reference_detector,
+    sample_count_warning,
+    save_reference,
+    verify_images,
+)
 from .lambda_file import LambdaFileError
 from .lightning import ConfigError, DODECalibration, limit_threads_for_builtin
+from .quiet import silence_lightning_noise
 from .sampling import (
+    GRID_FILE,
+    GRID_SEEDS,
     MANIFEST,
     MANIFEST_FORMAT,
     PredictTimer,
@@ -38,19 +63,21 @@ from .sampling import (
     format_seeds,
     parse_seeds,
     union_seeds,
+    fitted_settings,
     read_manifest,
+    write_grid,
 )
 
-__all__ = ["sample_main", "fid_ref_main", "export_scheduler_main", "SAMPLING_TRAINER_DEFAULTS"]
+__all__ = ["sample_main", "fid_ref_main", "fid_main", "export_scheduler_main", "SAMPLING_TRAINER_DEFAULTS"]
 
 SAMPLING_TRAINER_DEFAULTS: dict[str, Any] = {
     "enable_checkpointing": False,
     "enable_model_summary": False,
-    "logger": {
-        "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "runs", "name": "sampling", "default_hp_metric": False},
-    },
 }
+# TensorBoard runs of sample.py go under <save_dir>/SAMPLING_RUNS, apart from the calibration runs, and only with FID.
+SAMPLING_RUNS = "sampling"
+# Model keys a λ file fixes (it was fitted for exactly these).
+_FITTED_KEYS = ("solver", "nfe", "grid", "sigma_min", "sigma_max", "rho")
 # Keys the config's `model` section may hold for calibration that do not change how a seed is sampled.
 _SAMPLER_KEYS = [name for name in inspect.signature(DODESampler.__init__).parameters if name not in ("self", "lambdas", "class_conditional", "eval_batch")]
 _CALIBRATION_ONLY = [name for name in inspect.signature(DODECalibration.__init__).parameters if name not in ("self", *_SAMPLER_KEYS)]
@@ -62,16 +89,35 @@ def _fail(message: str) -> int:
     return 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one `error:` line (via ConfigError) instead of usage + message."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message}; see python {self.prog} --help")
+
+
+_DETECTOR_HELP = (
+    "inception | inception:<file> | pixels | <TorchScript file> | <module>:<factory> (default: the detector the "
+    "reference npz records; else pixels for the built-in model's 1×8×8 images, inception otherwise)"
+)
+
+
+def _add_fid_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fid-detector", help=_DETECTOR_HELP)
+    parser.add_argument("--fid-weights", help="state_dict for a <module>:<factory> detector")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sample.py",
+        allow_abbrev=False,
         description="Sample a D-ODE (or base) solver for a range of seeds through trainer.predict; optional FID.",
-        epilog="Dotted overrides of the config: --trainer.devices 2 --trainer.strategy ddp --model.nfe 5. "
-        "Reference statistics from a folder: python sample.py fid-ref --images DIR --out ref.npz. "
+        epilog="Reference statistics from a folder: python sample.py fid-ref --images DIR --out ref.npz. "
+        "FID of an existing folder: python sample.py fid --images DIR --fid-ref REF. "
         "A diffusers scheduler folder from a λ file: python sample.py export-scheduler --lambdas F --pipeline DIR --out DIR.",
     )
     parser.add_argument("--config", required=True, help="run config (the one train.py used)")
-    parser.add_argument("--lambdas", required=True, help="λ file from train.py, or 'none' for the base solver")
+    parser.add_argument("--lambdas", required=True, help="λ file from train.py (solver, NFE and grid are taken from it), or 'none' for the base solver")
     parser.add_argument("--seeds", required=True, help="inclusive ranges, e.g. 0-49999 or 0,10-19")
     parser.add_argument("--outdir", required=True, help="output folder (rerunning the same command resumes)")
     parser.add_argument("--batch-size", type=int, default=64, help="seeds per predict batch and rank (default 64)")
@@ -79,9 +125,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=("png", "npz", "both"), default="png", help="PNG files, npz shards, or both")
     parser.add_argument("--fid", action="store_true", help="compute FID of the seeds against --fid-ref")
     parser.add_argument("--fid-ref", help="reference: EDM-style npz (mu, sigma), a folder of images, or 'exact' (built-in model)")
-    parser.add_argument("--fid-detector", help="inception | inception:<file> | pixels | <TorchScript file> | <module>:<factory> (default: pixels for the built-in model, else inception)")
-    parser.add_argument("--fid-weights", help="state_dict for a <module>:<factory> detector")
+    _add_fid_options(parser)
     parser.add_argument("--fid-ref-count", type=int, default=10_000, help="exact samples for --fid-ref exact (default 10000)")
+    parser.add_argument("--print_config", action="store_true", help="print the effective trainer/model/data sections (after overrides and the λ file) as YAML and exit")
+    overrides = parser.add_argument_group(
+        "config overrides",
+        "Dotted keys of the config's sections, as in train.py: --model.KEY VALUE (denoiser, state_dtype, …; solver, nfe, "
+        "grid come from the λ file), --data.class_conditional true|false, and --trainer.KEY VALUE for any Trainer "
+        "argument: " + ", ".join(name for name in inspect.signature(pl.Trainer.__init__).parameters if name != "self") + ".",
+    )
+    overrides.add_argument("--trainer.KEY", metavar="VALUE", dest="_trainer_help", help="e.g. --trainer.devices 2 --trainer.strategy ddp --trainer.accelerator gpu")
     return parser
 
 
@@ -133,13 +186,23 @@ def _read_config(path: str, overrides: dict[str, dict[str, Any]]) -> dict[str, A
     return config
 
 
-def _model_args(config: dict[str, Any], lambdas: str, eval_batch: int) -> dict[str, Any]:
+def _model_args(config: dict[str, Any], lambdas: str, eval_batch: int, command_line: dict[str, Any]) -> dict[str, Any]:
+    """DODESampler's arguments; with a λ file, solver, NFE and grid are the file's (a different value given on the
+    command line is refused, one in the config file is replaced)."""
     model = dict(config.get("model") or {})
     unknown = sorted(set(model) - set(_SAMPLER_KEYS) - set(_CALIBRATION_ONLY))
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(unknown)} in the model section; accepted: {', '.join(_SAMPLER_KEYS + _CALIBRATION_ONLY)}")
     args = {k: v for k, v in model.items() if k in _SAMPLER_KEYS}
     args["lambdas"] = None if lambdas.lower() == "none" else lambdas
+    if args["lambdas"] is not None:
+        fitted = fitted_settings(args["lambdas"])
+        values = {"solver": fitted["solver"], "nfe": fitted["nfe"], "grid": fitted["grid"], **{k: v for k, v in fitted["grid_kwargs"].items() if k in _FITTED_KEYS}}
+        for key in _FITTED_KEYS:
+            if key in command_line and key in values and command_line[key] != values[key]:
+                raise ConfigError(f"--model.{key} {command_line[key]} conflicts with the λ file, fitted with {key} {values[key]}; drop the override, refit, or use --lambdas none")
+            args.pop(key, None)
+        args.update(values)
     args["eval_batch"] = eval_batch
     conditional = (config.get("data") or {}).get("class_conditional")
     if conditional is not None:
@@ -161,19 +224,48 @@ def check_writable(outdir: Path) -> None:
         raise ConfigError(f"output directory {outdir} is not writable ({err.strerror}); choose another --outdir") from None
 
 
-def _reference(spec: str, detector_features: int, is_builtin: bool, conditional: bool, count: int) -> Reference:
+def resolve_fid(
+    spec: str, detector_spec: str | None, weights: str | None, image_shape: tuple[int, ...], conditional: bool = False, count: int = 10_000
+) -> tuple[Detector, Reference]:
+    """The detector (`--fid-detector`, else the one default rule) and the validated reference, before anything runs.
+
+    An npz recording another detector is refused; a folder's images are checked whole; `exact` needs the built-in
+    model's images.
+    """
+    path = Path(spec)
+    recorded, recorded_spec = reference_detector(path) if spec != "exact" and path.is_file() else (None, None)
+    detector = load_detector(detector_spec or default_detector(image_shape, recorded_spec), image_shape, weights)
     if spec == "exact":
-        if not is_builtin:
+        if tuple(image_shape) != BUILTIN_IMAGE_SHAPE:
             raise ConfigError("--fid-ref exact is only available for the built-in gmm_digits model")
         if count < 2:
             raise ConfigError(f"--fid-ref-count must be ≥ 2, got {count}")
-        return Reference("exact", count=count, class_conditional=conditional)
-    path = Path(spec)
+        return detector, Reference("exact", count=count, class_conditional=conditional)
     if path.is_dir():
-        return Reference("folder", path=path, files=image_files(path))
+        files = image_files(path)
+        verify_images(files)
+        return detector, Reference("folder", path=path, files=files)
     if path.is_file():
-        return Reference("npz", path=path, stats=load_reference_npz(path, detector_features))
+        check_detector_match(path, recorded, detector)
+        return detector, Reference("npz", path=path, stats=load_reference_npz(path, detector.num_features))
     raise ConfigError(f"FID reference {path} not found: give an npz with mu/sigma, a folder of images, or 'exact'")
+
+
+def _warn(message: str | None) -> None:
+    if message:
+        print(message, file=sys.stderr)
+
+
+def _sampling_logger(config: dict[str, Any], module: DODESampler) -> TensorBoardLogger | None:
+    """TensorBoard under <save_dir>/sampling/<solver>_nfe<N>_<d|base>[_k], apart from the calibration runs
+    (save_dir from the config's logger, default runs); none when the config turns logging off."""
+    logger = (config.get("trainer") or {}).get("logger", True)
+    if logger in (False, None):
+        return None
+    save_dir = (logger.get("init_args") or {}).get("save_dir", "runs") if isinstance(logger, dict) else "runs"
+    kind = "base" if module.lambda_file is None else "d"
+    version = unique_version(Path(save_dir) / SAMPLING_RUNS, f"{module.built.setup.name}_nfe{module.student.nfe}_{kind}")
+    return TensorBoardLogger(save_dir=save_dir, name=SAMPLING_RUNS, version=version, default_hp_metric=False)
 
 
 def _manifest(args: argparse.Namespace, config: dict[str, Any], module: DODESampler, previous: dict[str, Any] | None) -> dict[str, Any]:
@@ -195,31 +287,43 @@ def sample_main(argv: list[str] | None = None) -> int:
         return fid_ref_main(argv[1:])
     if argv[:1] == ["export-scheduler"]:
         return export_scheduler_main(argv[1:])
-    args, rest = _parser().parse_known_args(argv)
+    if argv[:1] == ["fid"]:
+        return fid_main(argv[1:])
+    silence_lightning_noise()
+    forget_run_version()
     started = time.perf_counter()
     try:
-        config = _read_config(args.config, _overrides(rest))
+        args, rest = _parser().parse_known_args(argv)
+        command_line = _overrides(rest)
+        config = _read_config(args.config, command_line)
+        model_args = _model_args(config, args.lambdas, args.eval_batch, command_line["model"])
+        if args.print_config:
+            data_section = {k: v for k, v in (config.get("data") or {}).items() if k == "class_conditional"}
+            print(yaml.safe_dump({"trainer": config.get("trainer") or {}, "model": model_args, "data": data_section}, sort_keys=False, allow_unicode=True), end="")
+            return 0
         seeds = parse_seeds(args.seeds)
         outdir = Path(args.outdir)
         check_writable(outdir)
         store = ImageStore(outdir, args.format)
-        store.check_layout(seeds, [MANIFEST, "metrics.json"])
-        model_args = _model_args(config, args.lambdas, args.eval_batch)
+        store.check_layout(seeds, [MANIFEST, "metrics.json", GRID_FILE])
         want_fid = args.fid or args.fid_ref is not None
         if want_fid and args.fid_ref is None:
             raise ConfigError("--fid needs reference statistics: --fid-ref <npz|folder> (or 'exact' for the built-in model)")
-        trainer_cfg = {**(config.get("trainer") or {}), "use_distributed_sampler": True}
+        # Sampling logs nothing unless FID is asked for; its logger is attached below, under its own name.
+        trainer_cfg = {**(config.get("trainer") or {}), "use_distributed_sampler": True, "logger": False}
         data = SeedData(seeds, store, args.batch_size, load_written=want_fid)
         with warnings.catch_warnings():
             # Our own argv is not the CLI's: the config reaches LightningCLI as a dict on purpose.
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-            cli = LightningCLI(
+            cli = CheckedTrainerCLI(
                 DODESampler,
                 run=False,
                 args={"trainer": trainer_cfg, "model": model_args},
                 trainer_defaults=SAMPLING_TRAINER_DEFAULTS,
                 save_config_callback=None,
                 seed_everything_default=False,
+                auto_configure_optimizers=False,
+                parser_kwargs={"exit_on_error": False},
             )
         module, trainer = cli.model, cli.trainer
         limit_threads_for_builtin(module.built.loaded, trainer.strategy.root_device)
@@ -236,19 +340,23 @@ def sample_main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{outdir} holds samples of another configuration (differs in {', '.join(changed)}); choose another --outdir")
         fid = None
         if want_fid:
-            is_builtin = module.built.loaded.source == "gmm_digits"
-            detector = load_detector(args.fid_detector or ("pixels" if is_builtin else "inception"), module.image_shape, args.fid_weights)
-            reference = _reference(args.fid_ref, detector.num_features, is_builtin, module.label_dim > 0, args.fid_ref_count)
+            detector, reference = resolve_fid(args.fid_ref, args.fid_detector, args.fid_weights, module.image_shape, module.label_dim > 0, args.fid_ref_count)
+            if trainer.global_rank == 0:
+                _warn(sample_count_warning(len(seeds), detector.num_features))
             fid = FIDCallback(detector, reference, outdir, args.batch_size, extra={"seeds": format_seeds(seeds)})
             callbacks.append(fid)
+            trainer.logger = _sampling_logger(config, module)
         writer = SampleWriter(store, _manifest(args, config, module, previous))
         callbacks.append(writer)
+    except argparse.ArgumentError as err:
+        return _fail(f"{one_line(str(err))}; see python sample.py --help")
     except _EXPECTED as err:
         return _fail(str(err))
     for callback in callbacks:
         trainer.callbacks.append(callback)
     try:
         trainer.predict(module, datamodule=data, return_predictions=False)
+        grid = write_grid(store, seeds, module.image_shape) if trainer.global_rank == 0 else None  # while the folder is still locked
     except ConfigError as err:
         return _fail(str(err))
     except SIGTERMException:
@@ -260,57 +368,60 @@ def sample_main(argv: list[str] | None = None) -> int:
         return _fail(f"writing the samples failed ({reason}); {writer.written} new image(s) are kept, fix that and rerun the same command to resume")
     finally:
         store.unlock()
-    if trainer.global_rank != 0:
+    if grid is None:
         return 0
+    if trainer.logger is not None:
+        trainer.logger.experiment.add_image("samples/grid", torch.from_numpy(grid), global_step=0, dataformats="HWC")
+        trainer.logger.save()
     fresh, seconds = len(seeds) - data.already_written, timer.seconds
     rate = f", {fresh / seconds:.1f} images/s" if fresh else ""
     kind = "base solver" if module.lambda_file is None else f"D-solver (λ {module.lambda_file['path']})"
     print(f"\n{module.built.setup.name}, NFE {module.student.nfe}, {kind}")
     print(f"{len(seeds)} seeds ({args.seeds}): {fresh} generated on {trainer.world_size} process(es), {data.already_written} already in {outdir}; predict {seconds:.2f} s{rate}; total {time.perf_counter() - started:.2f} s")
+    print(f"image grid of the first {min(len(seeds), GRID_SEEDS)} seeds: {outdir / GRID_FILE}")
     if fid is not None:
         print(f"{fid.detector.metric_name}: {fid.value:.6g} (n = {fid.num_generated}, reference {fid.reference.describe()}); {outdir / 'metrics.json'}")
+        if trainer.logger is not None:
+            print(f"TensorBoard: tensorboard --logdir {trainer.logger.save_dir}  (run {SAMPLING_RUNS}/{trainer.logger.version})")
     return 0
 
 
 def fid_ref_main(argv: list[str] | None = None) -> int:
-    """`python sample.py fid-ref --images DIR --out ref.npz [--detector inception]`: μ, Σ (n − 1), n of a folder."""
-    parser = argparse.ArgumentParser(prog="sample.py fid-ref", description="Reference FID statistics (EDM-style npz) from a folder of images.")
+    """`python sample.py fid-ref --images DIR --out ref.npz [--fid-detector …]`: μ, Σ (n − 1), n of a folder."""
+    parser = _Parser(prog="sample.py fid-ref", allow_abbrev=False, description="Reference FID statistics (EDM-style npz) from a folder of images.")
     parser.add_argument("--images", required=True, help="folder of PNG/JPEG images (searched recursively)")
     parser.add_argument("--out", required=True, help="npz to write (mu, sigma, n, detector)")
-    parser.add_argument("--detector", default="inception", help="inception | inception:<file> | pixels | <TorchScript file> | <module>:<factory>")
-    parser.add_argument("--weights", help="state_dict for a <module>:<factory> detector")
+    _add_fid_options(parser)
     parser.add_argument("--batch-size", type=int, default=64)
-    args = parser.parse_args(argv)
     try:
-        folder = Path(args.images)
-        if not folder.is_dir():
-            raise ConfigError(f"image folder {folder} not found")
-        files = image_files(folder)
+        args = parser.parse_args(argv)
+        files = _folder_images(args.images)
         out = Path(args.out)
         check_writable(out.parent)
-        first = next(iter_image_batches(files[:1]))
-        detector = load_detector(args.detector, tuple(first.shape[1:]), args.weights)
+        detector = load_detector(args.fid_detector or default_detector(_image_shape(files[0])), _image_shape(files[0]), args.fid_weights)
+        _warn(sample_count_warning(len(files), detector.num_features))
         statistics = reference_stats(files, detector, args.batch_size)
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_reference(out, *statistics, detector=detector.name)
+        save_reference(out, *statistics, detector=detector)
     except _EXPECTED as err:
         return _fail(str(err))
-    print(f"{out}: mu {tuple(statistics[0].shape)}, sigma {tuple(statistics[1].shape)}, n = {statistics[2]}, detector {detector.name}")
+    print(f"{out}: mu {tuple(statistics[0].shape)}, sigma {tuple(statistics[1].shape)}, n = {statistics[2]}, detector {detector.name} ({detector.identity})")
     return 0
 
 
 def export_scheduler_main(argv: list[str] | None = None) -> int:
     """`python sample.py export-scheduler --lambdas F --pipeline DIR --out DIR`: a `DODEScheduler` folder."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sample.py export-scheduler",
+        allow_abbrev=False,
         description="Write the calibrated D-solver of a λ file as a diffusers scheduler folder (DODEScheduler, scheduler_config.json).",
     )
     parser.add_argument("--lambdas", required=True, help="λ file from train.py (fitted on a diffusers pipeline folder)")
     parser.add_argument("--pipeline", required=True, help="the diffusers pipeline folder the λ were fitted on (supplies the β table)")
     parser.add_argument("--out", required=True, help="folder to write scheduler_config.json into")
     parser.add_argument("--integer-timesteps", action="store_true", help="the calibration's denoiser used integer_timesteps: true")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         try:
             from .diffusers_scheduler import SchedulerConfigError, export_scheduler
         except ImportError:
@@ -331,10 +442,50 @@ def export_scheduler_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def fid_main(argv: list[str] | None = None) -> int:
+    """`python sample.py fid --images DIR --fid-ref REF`: FID of an existing folder of images (EDM's `fid.py calc`)."""
+    parser = _Parser(prog="sample.py fid", allow_abbrev=False, description="FID of a folder of images against a reference (npz, folder, or 'exact' for the built-in model).")
+    parser.add_argument("--images", required=True, help="folder of generated images (searched recursively; a sample.py grid.png is skipped)")
+    parser.add_argument("--fid-ref", required=True, help="EDM-style npz (mu, sigma), a folder of images, or 'exact'")
+    _add_fid_options(parser)
+    parser.add_argument("--fid-ref-count", type=int, default=10_000, help="exact samples for --fid-ref exact (default 10000)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    try:
+        args = parser.parse_args(argv)
+        files = _folder_images(args.images)
+        shape = _image_shape(files[0])
+        detector, reference = resolve_fid(args.fid_ref, args.fid_detector, args.fid_weights, shape, count=args.fid_ref_count)
+        _warn(sample_count_warning(len(files), detector.num_features))
+        metric = make_metric(detector)
+        load_reference_side(metric, reference, args.batch_size)
+        with torch.no_grad():
+            for images in iter_image_batches(files, args.batch_size, "images"):
+                metric.update(images, real=False)
+        value = clamped_fid(metric)
+    except _EXPECTED as err:
+        return _fail(str(err))
+    print(f"{detector.metric_name}: {value:.6g} (n = {len(files)}, reference {reference.describe()})")
+    return 0
+
+
+def _folder_images(folder: str) -> list[Path]:
+    """The image files of a folder, each checked to be a whole image."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise ConfigError(f"image folder {path} not found")
+    files = image_files(path)
+    verify_images(files)
+    return files
+
+
+def _image_shape(path: Path) -> tuple[int, ...]:
+    return tuple(next(iter_image_batches([path])).shape[1:])
+
+
 def reference_stats(files: list[Path], detector: Detector, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(μ, Σ, n) of the detector's features over image files, through the same torchmetrics states as the FID."""
     metric = make_metric(detector)
     with torch.no_grad():
-        for images in iter_image_batches(files, batch_size):
+        for images in iter_image_batches(files, batch_size, "images"):
             metric.update(images, real=True)
     return metric_stats(metric, real=True)

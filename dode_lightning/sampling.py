@@ -38,8 +38,8 @@ from torch.utils.data import DataLoader, Dataset
 from .atomic import atomic_write_bytes, is_temporary_of
 from .denoisers import eps_and_denoised
 from .distill import SEED_LIMIT, seeded_noise
-from .lambda_file import lambdas_to_apply, load_lambdas
-from .lightning import ConfigError, build_student
+from .lambda_file import LambdaFileError, lambdas_to_apply, load_lambdas
+from .lightning import ConfigError, build_student, image_grid
 from .solvers import Solver
 
 try:
@@ -62,9 +62,14 @@ __all__ = [
     "SampleWriter",
     "SampleBatch",
     "PredictTimer",
+    "write_grid",
+    "fitted_settings",
 ]
 
 MANIFEST = "manifest.json"
+# A preview grid of the first GRID_SEEDS seeds of a command, next to the PNGs (8×8 PNGs are unviewable alone).
+GRID_FILE = "grid.png"
+GRID_SEEDS = 64
 MANIFEST_FORMAT = "dode-lightning/samples/1"
 # Seeds of one run: the seed list, the per-seed done flags and the manifest merge stay well under a GB.
 MAX_SEEDS = 10_000_000
@@ -73,7 +78,7 @@ Format = Literal["png", "npz", "both"]
 LOCK_FILE = ".sampling.lock"
 # The names this package writes in the outdir, its PNG folders and npz/: the only targets whose temporaries a
 # rerun deletes.
-_TOP_LEVEL_FILE = re.compile(r"manifest\.json|metrics\.json")
+_TOP_LEVEL_FILE = re.compile(r"manifest\.json|metrics\.json|grid\.png")
 _PNG_FOLDER = re.compile(r"\d{6,}")
 _PNG_FILE = re.compile(r"\d{6,}\.png")
 _SHARD_FILE = re.compile(r"seeds-\d{6,}-n\d+\.npz")
@@ -453,8 +458,9 @@ class DODESampler(pl.LightningModule):
     """Samples a D-ODE (or base) solver for a frozen denoiser.
 
     The first eight arguments are the sampling-relevant keys of the config's `model` section, with the same meaning
-    as in `DODECalibration`. `lambdas`: λ file from train.py, or None / "none" for the base solver; a file fitted for
-    another solver, NFE, grid, schedule or denoiser is refused. `class_conditional`: draw one label per seed after its
+    as in `DODECalibration`. `lambdas`: λ file from train.py, or None / "none" for the base solver; with a file,
+    solver, NFE and grid are the ones it was fitted for (the arguments are ignored), and a file fitted for another
+    schedule or denoiser is refused. `class_conditional`: draw one label per seed after its
     latents (EDM); default: what the λ file was fitted with, else whether the denoiser has labels. `eval_batch`:
     samples per network call (`FixedBatch`); part of the numerics, so it is recorded with the output.
     """
@@ -476,7 +482,12 @@ class DODESampler(pl.LightningModule):
         super().__init__()
         if eval_batch < 1:
             raise ConfigError(f"--eval-batch must be ≥ 1, got {eval_batch}")
-        self.built = build_student(denoiser, solver, nfe, grid, sigma_min, sigma_max, rho, state_dtype)
+        use_file = lambdas is not None and str(lambdas).lower() != "none"
+        if use_file:
+            fitted = fitted_settings(lambdas)
+            self.built = build_student(denoiser, fitted["solver"], fitted["nfe"], fitted["grid"], state_dtype=state_dtype, grid_kwargs=fitted["grid_kwargs"])
+        else:
+            self.built = build_student(denoiser, solver, nfe, grid, sigma_min, sigma_max, rho, state_dtype)
         self.eval_batch = eval_batch
         self.denoiser = FixedBatch(self.built.loaded.denoiser, eval_batch)
         self.decoder = self.built.loaded.decoder
@@ -484,7 +495,7 @@ class DODESampler(pl.LightningModule):
         self.lambda_file: dict[str, Any] | None = None
         fitted_conditional = None
         lam = None
-        if lambdas is not None and str(lambdas).lower() != "none":
+        if use_file:
             tensors, meta = load_lambdas(lambdas, expect=self.built.metadata())
             lam = lambdas_to_apply(lambdas, tensors, meta, self.student.num_stages, self.built.loaded.image_shape)
             self.lambda_file = {"path": str(Path(lambdas).resolve()), "sha256": file_sha256(lambdas), "metadata": meta}
@@ -526,6 +537,27 @@ class DODESampler(pl.LightningModule):
             if onehot is not None:
                 labels[fresh.cpu()] = onehot.argmax(-1).cpu()
         return SampleBatch(seeds.cpu(), images, fresh.cpu(), labels)
+
+
+def write_grid(store: ImageStore, seeds: Sequence[int], image_shape: tuple[int, ...]) -> np.ndarray:
+    """Write `<outdir>/grid.png`: the first GRID_SEEDS seeds in rows of 8, upscaled (nearest neighbour) to cells of
+    at least 64 pixels; returns the grid as uint8 (H, W, C). Call after every rank finished writing."""
+    shown = list(seeds)[:GRID_SEEDS]
+    store.scan(shown, image_shape)  # other ranks wrote some of them: this process's index does not list those
+    images = torch.from_numpy(store.collect(shown))
+    grid = image_grid(images.to(torch.float64) / 127.5 - 1)  # u/127.5 − 1 maps back to u/255 exactly
+    array = (grid * 255).round().to(torch.uint8).numpy()
+    atomic_write_bytes(store.outdir / GRID_FILE, _png_bytes(array))
+    return array.transpose(1, 2, 0)
+
+
+def fitted_settings(path: str | Path) -> dict[str, Any]:
+    """Solver, NFE, grid and grid settings a λ file was fitted for (a sampler built from them matches it)."""
+    _, meta = load_lambdas(path)
+    missing = [key for key in ("solver", "nfe", "grid", "grid_kwargs") if key not in meta]
+    if missing:
+        raise LambdaFileError(f"{path} lacks {', '.join(missing)} in its metadata; refit with train.py")
+    return {key: meta[key] for key in ("solver", "nfe", "grid", "grid_kwargs")}
 
 
 def write_manifest(outdir: Path, manifest: dict[str, Any]) -> None:

@@ -83,9 +83,9 @@ def test_identical_sets_are_zero_and_a_shifted_set_is_not(images):
 def test_npz_round_trip_equals_the_images(tmp_path, images):
     folder = _write_folder(tmp_path / "real", images)
     out = tmp_path / "ref.npz"
-    assert fid_ref_main(["--images", str(folder), "--out", str(out), "--detector", "tests.test_fid:SmallFeatures", "--batch-size", "64"]) == 0
+    assert fid_ref_main(["--images", str(folder), "--out", str(out), "--fid-detector", "tests.test_fid:SmallFeatures", "--batch-size", "64"]) == 0
     with np.load(out) as data:
-        assert set(data.files) == {"mu", "sigma", "n", "detector"} and data["sigma"].shape == (16, 16) and int(data["n"]) == 300
+        assert set(data.files) == {"mu", "sigma", "n", "detector", "detector_spec"} and data["sigma"].shape == (16, 16) and int(data["n"]) == 300
     mu, sigma, n = load_reference_npz(out, 16)
     direct_mu, direct_sigma, direct_n = reference_stats(image_files(folder), _detector())
     assert n == direct_n == 300 and torch.equal(mu, direct_mu) and torch.equal(sigma, direct_sigma)
@@ -106,7 +106,7 @@ def test_sample_py_fid_from_folder_equals_from_npz(tmp_path, monkeypatch, images
     """End to end through the Callback: the same samples scored against a folder and against its npz."""
     monkeypatch.chdir(tmp_path)
     folder = _write_folder(tmp_path / "real", images)
-    assert fid_ref_main(["--images", str(folder), "--out", str(tmp_path / "ref.npz"), "--detector", "pixels"]) == 0
+    assert fid_ref_main(["--images", str(folder), "--out", str(tmp_path / "ref.npz"), "--fid-detector", "pixels"]) == 0
     values = {}
     for name, ref in (("folder", folder), ("npz", tmp_path / "ref.npz")):
         argv = ["--config", str(ROOT / "configs" / "gmm_digits.yaml"), "--lambdas", "none", "--seeds", "0-79", "--outdir", str(tmp_path / name), "--fid-ref", str(ref)]

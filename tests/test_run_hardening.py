@@ -25,7 +25,7 @@ from dode_lightning.distill import seeded_noise
 from dode_lightning.lambda_file import LambdaFileError, load_lambdas, save_lambdas
 from dode_lightning.lightning import ConfigError, build_student
 from dode_lightning.sample_cli import sample_main
-from dode_lightning.sampling import ImageStore, parse_seeds
+from dode_lightning.sampling import GRID_FILE, ImageStore, parse_seeds
 from tests.conftest import wait_for_pngs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def _pngs(outdir: Path) -> dict[int, bytes]:
-    return {int(p.stem): p.read_bytes() for p in sorted(outdir.rglob("*.png"))}
+    return {int(p.stem): p.read_bytes() for p in sorted(outdir.rglob("*.png")) if p.name != GRID_FILE}
 
 
 def _one_error_line(capsys) -> str:

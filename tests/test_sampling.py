@@ -21,7 +21,7 @@ from dode_lightning.lambda_file import save_lambdas
 from dode_lightning.lightning import ConfigError, build_student
 from dode_lightning.networks import EDMPrecond
 from dode_lightning.sample_cli import sample_main
-from dode_lightning.sampling import FixedBatch, ImageStore, format_seeds, parse_seeds, sample_seeds, to_uint8
+from dode_lightning.sampling import GRID_FILE, FixedBatch, ImageStore, format_seeds, parse_seeds, sample_seeds, to_uint8
 from tests.conftest import wait_for_pngs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def _run(cwd: Path, outdir: Path, seeds: str, *extra: str) -> subprocess.Complet
 
 
 def _pngs(outdir: Path) -> dict[int, bytes]:
-    files = sorted(outdir.rglob("*.png"))
+    files = sorted(p for p in outdir.rglob("*.png") if p.name != GRID_FILE)
     return {int(p.stem): p.read_bytes() for p in files}
 
 
@@ -102,7 +102,7 @@ def test_one_vs_two_ddp_processes_and_batch_sizes(tmp_path):
     seeds = "0-20"  # 21 seeds: ranks get 11 and 10
     # An npz reference is loaded on rank 0 only; loaded on both ranks it would count twice and change Σ and the FID.
     reference = exact_reference_images(60, class_conditional=False)  # small n: counting it twice shifts the FID by ~1%
-    save_reference(tmp_path / "ref.npz", *metric_stats(_filled(reference)), detector="pixels")
+    save_reference(tmp_path / "ref.npz", *metric_stats(_filled(reference)), detector=load_detector("pixels", (1, 8, 8)))
     fid = ("--fid-ref", str(tmp_path / "ref.npz"))
     common = ("--eval-batch", "4", "--format", "both", *fid)
     _run(tmp_path, tmp_path / "one", seeds, "--batch-size", "3", *common)
@@ -110,6 +110,8 @@ def test_one_vs_two_ddp_processes_and_batch_sizes(tmp_path):
     one, two = _pngs(tmp_path / "one"), _pngs(tmp_path / "two")
     assert sorted(one) == sorted(two) == list(range(21))
     assert all(one[s] == two[s] for s in one)
+    # rank 0 draws the grid from both ranks' images
+    assert (tmp_path / "one" / GRID_FILE).read_bytes() == (tmp_path / "two" / GRID_FILE).read_bytes()
     for name in ("one", "two"):
         shard_seeds = _shard_seeds(tmp_path / name)
         assert sorted(shard_seeds) == list(range(21))  # no duplicates, none missing
@@ -227,6 +229,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, 
         put("--outdir", str(outdir))
     elif case == "lambda_other_nfe":
         put("--lambdas", str(_lambda_file(tmp_path / "lam.safetensors", 5)))
+        args += ["--model.nfe", "9"]  # the λ file's NFE is used; repeating another one on the command line is refused
     elif case == "lambda_missing":
         put("--lambdas", str(tmp_path / "nope.safetensors"))
     elif case == "fid_without_reference":
@@ -244,7 +247,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, 
     expected = {
         "seeds": "malformed seed range",
         "outdir_under_file": "not a directory",
-        "lambda_other_nfe": "fitted for another configuration",
+        "lambda_other_nfe": "--model.nfe 9 conflicts with the λ file, fitted with nfe 5",
         "lambda_missing": "does not exist",
         "fid_without_reference": "--fid needs reference statistics",
         "npz_keys": "lacks ['mu', 'sigma']",
