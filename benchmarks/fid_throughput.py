@@ -40,7 +40,7 @@ def main() -> None:
         f"{os.cpu_count()} cores, {torch.get_num_threads()} intra-op threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
         f"load average {os.getloadavg()[0]:.1f} at the start (a busy machine makes these slower). {count} random uint8 "
         "images per shape in batches of 64 through `InceptionFeatures` (resize to 299 + the 2048-d network); the "
-        "preprocessing is the same for every input size, so the rate hardly depends on it.",
+        "resize makes every input 299×299, so differences between the rows are mostly the machine's load.",
         "",
         "| images | feature s | images/s | ms/image | 50,000 images (one side) |",
         "|---|---|---|---|---|",
