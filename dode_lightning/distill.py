@@ -417,9 +417,11 @@ def _helps_at_the_end(
     Stage by stage a λ can lower its own loss and still make the end worse (later steps of a high-order solver
     cancel part of the earlier errors); this is the guard's last check, one base run on the held-out samples.
     """
-    labels = None if class_labels is None else class_labels[held]
-    base = student.sample(denoiser, noise[held], class_labels=labels)
-    errors = torch.stack([((target[held] - final[held]).to(torch.float64) ** 2).sum(), ((target[held] - base).to(torch.float64) ** 2).sum()])
+    errors = torch.zeros(2, dtype=torch.float64)
+    if bool(held.any()):  # a rank may hold none of the held-out seeds; it still takes part in the reduction
+        labels = None if class_labels is None else class_labels[held]
+        base = student.sample(denoiser, noise[held], class_labels=labels)
+        errors = torch.stack([((target[held] - final[held]).to(torch.float64) ** 2).sum(), ((target[held] - base).to(torch.float64) ** 2).sum()])
     errors = reduce(errors)
     return bool(errors[0] < errors[1])
 

@@ -270,14 +270,21 @@ def test_unwritable_output_fails_before_running_the_teacher(tmp_path, capsys, mo
     assert not (tmp_path / "cache").exists()
 
 
-def test_pooled_fit_over_two_ranks_equals_the_union_batch(tmp_path):
-    single = _run_train(tmp_path, "--model.fit", "closed_form", "--model.output", str(tmp_path / "one.safetensors"))
+@pytest.mark.parametrize("layout", [[], ["--model.history", "3", "--model.lambda_groups", "blocks:2", "--model.guard", "0.25"]])
+def test_pooled_fit_over_two_ranks_equals_the_union_batch(tmp_path, layout):
+    """Also with m×m systems per group and the guard: its held-out seeds and checks are pooled the same way."""
+    single = _run_train(tmp_path, "--model.fit", "closed_form", *layout, "--model.output", str(tmp_path / "one.safetensors"))
     assert single.returncode == 0, single.stderr[-2000:]
     double = _run_train(
-        tmp_path, "--model.fit", "closed_form", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+        tmp_path, "--model.fit", "closed_form", *layout, "--trainer.devices", "2", "--trainer.strategy", "ddp",
         "--model.output", str(tmp_path / "two.safetensors"),
     )
     assert double.returncode == 0, double.stderr[-3000:]
     one, _ = load_lambdas(tmp_path / "one.safetensors")
     two, _ = load_lambdas(tmp_path / "two.safetensors")
-    torch.testing.assert_close(two["lambdas"], one["lambdas"], rtol=1e-9, atol=1e-12)
+    # With several directions the m×m systems are ill-conditioned (earlier Δ are nearly collinear): the two ranks'
+    # summation order moves their solution by up to 1e-6 relative (measured 8e-7), one λ per stage by < 1e-9.
+    if layout:
+        torch.testing.assert_close(two["lambdas"], one["lambdas"], rtol=1e-5, atol=1e-5 * float(one["lambdas"].abs().max()))
+    else:
+        torch.testing.assert_close(two["lambdas"], one["lambdas"], rtol=1e-9, atol=1e-12)
