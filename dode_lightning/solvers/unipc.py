@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from ..denoisers import Denoiser
-from ..schedules import Schedule
-from .base import NFEError, Solver, register_solver
+from .base import OneStagePerStep, register_solver
+from .dpm_solver_pp import DPMSolverPP
 from .stages import Stage, StageGenerator
 
 __all__ = ["unipc_orders", "unipc_coefficients", "unipc_stages", "UniPC", "UniPC2", "UniPC3"]
@@ -123,28 +123,19 @@ def unipc_stages(
     return x
 
 
-class UniPC(Solver):
+class UniPC(OneStagePerStep):
     """UniPC-bh2 / D-UniPC (data prediction) of a fixed order; NFE = steps ≥ 1, N + 1 stages (see unipc_stages)."""
 
     prediction: ClassVar[str] = "data"
     order: ClassVar[int]
+    # The same default grid as DPM-Solver++ (both are multistep exponential integrators in log-SNR).
+    default_grid = classmethod(DPMSolverPP.default_grid.__func__)
 
     def __init__(
         self, sigmas: Tensor, scales: Tensor | None = None, unit_prior: bool = False, lower_order_final: bool = True
     ) -> None:
         super().__init__(sigmas, scales, unit_prior)
-        self.steps_for_nfe(len(self.sigmas) - 1)
         self.orders = unipc_orders(self.sigmas, self.order, lower_order_final)
-
-    @classmethod
-    def steps_for_nfe(cls, nfe: int) -> int:
-        if nfe < 1:
-            raise NFEError(f"{cls.name} needs NFE ≥ 1, got {nfe}")
-        return nfe
-
-    @property
-    def nfe(self) -> int:
-        return len(self.sigmas) - 1
 
     @property
     def target_sigmas(self) -> Tensor:
@@ -153,13 +144,6 @@ class UniPC(Solver):
     @property
     def lambda_fitted(self) -> list[bool]:
         return [k > 0 and self.nfe > 1 for k in range(self.nfe + 1)]
-
-    @classmethod
-    def default_grid(cls, schedule: Schedule) -> tuple[str, dict[str, float | bool]]:
-        """logSNR-uniform on [σ_min, σ_max] (no terminal 0) on VP schedules; Karras ρ = 7 + 0 otherwise."""
-        if schedule.variance_preserving:
-            return "logsnr_uniform", {"terminal_zero": False}
-        return "karras", {}
 
     def stages(self, denoiser: Denoiser, x: Tensor, class_labels: Tensor | None = None) -> StageGenerator:
         return unipc_stages(denoiser, x, self.sigmas, self.scales, self.orders, class_labels)
