@@ -4,8 +4,9 @@ Calibration: C = 10, |B| = 100 (seeds 0–99), closed-form λ. Evaluation on hel
 exact ODE state where the run ends, and the Fréchet distance (pixel space) of the generated set to the exact marginal
 there. Also: base solver at 5× each NFE (for "D at n ≈ base at 5n") and closed form vs Adam λ.
 `--peers`: instead, every D-variant (history, groups, guard) against UniPC, DPM-Solver++, iPNDM and DEIS, each on
-its best grid, on the EDM σ range (issue 12).
-Usage: PYTHONPATH=. python benchmarks/quality.py [--quick] [--peers] [--held-out 500] [--families ddim,euler] [--out-dir docs]
+its best grid, on the EDM σ range (issue 12). `--fitted-grid`: fitted step positions (item 3c) for a few families,
+base and D h-all on the fitted grid, against the same best peer.
+Usage: PYTHONPATH=. python benchmarks/quality.py [--quick] [--peers | --fitted-grid] [--held-out 500] [--families ddim,euler] [--out-dir docs]
 """
 from __future__ import annotations
 
@@ -42,8 +43,9 @@ from dode_lightning.distill import (
     teacher_targets,
 )
 from dode_lightning.gmm import GaussianMixture, digits_mixture
+from dode_lightning.grid_fit import fit_grid, teacher_endpoint
 from dode_lightning.schedules import EDM
-from dode_lightning.solvers import LambdaLayout, NFEError, Solver
+from dode_lightning.solvers import SOLVERS, LambdaLayout, NFEError, Solver
 
 NFES = [3, 4, 5, 6, 8, 10, 15, 25, 50]
 # EDM's Heun makes 2N − 1 evaluations: only odd NFE exist; the paper's Heun grid adds 9 and 49.
@@ -407,6 +409,108 @@ lower their loss keeps λ = 0; "drop [k]" lists those stages), `h3` / `h-all` hi
     write_section(out, "quality_peers", text)
 
 
+# ---- Fitted step positions (issue 12 item 3c) ----
+
+FITTED_NFES = [4, 5, 6, 8, 10]
+FITTED_FAMILIES = ["euler", "ipndm", "dpm_solver_pp_3m", "deis_3"]
+# Fitted from both Karras grids (their endpoints stay); each family counts on the better of the two per column.
+FITTED_FROM = ["Karras+0", "Karras N+1"]
+
+
+def fitted_grids(measure: Measure, calib: Tensor, nfes: list[int], families: list[str]) -> dict:
+    """Per family, NFE and start grid: base on the Karras grid, on the fitted grid, and D h-all on each.
+
+    The grid is fitted to the unipc_3 teacher's endpoint (C = SCALE) on the calibration batch; the λ then get the
+    usual `aligned` targets from the same teacher on the fitted grid.
+    """
+    grids = {label: (grid, kwargs) for label, grid, kwargs in GRIDS}
+    rows: dict[tuple[str, str, int], dict] = {}
+    for name in families:
+        for label in FITTED_FROM:
+            for nfe in nfes:
+                setup = _setup(name, nfe, *grids[label])
+                if setup is None:
+                    continue
+                student = setup.build()
+                start = time.perf_counter()
+                endpoint = teacher_endpoint(student, setup, measure.mixture, calib, SCALE, PEER_TEACHER)
+                fit = fit_grid(name, student.sigmas, EDM(), measure.mixture, calib, endpoint)
+                seconds = time.perf_counter() - start
+                fitted = SOLVERS[name].from_grid(fit.sigmas, EDM())
+                row = {"base": measure(student, fd=False)[0], "fitted": measure(fitted, fd=False)[0], "seconds": seconds,
+                       "evaluations": fit.evaluations, "sigmas": fit.sigmas}
+                for tag, solver in (("d", student), ("fitted_d", fitted)):
+                    teacher, indices = build_teacher(solver, setup, SCALE, "aligned", PEER_TEACHER)
+                    layout = LambdaLayout(solver.num_stages)
+                    lambdas = fit_closed_form(solver, measure.mixture, calib, teacher_targets(teacher, indices, measure.mixture, calib), layout=layout).lambdas
+                    row[tag] = measure(solver, layout.expand(lambdas, calib.shape[1:]), fd=False)[0]
+                rows[(name, label, nfe)] = row
+                print(f"{name} {label} NFE {nfe}: base {row['base']:.4f} fitted {row['fitted']:.4f} D h-all {row['d']:.4f} "
+                      f"fitted + D h-all {row['fitted_d']:.4f} ({seconds:.1f} s, {fit.evaluations} runs)", flush=True)
+    return rows
+
+
+def fitted_tables(peers: dict, rows: dict, nfes: list[int], families: list[str]) -> tuple[str, str]:
+    """Best peer vs the best fitted-grid variant per NFE; per family the four columns, each on its better start grid."""
+    columns = [("base", "base (Karras)"), ("d", "D h-all (Karras)"), ("fitted", "fitted grid"), ("fitted_d", "fitted grid + D h-all")]
+    summary, family_rows = [], []
+    for nfe in nfes:
+        peer = _best(peers, [(p, g, nfe) for p in PEERS for g, _, _ in GRIDS])
+        cells = [str(nfe), "—" if peer is None else f"{peer[0]:.4f} ({peer[1][0]}, {peer[1][1]})"]
+        for column in ("d", "fitted", "fitted_d"):
+            best = _best({k: v[column] for k, v in rows.items()}, [(f, g, nfe) for f in families for g in FITTED_FROM])
+            cells.append("—" if best is None or peer is None else f"{best[0]:.4f} ({best[1][0]}, {best[1][1]}): {best[0] / peer[0]:.2f}×")
+        summary.append(cells)
+    for name in families:
+        for nfe in nfes:
+            cells = [name, str(nfe)]
+            for column, _ in columns:
+                best = _best({k: v[column] for k, v in rows.items()}, [(name, g, nfe) for g in FITTED_FROM])
+                cells.append("—" if best is None else f"{best[0]:.4f} ({best[1][1]})")
+            start = [rows[(name, g, nfe)] for g in FITTED_FROM if (name, g, nfe) in rows]
+            cells.append(f"{max(r['seconds'] for r in start):.1f} s / {max(r['evaluations'] for r in start)}" if start else "—")
+            family_rows.append(cells)
+    summary_table = markdown_table(["NFE", "best training-free peer (grid)", "best D h-all, Karras / peer", "best fitted grid / peer", "best fitted grid + D h-all / peer"], summary)
+    family_table = markdown_table(["family", "NFE", *[label for _, label in columns], "grid fit (teacher + fit) / student runs"], family_rows)
+    return summary_table, family_table
+
+
+def fitted_main(args, measure: Measure, calib: Tensor, start: float) -> None:
+    """`--fitted-grid`: fitted step positions against the best training-free peer, its tables and docs section."""
+    nfes, families = ([5], ["euler", "ipndm"]) if args.quick else (FITTED_NFES, FITTED_FAMILIES)
+    peers = versus_peers(measure, calib, nfes, PEERS, [], [])["base"]
+    rows = fitted_grids(measure, calib, nfes, families)
+    summary, family = fitted_tables(peers, rows, nfes, families)
+    seconds = time.perf_counter() - start
+    print(summary, family, sep="\n\n")
+    print(f"\n{seconds:.0f} s in all")
+    out = output_dir(args)
+    if out is None:
+        return
+    command = "PYTHONPATH=. python benchmarks/quality.py --fitted-grid" + (" --quick" if args.quick else "") + f" --held-out {measure.rmse_count}"
+    text = f"""## Fitted step positions (issue 12 item 3c)
+
+`{command}` — {machine()}; {seconds:.0f} s wall.
+
+Exact digits mixture, EDM σ 80 → 0.002, RMSE to the exact ODE state where the run ends on {measure.rmse_count} held-out
+seeds. `dode_lightning.grid_fit`: the interior σ of the student's grid (endpoints and any terminal 0 fixed) are
+fitted by Nelder–Mead (≤ 60 student runs per free point) in u = σ^(1/7), monotone by construction (softmax
+increments), to the final state of a {PEER_TEACHER} teacher at C = {SCALE} on the calibration seeds 0–99; then
+the closed-form `h-all` λ fit (aligned targets from the same teacher) runs on the fitted grid. Each family is
+fitted from the Karras+0 and the Karras N+1 grid and counts on the better one. Peers: as in the section
+"D-variants against the best training-free samplers" (best of six grids per NFE).
+
+### Best peer vs the best fitted-grid variant per NFE (families {", ".join(families)})
+
+{summary}
+
+### Per family (each column on its better start grid)
+
+{family}
+"""
+    write_section(out, "quality_fitted_grid", text)
+
+
 def main() -> None:
     args_parser = parser(__doc__)
     args_parser.add_argument("--held-out", type=int, default=500, help="seeds for the RMSE (exact ODE states)")
@@ -415,13 +519,15 @@ def main() -> None:
     args_parser.add_argument("--adam-nfe", default="5,10", help="NFEs at which Adam is compared with the closed form")
     args_parser.add_argument("--adam-steps", type=int, default=300)
     args_parser.add_argument("--peers", action="store_true", help="only the comparison with UniPC, DPM-Solver++, iPNDM, DEIS on their best grids")
+    args_parser.add_argument("--fitted-grid", action="store_true", help="only fitted step positions (base and D h-all) against the best peer")
     args = args_parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    if args.peers:
+    if args.peers or args.fitted_grid:
         held_out = 100 if args.quick else args.held_out
         test = seeded_noise(range(HELD_OUT_START, HELD_OUT_START + held_out), (1, 8, 8))[0]
-        peers_main(args, Measure(digits_mixture(), test, held_out), seeded_noise(CALIBRATION_SEEDS, (1, 8, 8))[0], start)
+        run = fitted_main if args.fitted_grid else peers_main
+        run(args, Measure(digits_mixture(), test, held_out), seeded_noise(CALIBRATION_SEEDS, (1, 8, 8))[0], start)
         return
     if args.quick:
         families, nfes, held_out, fd_samples = [family("euler"), family("dpm_solver_3")], [5, 10], 100, 200

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = [
     ("quality", [], "quality", ["quality_rmse.png", "quality_fd.png"]),
     ("quality", ["--peers"], "quality_peers", ["quality_peers.png"]),
+    ("quality", ["--fitted-grid"], "quality_fitted_grid", []),
     ("cost", [], "cost", []),
     ("overhead", [], "overhead", []),
     ("trajectories", [], "trajectories", ["fig2_cosine.png", "fig5_trajectory.png"]),
