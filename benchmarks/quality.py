@@ -43,7 +43,7 @@ from dode_lightning.distill import (
     teacher_targets,
 )
 from dode_lightning.gmm import GaussianMixture, digits_mixture
-from dode_lightning.grid_fit import fit_grid, teacher_endpoint
+from dode_lightning.grid_fit import distilled_final_state, fit_grid, teacher_endpoint
 from dode_lightning.schedules import EDM
 from dode_lightning.solvers import SOLVERS, LambdaLayout, NFEError, Solver
 
@@ -415,9 +415,12 @@ FITTED_NFES = [4, 5, 6, 8, 10]
 FITTED_FAMILIES = ["euler", "ipndm", "dpm_solver_pp_3m", "deis_3"]
 # Fitted from both Karras grids (their endpoints stay); each family counts on the better of the two per column.
 FITTED_FROM = ["Karras+0", "Karras N+1"]
+# `--joint`: from the base-fitted Karras N+1 grid, refit with D h-all λ fitted on every trial grid (teacher C = 4
+# inside the loop, 20 runs per free point), then the usual C = SCALE λ on the result.
+JOINT_FROM, JOINT_SCALE, JOINT_RUNS = "Karras N+1", 4, 20
 
 
-def fitted_grids(measure: Measure, calib: Tensor, nfes: list[int], families: list[str]) -> dict:
+def fitted_grids(measure: Measure, calib: Tensor, nfes: list[int], families: list[str], joint: bool) -> dict:
     """Per family, NFE and start grid: base on the Karras grid, on the fitted grid, and D h-all on each.
 
     The grid is fitted to the unipc_3 teacher's endpoint (C = SCALE) on the calibration batch; the λ then get the
@@ -439,38 +442,48 @@ def fitted_grids(measure: Measure, calib: Tensor, nfes: list[int], families: lis
                 fitted = SOLVERS[name].from_grid(fit.sigmas, EDM())
                 row = {"base": measure(student, fd=False)[0], "fitted": measure(fitted, fd=False)[0], "seconds": seconds,
                        "evaluations": fit.evaluations, "sigmas": fit.sigmas}
-                for tag, solver in (("d", student), ("fitted_d", fitted)):
+                solvers = [("d", student), ("fitted_d", fitted)]
+                if joint and label == JOINT_FROM:
+                    final_state = distilled_final_state(setup, measure.mixture, calib, JOINT_SCALE)
+                    joint_start = time.perf_counter()
+                    refit = fit_grid(name, fit.sigmas, EDM(), measure.mixture, calib, endpoint, max_evaluations=JOINT_RUNS * (nfe - 1), final_state=final_state)
+                    row["joint_seconds"] = time.perf_counter() - joint_start
+                    solvers.append(("joint_d", SOLVERS[name].from_grid(refit.sigmas, EDM())))
+                for tag, solver in solvers:
                     teacher, indices = build_teacher(solver, setup, SCALE, "aligned", PEER_TEACHER)
                     layout = LambdaLayout(solver.num_stages)
                     lambdas = fit_closed_form(solver, measure.mixture, calib, teacher_targets(teacher, indices, measure.mixture, calib), layout=layout).lambdas
                     row[tag] = measure(solver, layout.expand(lambdas, calib.shape[1:]), fd=False)[0]
                 rows[(name, label, nfe)] = row
+                joint_note = f", joint grid + D h-all {row['joint_d']:.4f} ({row['joint_seconds']:.1f} s)" if "joint_d" in row else ""
                 print(f"{name} {label} NFE {nfe}: base {row['base']:.4f} fitted {row['fitted']:.4f} D h-all {row['d']:.4f} "
-                      f"fitted + D h-all {row['fitted_d']:.4f} ({seconds:.1f} s, {fit.evaluations} runs)", flush=True)
+                      f"fitted + D h-all {row['fitted_d']:.4f} ({seconds:.1f} s, {fit.evaluations} runs){joint_note}", flush=True)
     return rows
 
 
 def fitted_tables(peers: dict, rows: dict, nfes: list[int], families: list[str]) -> tuple[str, str]:
-    """Best peer vs the best fitted-grid variant per NFE; per family the four columns, each on its better start grid."""
+    """Best peer vs the best fitted-grid variant per NFE; per family the columns, each on its better start grid."""
     columns = [("base", "base (Karras)"), ("d", "D h-all (Karras)"), ("fitted", "fitted grid"), ("fitted_d", "fitted grid + D h-all")]
+    if any("joint_d" in row for row in rows.values()):
+        columns.append(("joint_d", "joint grid + D h-all"))
     summary, family_rows = [], []
     for nfe in nfes:
         peer = _best(peers, [(p, g, nfe) for p in PEERS for g, _, _ in GRIDS])
         cells = [str(nfe), "—" if peer is None else f"{peer[0]:.4f} ({peer[1][0]}, {peer[1][1]})"]
-        for column in ("d", "fitted", "fitted_d"):
-            best = _best({k: v[column] for k, v in rows.items()}, [(f, g, nfe) for f in families for g in FITTED_FROM])
+        for column, _ in columns[1:]:
+            best = _best({k: v[column] for k, v in rows.items() if column in v}, [(f, g, nfe) for f in families for g in FITTED_FROM])
             cells.append("—" if best is None or peer is None else f"{best[0]:.4f} ({best[1][0]}, {best[1][1]}): {best[0] / peer[0]:.2f}×")
         summary.append(cells)
     for name in families:
         for nfe in nfes:
             cells = [name, str(nfe)]
             for column, _ in columns:
-                best = _best({k: v[column] for k, v in rows.items()}, [(name, g, nfe) for g in FITTED_FROM])
+                best = _best({k: v[column] for k, v in rows.items() if column in v}, [(name, g, nfe) for g in FITTED_FROM])
                 cells.append("—" if best is None else f"{best[0]:.4f} ({best[1][1]})")
             start = [rows[(name, g, nfe)] for g in FITTED_FROM if (name, g, nfe) in rows]
             cells.append(f"{max(r['seconds'] for r in start):.1f} s / {max(r['evaluations'] for r in start)}" if start else "—")
             family_rows.append(cells)
-    summary_table = markdown_table(["NFE", "best training-free peer (grid)", "best D h-all, Karras / peer", "best fitted grid / peer", "best fitted grid + D h-all / peer"], summary)
+    summary_table = markdown_table(["NFE", "best training-free peer (grid)", *[f"best {label} / peer" for _, label in columns[1:]]], summary)
     family_table = markdown_table(["family", "NFE", *[label for _, label in columns], "grid fit (teacher + fit) / student runs"], family_rows)
     return summary_table, family_table
 
@@ -479,7 +492,7 @@ def fitted_main(args, measure: Measure, calib: Tensor, start: float) -> None:
     """`--fitted-grid`: fitted step positions against the best training-free peer, its tables and docs section."""
     nfes, families = ([5], ["euler", "ipndm"]) if args.quick else (FITTED_NFES, FITTED_FAMILIES)
     peers = versus_peers(measure, calib, nfes, PEERS, [], [])["base"]
-    rows = fitted_grids(measure, calib, nfes, families)
+    rows = fitted_grids(measure, calib, nfes, families, args.joint)
     summary, family = fitted_tables(peers, rows, nfes, families)
     seconds = time.perf_counter() - start
     print(summary, family, sep="\n\n")
@@ -487,7 +500,7 @@ def fitted_main(args, measure: Measure, calib: Tensor, start: float) -> None:
     out = output_dir(args)
     if out is None:
         return
-    command = "PYTHONPATH=. python benchmarks/quality.py --fitted-grid" + (" --quick" if args.quick else "") + f" --held-out {measure.rmse_count}"
+    command = "PYTHONPATH=. python benchmarks/quality.py --fitted-grid" + (" --joint" if args.joint else "") + (" --quick" if args.quick else "") + f" --held-out {measure.rmse_count}"
     text = f"""## Fitted step positions (issue 12 item 3c)
 
 `{command}` — {machine()}; {seconds:.0f} s wall.
@@ -497,7 +510,9 @@ seeds. `dode_lightning.grid_fit`: the interior σ of the student's grid (endpoin
 fitted by Nelder–Mead (≤ 60 student runs per free point) in u = σ^(1/7), monotone by construction (softmax
 increments), to the final state of a {PEER_TEACHER} teacher at C = {SCALE} on the calibration seeds 0–99; then
 the closed-form `h-all` λ fit (aligned targets from the same teacher) runs on the fitted grid. Each family is
-fitted from the Karras+0 and the Karras N+1 grid and counts on the better one. Peers: as in the section
+fitted from the Karras+0 and the Karras N+1 grid and counts on the better one. "joint grid" (`--joint`): the
+fitted {JOINT_FROM} grid refitted with the D h-all λ fitted in closed form on every trial grid (teacher C =
+{JOINT_SCALE} inside the loop, ≤ {JOINT_RUNS} trials per free point), then λ at C = {SCALE}. Peers: as in the section
 "D-variants against the best training-free samplers" (best of six grids per NFE).
 
 ### Best peer vs the best fitted-grid variant per NFE (families {", ".join(families)})
@@ -520,6 +535,7 @@ def main() -> None:
     args_parser.add_argument("--adam-steps", type=int, default=300)
     args_parser.add_argument("--peers", action="store_true", help="only the comparison with UniPC, DPM-Solver++, iPNDM, DEIS on their best grids")
     args_parser.add_argument("--fitted-grid", action="store_true", help="only fitted step positions (base and D h-all) against the best peer")
+    args_parser.add_argument("--joint", action="store_true", help="with --fitted-grid: also refit the grid with the D h-all λ fitted on each trial grid")
     args = args_parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()

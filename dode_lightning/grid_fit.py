@@ -10,6 +10,7 @@ the fitted grid like on any other.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -17,11 +18,11 @@ from scipy.optimize import minimize
 from torch import Tensor
 
 from .denoisers import Denoiser
-from .distill import SolverSetup, build_teacher, teacher_targets
+from .distill import SolverSetup, build_teacher, fit_closed_form, teacher_targets
 from .schedules import Schedule
-from .solvers import SOLVERS, Solver
+from .solvers import SOLVERS, LambdaLayout, Solver
 
-__all__ = ["GridFit", "grid_from_params", "params_from_grid", "teacher_endpoint", "fit_grid"]
+__all__ = ["GridFit", "grid_from_params", "params_from_grid", "teacher_endpoint", "distilled_final_state", "fit_grid"]
 
 # Nelder–Mead's first simplex: each vertex moves one log-increment by this much (the default 5 % of a zero θ
 # would be 0.00025, too small to leave the Karras grid's basin of rounding noise).
@@ -73,6 +74,21 @@ def teacher_endpoint(
     return teacher_targets(solver, indices[-1:], denoiser, noise, class_labels)[0]
 
 
+def distilled_final_state(
+    setup: SolverSetup, denoiser: Denoiser, noise: Tensor, scale: int, teacher: str = "unipc_3", history: int = 0
+) -> Callable[[Solver], Tensor]:
+    """For `fit_grid(final_state=...)`: the D-solver's final state on `noise`, its λ fitted in closed form on each
+    trial grid (`aligned` targets from `teacher` at C = `scale`; `history` 0 = all earlier outputs)."""
+
+    def run(student: Solver) -> Tensor:
+        solver, indices = build_teacher(student, setup, scale, "aligned", teacher)
+        layout = LambdaLayout(history or student.num_stages)
+        fit = fit_closed_form(student, denoiser, noise, teacher_targets(solver, indices, denoiser, noise), layout=layout)
+        return student.sample(denoiser, noise, layout.expand(fit.lambdas, noise.shape[1:]))
+
+    return run
+
+
 def fit_grid(
     name: str,
     sigmas: Tensor,
@@ -83,19 +99,23 @@ def fit_grid(
     class_labels: Tensor | None = None,
     rho: float = 7.0,
     max_evaluations: int | None = None,
+    final_state: Callable[[Solver], Tensor] | None = None,
 ) -> GridFit:
     """Fit the interior σ of solver `name`'s grid `sigmas` to minimise ‖student(noise) − endpoint‖² / n.
 
     Starts from `sigmas` (θ from `params_from_grid`); `max_evaluations` student runs at most (default 60 per free
-    point). Returns the initial grid unchanged where it has no free point or the fit does not lower the loss.
+    point). `final_state` produces the student's final state on `noise` (default: the base solver; a D-solver
+    whose λ are fitted on each trial grid makes the fit joint). Returns the initial grid unchanged where it has no
+    free point or the fit does not lower the loss.
     """
     cls = SOLVERS[name]
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
     reference = endpoint.to(torch.float64)
+    run = final_state or (lambda student: student.sample(denoiser, noise, class_labels=class_labels))
 
     def loss(theta: np.ndarray) -> float:
         grid = grid_from_params(torch.from_numpy(theta), sigmas, rho)
-        out = cls.from_grid(grid, schedule).sample(denoiser, noise, class_labels=class_labels)
+        out = run(cls.from_grid(grid, schedule))
         return float(((out.to(torch.float64) - reference) ** 2).mean())
 
     start = params_from_grid(sigmas, rho).numpy()
