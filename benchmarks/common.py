@@ -131,6 +131,35 @@ def figure_path(out_dir: Path, name: str) -> Path:
     return folder / f"{name}.png"
 
 
+def family_panels(families: list[Family], path: Path, ylabel: str, draw: Callable[[object, Family], list[int]]) -> None:
+    """One log–log panel per family (3 per row): `draw(ax, family)` plots its lines and returns the NFE ticks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    cols = 3
+    nrows = -(-len(families) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False)
+    for ax, fam in zip(axes.flat, families):
+        nfes = draw(ax, fam)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(nfes, [str(n) for n in nfes])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(fam.label, fontsize=9)
+        ax.set_xlabel("NFE")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in list(axes.flat)[len(families):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def median_cpu_time(run: Callable[[], object], repeats: int) -> float:
     """Median CPU time of `repeats` calls, in seconds (after one untimed warm-up call).
 

@@ -26,6 +26,7 @@ from benchmarks.common import (
     ExactStates,
     ReferenceODE,
     Family,
+    family_panels,
     figure_path,
     frechet_distance,
     machine,
@@ -226,34 +227,14 @@ def best_per_nfe(rows: list[dict], nfes: list[int]) -> str:
 
 def plot(rows: list[dict], families: list[Family], path: Path) -> None:
     """One log–log panel per family: held-out RMSE of every variant against NFE."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
-
-    cols = 3
-    nrows = -(-len(families) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False)
-    for ax, fam in zip(axes.flat, families):
-        nfes = sorted({r["nfe"] for r in rows if r["family"] == fam.solver})
+    def draw(ax, fam: Family) -> list[int]:
         for variant in VARIANTS:
             mine = [r for r in rows if r["family"] == fam.solver and r["variant"] == variant.label]
             ax.plot([r["nfe"] for r in mine], [r["held_out"] for r in mine], "o-", label=variant.label)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xticks(nfes, [str(n) for n in nfes])
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_title(fam.label, fontsize=9)
-        ax.set_xlabel("NFE")
-        ax.set_ylabel("RMSE to the network's ODE")
-        ax.grid(True, which="both", alpha=0.3)
-    for ax in list(axes.flat)[len(families):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        return sorted({r["nfe"] for r in rows if r["family"] == fam.solver})
+
+    family_panels(families, path, "RMSE to the network's ODE", draw)
 
 
 def main() -> None:

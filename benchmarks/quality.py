@@ -25,6 +25,7 @@ from benchmarks.common import (
     adam_lambdas,
     exact_fd,
     family,
+    family_panels,
     figure_path,
     machine,
     markdown_table,
@@ -167,16 +168,8 @@ def match_table(rows: list[dict], families: list[Family]) -> str:
 
 def plot(rows: list[dict], families: list[Family], path, column: int, ylabel: str) -> None:
     """One log–log panel per family: base, D paper and D aligned against NFE."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
-
-    cols = 3
-    nrows = -(-len(families) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False)
-    for ax, fam in zip(axes.flat, families):
+    def draw(ax, fam: Family) -> list[int]:
         mine = [r for r in rows if r["family"] == fam.solver]
         nfes = [r["nfe"] for r in mine]
         ax.plot(nfes, [r["base"][column] for r in mine], "o-", color="k", label="base")
@@ -184,20 +177,9 @@ def plot(rows: list[dict], families: list[Family], path, column: int, ylabel: st
         ax.plot(nfes, [r["aligned"][column] for r in mine], "^-", color="tab:blue", label="D, aligned targets")
         if column == 1:
             ax.plot(nfes, [r["fd_floor"] for r in mine], ":", color="grey", label="exact ODE (sample floor)")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xticks(nfes, [str(n) for n in nfes])
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_title(fam.label, fontsize=9)
-        ax.set_xlabel("NFE")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-    for ax in list(axes.flat)[len(families):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        return nfes
+
+    family_panels(families, path, ylabel, draw)
 
 
 # ---- D-variants against the best training-free samplers, every method on its best grid (issue 12) ----
