@@ -1,0 +1,59 @@
+"""Install metadata and CI command: no torch cap in the package, pins where they belong, warning filters that match."""
+from __future__ import annotations
+
+import builtins
+import re
+import tomllib
+import warnings
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _requirement(name: str) -> Requirement:
+    requirements = [Requirement(text) for text in PYPROJECT["project"]["dependencies"]]
+    return next(req for req in requirements if req.name == name)
+
+
+def _upper_bounds(req: Requirement) -> list[str]:
+    return [str(spec) for spec in req.specifier if spec.operator in ("<", "<=", "==", "~=", "===")]
+
+
+def test_torch_has_no_upper_bound_in_any_requirement() -> None:
+    """A cap makes pip replace a GPU user's newer torch; the CPU pin belongs in the install command."""
+    extras = [Requirement(text) for texts in PYPROJECT["project"]["optional-dependencies"].values() for text in texts]
+    for req in [Requirement(text) for text in PYPROJECT["project"]["dependencies"]] + extras:
+        if req.name == "torch":
+            assert not _upper_bounds(req), f"torch requirement {req} caps the version"
+
+
+def test_jsonargparse_is_kept_below_5() -> None:
+    """LightningCLI already warns about jsonargparse 5.0 removals."""
+    assert "<5" in [str(spec) for spec in _requirement("jsonargparse").specifier]
+
+
+def test_ci_and_readme_install_the_fid_extra_with_pinned_cpu_torch() -> None:
+    """The Inception FID path runs in CI: the test command installs `[test,fid]` with torch pinned in the same call."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    readme = (ROOT / "README.md").read_text()
+    command = re.compile(r"pip install -q torch==2\.13\.0 -e \"\.\[test,fid\]\"")
+    assert command.search(ci), ci
+    assert command.search(readme)
+
+
+def test_every_filterwarnings_entry_matches_the_warning_it_names() -> None:
+    """Each ignore entry is checked against the warning Lightning really raises (message regex and category)."""
+    from pytorch_lightning.utilities._pytree import _tree_flatten
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _tree_flatten(1)
+    raised = [(str(w.message), w.category) for w in caught]
+    assert raised, "Lightning no longer raises the LeafSpec warning: drop the filter"
+    for entry in PYPROJECT["tool"]["pytest"]["ini_options"]["filterwarnings"]:
+        action, message, category = entry.split(":")[:3]
+        matched = [text for text, cls in raised if re.match(message, text) and issubclass(cls, getattr(builtins, category))]
+        assert action == "ignore" and matched, f"filterwarnings entry {entry!r} matches none of {raised}"
