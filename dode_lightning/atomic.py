@@ -32,17 +32,16 @@ def is_temporary_of(name: str, target: re.Pattern[str]) -> bool:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside `path` to write to; renamed onto `path` when the block succeeds, removed otherwise.
 
-    The file gets the mode a plain `open(path, "w")` would give (0666 less the umask), not mkstemp's 0600.
+    The file gets the mode a plain `open(path, "w")` would give (0666 less the umask), not mkstemp's 0600; the mode
+    is set after the block, since a writer may replace the temporary (safetensors recreates it with 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-    finally:
-        os.close(fd)
+    os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .atomic import writable_folder_error
 from .checkpoints import CheckpointError
-from .cli_common import CheckedTrainerCLI, forget_run_version, one_line, unique_version
+from .cli_common import CheckedTrainerCLI, forget_run_version, one_line, tensorboard_command, unique_version
 from .distill import StageFit, rmse, seeded_noise
 from .grids import GRIDS
 from .lambda_file import LambdaFileError, check_lambdas, save_lambdas
@@ -268,5 +268,5 @@ def train_main(args: list[str] | None = None) -> int:
     )
     print(f"λ file: {output}")
     if trainer.logger is not None:
-        print(f"TensorBoard: tensorboard --logdir {trainer.logger.save_dir}")
+        print(f"TensorBoard: {tensorboard_command(trainer.logger.save_dir)}")
     return 0

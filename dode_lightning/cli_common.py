@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,7 @@ from pytorch_lightning.cli import LightningCLI
 
 from .lightning import ConfigError
 
-__all__ = ["one_line", "unique_version", "forget_run_version", "RUN_VERSION_ENV", "CheckedTrainerCLI"]
+__all__ = ["one_line", "unique_version", "forget_run_version", "tensorboard_command", "RUN_VERSION_ENV", "CheckedTrainerCLI"]
 
 # Set by the launching process once it has named the run, so the DDP processes it starts log under the same name.
 RUN_VERSION_ENV = "DODE_RUN_VERSION"
@@ -20,6 +22,11 @@ def one_line(message: str, limit: int = 400) -> str:
     """A multi-line message as one line (indentation dropped), shortened to `limit` characters."""
     text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def tensorboard_command(logdir: str | Path) -> str:
+    """A TensorBoard command that works without an activated venv: this interpreter runs tensorboard's module."""
+    return f"{shlex.quote(sys.executable)} -m tensorboard.main --logdir {shlex.quote(str(logdir))}"
 
 
 def _is_launched_rank() -> bool:

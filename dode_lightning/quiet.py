@@ -1,28 +1,31 @@
 """Quiet command lines: silence Lightning output that carries no information for these CLIs, and nothing else.
 
-Silenced: the litlogger advertisement, the GPU/TPU availability lines, the `LeafSpec` deprecation Lightning itself
-triggers, and "Found N module(s) in eval mode" (the frozen denoiser is in eval mode on purpose). Every other
+Silenced: the litlogger advertisement, the GPU/TPU availability lines, "Seed set to N" (the seeds are in the config and
+the λ file), the `LeafSpec` deprecation Lightning itself triggers, and "Found N module(s) in eval mode" (the frozen
+denoiser is in eval mode on purpose). Every other
 warning and log line still reaches the terminal.
 """
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 
 __all__ = ["silence_lightning_noise", "NOISE_LINES"]
 
-# Prefixes of Lightning's rank-zero info lines that are dropped.
-NOISE_LINES = ("GPU available:", "TPU available:", "💡 Tip: For seamless cloud logging")
+# Prefixes of Lightning's info lines that are dropped (after a DDP process's "[rank: N] " prefix).
+NOISE_LINES = ("GPU available:", "TPU available:", "💡 Tip: For seamless cloud logging", "Seed set to ")
+_RANK_PREFIX = re.compile(r"\[rank: \d+\] ")
 _NOISE_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)` is deprecated",
     r"Found \d+ module\(s\) in eval mode at the start of training",
 )
-_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero")
+_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero", "lightning_fabric.utilities.seed")
 
 
 class _DropNoiseLines(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(NOISE_LINES)
+        return not _RANK_PREFIX.sub("", record.getMessage(), count=1).startswith(NOISE_LINES)
 
 
 def silence_lightning_noise() -> None:

@@ -26,7 +26,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .atomic import atomic_path
 from .checkpoints import CheckpointError
-from .cli_common import CheckedTrainerCLI, forget_run_version, one_line, unique_version
+from .cli_common import CheckedTrainerCLI, forget_run_version, one_line, tensorboard_command, unique_version
 from .fid import (
     BUILTIN_IMAGE_SHAPE,
     Detector,
@@ -382,7 +382,7 @@ def sample_main(argv: list[str] | None = None) -> int:
     if fid is not None:
         print(f"{fid.detector.metric_name}: {fid.value:.6g} (n = {fid.num_generated}, reference {fid.reference.describe()}); {outdir / 'metrics.json'}")
         if trainer.logger is not None:
-            print(f"TensorBoard: tensorboard --logdir {trainer.logger.save_dir}  (run {SAMPLING_RUNS}/{trainer.logger.version})")
+            print(f"TensorBoard: {tensorboard_command(trainer.logger.save_dir)}  (run {SAMPLING_RUNS}/{trainer.logger.version})")
     return 0
 
 

@@ -96,9 +96,12 @@ def test_quiet_filters_drop_exactly_the_listed_noise():
     logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     records = [logging.LogRecord(logger.name, logging.INFO, __file__, 1, text, None, None) for text in (
         "GPU available: False, used: False", "TPU available: False, using: 0 TPU cores",
-        "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]", "Seed set to 0",
+        "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]", "Validation is off",
     )]
-    assert [r.getMessage() for r in records if logger.filter(r)] == ["Seed set to 0"]
+    assert [r.getMessage() for r in records if logger.filter(r)] == ["Validation is off"]
+    seed = logging.getLogger("lightning_fabric.utilities.seed")
+    for text in ("Seed set to 0", "[rank: 1] Seed set to 0"):
+        assert not seed.filter(logging.LogRecord(seed.name, logging.INFO, __file__, 1, text, None, None)), text
 
 
 def test_heun_stages_alternate_predictor_and_corrector():
@@ -126,7 +129,7 @@ def test_terminal_is_quiet_and_tensorboard_runs_are_named_and_summarised(tmp_pat
     first = _run_train(tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     terminal = first.stdout + first.stderr
-    for noise in ("GPU available", "TPU available", "litlogger", "LeafSpec", "in eval mode", "Epoch 0", "Training"):
+    for noise in ("GPU available", "TPU available", "litlogger", "LeafSpec", "in eval mode", "Epoch 0", "Training", "Seed set"):
         assert noise not in terminal, noise
     assert "fit (adam)" in first.stderr  # one bar over the fit steps instead
     second = _run_train(tmp_path, "--data.target_mode", "paper")

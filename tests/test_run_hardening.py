@@ -250,6 +250,16 @@ def test_written_files_follow_the_umask(in_tmp):
         assert path.stat().st_mode & 0o777 == 0o640, path
 
 
+def test_lambda_file_follows_the_umask(tmp_path):
+    """safetensors recreates the temporary with 0600; the λ file still gets 0644 under umask 022, like the others."""
+    previous = os.umask(0o022)
+    try:
+        path = save_lambdas(tmp_path / "l.safetensors", {"lambdas": torch.zeros(3, dtype=torch.float64)}, {"solver": "euler"})
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 # --- 21: SIGTERM stops the run between batches, resumably ---------------------------------------------------------------
 
 def test_sigterm_stops_cleanly_and_the_rerun_finishes(tmp_path, monkeypatch):
