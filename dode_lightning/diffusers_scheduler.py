@@ -16,7 +16,6 @@ every solver. Each evaluation point is handed out as `DiscreteEpsDenoiser` forms
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import queue
@@ -30,7 +29,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 from torch import Tensor
 
-from .checkpoints.diffusers_folder import betas_from_scheduler_config
+from .checkpoints.diffusers_folder import _read_json, betas_from_scheduler_config
+from .checkpoints.errors import CheckpointError
 from .denoisers import DiscreteEpsDenoiser, broadcast_sigma, eps_from_v, eps_from_x0, x0_from_eps
 from .distill import SolverSetup
 from .lambda_file import load_lambdas
@@ -426,13 +426,10 @@ def _scheduler_config(pipeline: str | os.PathLike) -> dict[str, Any]:
     path = Path(pipeline)
     for candidate in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json", path):
         if candidate.is_file():
-            try:
-                config = json.loads(candidate.read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise SchedulerConfigError(f"{candidate}: unreadable scheduler config ({err})") from None
-            if not isinstance(config, dict):
-                raise SchedulerConfigError(f"{candidate}: expected a JSON object")
-            return config
+            try:  # the pipeline loader's reader: bounded size, depth and integers
+                return _read_json(candidate)
+            except CheckpointError as err:
+                raise SchedulerConfigError(str(err)) from None
     raise FileNotFoundError(f"no scheduler config in {path}: give the diffusers pipeline folder the λ were fitted on (it holds scheduler/scheduler_config.json)")
 
 

@@ -17,11 +17,21 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor
 
 from .atomic import atomic_path
-from .checkpoints.errors import one_line
+from .checkpoints.errors import one_line, quoted
 from .schedules import Schedule
 from .solvers import LambdaLayout
 
-__all__ = ["save_lambdas", "load_lambdas", "lambdas_to_apply", "check_lambdas", "schedule_id", "LambdaFileError", "MATCH_KEYS", "LAMBDA_LIMIT"]
+__all__ = [
+    "save_lambdas",
+    "load_lambdas",
+    "lambdas_to_apply",
+    "check_lambdas",
+    "check_metadata",
+    "schedule_id",
+    "LambdaFileError",
+    "MATCH_KEYS",
+    "LAMBDA_LIMIT",
+]
 
 FORMAT = "dode-lightning/lambdas/1"
 # Fields that must agree between a λ file and the run that uses it.
@@ -29,10 +39,55 @@ FORMAT = "dode-lightning/lambdas/1"
 MATCH_KEYS = ("solver", "nfe", "grid", "grid_kwargs", "schedule", "denoiser", "guidance_scale")
 # Fitted λ are O(1) (paper units); far beyond this bound λ·Δ overflows and the samples are black.
 LAMBDA_LIMIT = 1e6
+# JSON types of the metadata fields this package reads back (a field may be absent; extra fields are kept as they are).
+_NUMBER = (int, float)
+METADATA_TYPES: dict[str, tuple[type, ...]] = {
+    "solver": (str,),
+    "nfe": (int,),
+    "num_stages": (int,),
+    "grid": (str, type(None)),
+    "grid_kwargs": (dict,),
+    "schedule": (str,),
+    "prediction": (str,),
+    "denoiser": (str,),
+    "state_dtype": (str,),
+    "guidance_scale": (*_NUMBER, type(None)),
+    "history": (int,),
+    "lambda_groups": (str,),
+    "class_conditional": (bool, type(None)),
+    "dropped_stages": (list,),
+}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "an object", list: "a list", bool: "true or false", type(None): "null"}
 
 
 class LambdaFileError(ValueError):
     """A λ file that is unreadable or was fitted for another configuration."""
+
+
+def _has_type(value: Any, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):  # JSON true/false is no integer or number here
+        return bool in types
+    return isinstance(value, types)
+
+
+def check_metadata(metadata: dict[str, Any], origin: str) -> None:
+    """Refuse metadata whose fields (METADATA_TYPES) have the wrong JSON type, e.g. `"nfe": "10"`, in one line.
+
+    `grid_kwargs` must map names to numbers, strings, true/false or null; `dropped_stages` must list integers.
+    """
+    for key, types in METADATA_TYPES.items():
+        if key not in metadata:
+            continue
+        value = metadata[key]
+        wrong = not _has_type(value, types)
+        if not wrong and key == "grid_kwargs":
+            wrong = not all(_has_type(v, (*_NUMBER, str, bool, type(None))) for v in value.values())
+        if not wrong and key == "dropped_stages":
+            wrong = not all(_has_type(v, (int,)) for v in value)
+        if wrong:
+            expected = " or ".join(_TYPE_NAMES[t] for t in types if not (t is int and float in types))
+            detail = {"grid_kwargs": " of numbers", "dropped_stages": " of integers"}.get(key, "")
+            raise LambdaFileError(f"{origin}: metadata field {key!r} is {quoted(value)}, expected {expected}{detail}; refit with train.py")
 
 
 def schedule_id(schedule: Schedule) -> str:
@@ -87,6 +142,7 @@ def load_lambdas(path: str | Path, expect: dict[str, Any] | None = None) -> tupl
         metadata = None
     if not isinstance(metadata, dict):
         raise LambdaFileError(f"{path} has no readable metadata (a JSON object under 'metadata'); refit with train.py")
+    check_metadata(metadata, str(path))
     check_lambdas(tensors["lambdas"], str(path))
     if expect:
         wrong = [

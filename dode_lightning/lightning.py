@@ -200,6 +200,11 @@ class DODECalibration(pl.LightningModule):
             raise ConfigError(str(err)) from None
         self.built = build_student(denoiser, solver, nfe, grid, sigma_min, sigma_max, rho, state_dtype)
         self.loaded, self.setup_spec, self.student = self.built.loaded, self.built.setup, self.built.solver
+        if not any(self.student.lambda_fitted):
+            raise ConfigError(
+                f"{solver} with NFE {self.student.nfe} has no λ to fit (its only stage has no earlier direction d_k − d_(k−1)); "
+                "use a larger --model.nfe"
+            )
         self.denoiser = self.loaded.denoiser
         self.fit_method = fit
         self.dtype_ = self.built.dtype

@@ -174,11 +174,15 @@ def convert_legacy_attention_names(state_dict: dict[str, Tensor]) -> dict[str, T
     return converted
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path, limit: int = MAX_CONFIG_BYTES) -> dict[str, Any]:
+    """A JSON object from a file of at most `limit` bytes; anything else (too large or deep, an integer Python refuses
+    to parse, not an object) is a one-line CheckpointError."""
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise CheckpointError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB, not a diffusers config")
-        data = json.loads(path.read_text())
+        with open(path, "rb") as handle:  # at most one byte past the limit, whatever size the file claims
+            raw = handle.read(limit + 1)
+        if len(raw) > limit:
+            raise CheckpointError(f"{path}: larger than {limit / (1 << 20):g} MiB, not a diffusers config")
+        data = json.loads(raw.decode())
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: JSONDecodeError, huge ints
         if isinstance(err, CheckpointError):
             raise

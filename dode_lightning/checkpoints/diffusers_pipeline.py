@@ -60,7 +60,12 @@ TEXT_PIPELINES = ("StableDiffusionPipeline",)
 _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin")
 _TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin")
 _REBUILT_BUFFERS = ("embeddings.position_ids",)
-_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+# Bounds on tokenizer/ before transformers reads it (CLIP's: tokenizer.json 2.2 MB, vocab.json 0.9 MB, 2 special
+# tokens). transformers registers added tokens one by one: 200k of them took 205 s.
+MAX_TOKENIZER_BYTES = 16 << 20
+MAX_ADDED_TOKENS = 1000
+_ADDED_TOKEN_KEYS = ("additional_special_tokens", "extra_special_tokens", "added_tokens_decoder", "added_tokens")
 
 
 class PromptBank(nn.Module):
@@ -240,10 +245,18 @@ def _text_encoder(folder: Path) -> tuple[Callable[[list[str]], Tensor], nn.Modul
     tokenizer_dir = folder / "tokenizer"
     if not tokenizer_dir.is_dir():
         raise FileNotFoundError(f"{folder}: missing tokenizer/ (or pass prompt_embeds); {_DOWNLOAD_HINT}")
+    _check_tokenizer_files(tokenizer_dir)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     except Exception as err:  # transformers reports a broken tokenizer folder with assorted exception types
         raise CheckpointError(f"{tokenizer_dir}: unreadable tokenizer ({type(err).__name__}: {one_line(err)})") from None
+    words, specials = len(tokenizer), len(set(tokenizer.all_special_ids))
+    if words <= specials or words > encoder.config.vocab_size:
+        # A folder without vocabulary files loads as a 2-token tokenizer: every prompt would encode alike.
+        raise CheckpointError(
+            f"{tokenizer_dir}: the tokenizer holds {words} token(s) ({specials} special), the text encoder expects up to "
+            f"{encoder.config.vocab_size}; copy the pipeline's complete tokenizer/ folder"
+        )
     max_length = min(int(tokenizer.model_max_length), int(encoder.config.max_position_embeddings))
     files += sorted(tokenizer_dir / name for name in _TOKENIZER_FILES if (tokenizer_dir / name).is_file())
 
@@ -253,6 +266,28 @@ def _text_encoder(folder: Path) -> tuple[Callable[[list[str]], Tensor], nn.Modul
         return encoder(ids.to(device))[0]
 
     return encode, encoder, files
+
+
+def _check_tokenizer_files(directory: Path) -> None:
+    """Refuse a tokenizer/ folder without vocabulary files, with a file over MAX_TOKENIZER_BYTES, or with more than
+    MAX_ADDED_TOKENS added or special tokens, before transformers reads any of it."""
+    present = [directory / name for name in _TOKENIZER_FILES if (directory / name).is_file()]
+    names = {path.name for path in present}
+    if "tokenizer.json" not in names and not {"vocab.json", "merges.txt"} <= names:
+        raise CheckpointError(
+            f"{directory}: no vocabulary (tokenizer.json, or vocab.json with merges.txt), so prompts cannot be encoded; "
+            "copy the pipeline's complete tokenizer/ folder"
+        )
+    added = 0
+    for path in present:
+        if path.stat().st_size > MAX_TOKENIZER_BYTES:
+            raise CheckpointError(f"{path}: larger than {MAX_TOKENIZER_BYTES >> 20} MiB, not a CLIP tokenizer file")
+        if path.suffix == ".json" and path.name != "vocab.json":
+            data = _read_json(path, MAX_TOKENIZER_BYTES)
+            entries = [data] if path.name == "added_tokens.json" else [data.get(key) for key in _ADDED_TOKEN_KEYS]
+            added += sum(len(entry) for entry in entries if isinstance(entry, (list, dict)))
+    if added > MAX_ADDED_TOKENS:
+        raise CheckpointError(f"{directory}: {added} added or special tokens, more than {MAX_ADDED_TOKENS}; not a CLIP tokenizer")
 
 
 def _guidance(guidance_scale: float | None) -> float:

@@ -1,0 +1,131 @@
+"""Issue 21 items 10–17: runs that used to end badly without saying so now end in one `error:` line (or stop
+cleanly), with nothing half-written: incomplete tokenizers, interrupts, a dead DDP rank, mistyped λ metadata, hostile
+scheduler configs, crafted npz shards, mixed image folders, and a solver setting with no λ to fit."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dode_lightning.checkpoints import CheckpointError, load_denoiser
+from dode_lightning.lambda_file import LambdaFileError, check_metadata, save_lambdas
+from dode_lightning.lightning import build_student
+from dode_lightning.sample_cli import sample_main
+from tests.test_run_hardening import CONFIG, _args, _one_error_line, in_tmp, train  # noqa: F401 (fixtures)
+
+# --- 13: λ-file metadata of the wrong JSON type --------------------------------------------------------------------------
+
+_VALID_META = build_student({"source": "gmm_digits"}, "heun", 9).metadata()
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("nfe", "10", "'nfe' is '10', expected an integer"),
+        ("nfe", True, "'nfe' is True, expected an integer"),
+        ("grid_kwargs", [1, 2], "'grid_kwargs' is a list, expected an object of numbers"),
+        ("grid_kwargs", {"rho": [7]}, "'grid_kwargs' is a dict, expected an object of numbers"),
+        ("solver", 5, "'solver' is 5, expected a string"),
+        ("history", "2", "'history' is '2', expected an integer"),
+        ("class_conditional", "yes", "'class_conditional' is 'yes', expected true or false or null"),
+        ("guidance_scale", "7.5", "'guidance_scale' is '7.5', expected a number or null"),
+    ],
+)
+def test_mistyped_lambda_metadata_is_one_line(in_tmp, capsys, key, value, message):
+    path = in_tmp / "lam.safetensors"
+    header = {"format": "dode-lightning/lambdas/1", "metadata": json.dumps({**_VALID_META, key: value})}
+    save_file({"lambdas": torch.zeros(9, dtype=torch.float64)}, str(path), metadata=header)
+    args = _args(in_tmp / "out")
+    args[args.index("--lambdas") + 1] = str(path)
+    assert sample_main(args) == 2
+    assert message in _one_error_line(capsys)
+    assert not (in_tmp / "out").exists()
+
+
+def test_well_typed_metadata_passes_the_check():
+    check_metadata({**_VALID_META, "guidance_scale": 7, "class_conditional": None, "dropped_stages": [0, 3], "extra": [1]}, "f")
+    with pytest.raises(LambdaFileError, match="'dropped_stages' is a list, expected a list of integers"):
+        check_metadata({"dropped_stages": ["0"]}, "f")
+
+
+# --- 17: a solver setting without any λ to fit -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("solver", ["heun", "euler"])
+def test_nfe_without_a_lambda_to_fit_is_refused(train, tmp_path, capsys, solver):
+    assert train("--model.solver", solver, "--model.nfe", "1") == 2
+    assert f"{solver} with NFE 1 has no λ to fit" in _one_error_line(capsys)
+    assert not train.teacher_runs and not (tmp_path / "l.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]  # no cache, no config.yaml, no run folder
+
+
+# --- 14: a hostile scheduler_config.json for export-scheduler ----------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("[" * 100_000 + "]" * 100_000, "unreadable JSON"),
+        ('{"num_train_timesteps": ' + "9" * 5000 + "}", "unreadable JSON"),
+        ('{"pad": "' + "x" * (2 << 20) + '"}', "larger than 1 MiB"),
+    ],
+    ids=["deep", "long_integer", "large"],
+)
+def test_export_scheduler_reads_the_pipeline_config_with_the_loaders_limits(tmp_path, capsys, content, message):
+    pytest.importorskip("diffusers")
+    from dode_lightning.sample_cli import export_scheduler_main
+
+    lambdas = save_lambdas(tmp_path / "l.safetensors", {"lambdas": torch.zeros(4)}, {"solver": "ddim", "nfe": 4, "schedule": "VPDiscrete{}"})
+    (tmp_path / "pipe" / "scheduler").mkdir(parents=True)
+    (tmp_path / "pipe" / "scheduler" / "scheduler_config.json").write_text(content)
+    out = tmp_path / "out"
+    assert export_scheduler_main(["--lambdas", str(lambdas), "--pipeline", str(tmp_path / "pipe"), "--out", str(out)]) == 2
+    assert message in _one_error_line(capsys)
+    assert not out.exists()
+
+
+# --- 10: an empty, incomplete or oversized tokenizer/ ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from tests.pipelines import write_tiny_sd_pipeline
+
+    return write_tiny_sd_pipeline(tmp_path_factory.mktemp("pipelines") / "tiny-sd")
+
+
+def _with_tokenizer(tiny_sd: Path, tmp_path: Path, keep: tuple[str, ...], extra: dict[str, object] | None = None) -> Path:
+    """A copy of the tiny SD pipeline whose tokenizer/ holds only the files `keep`, plus the files `extra` (text, or
+    data written as JSON)."""
+    folder = tmp_path / "pipe"
+    shutil.copytree(tiny_sd, folder)
+    for path in (folder / "tokenizer").iterdir():
+        if path.name not in keep:
+            path.unlink()
+    for name, data in (extra or {}).items():
+        (folder / "tokenizer" / name).write_text(data if isinstance(data, str) else json.dumps(data))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "keep,extra,message",
+    [
+        ((), None, "no vocabulary"),
+        (("tokenizer_config.json",), None, "no vocabulary"),
+        (("tokenizer_config.json",), {"vocab.json": {}, "merges.txt": "#version: 0.2\n"}, "holds 2 token"),
+        (("tokenizer.json", "tokenizer_config.json"), {"special_tokens_map.json": {"additional_special_tokens": [f"<t{i}>" for i in range(200_000)]}}, r"20000\d added or special tokens"),
+    ],
+    ids=["empty", "config_only", "empty_vocab", "200k_special_tokens"],
+)
+def test_tokenizer_without_a_real_vocabulary_is_refused(tiny_sd, tmp_path, keep, extra, message):
+    folder = _with_tokenizer(tiny_sd, tmp_path, keep, extra)
+    started = time.perf_counter()
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_denoiser("diffusers_pipeline", folder, prompts=["a red cat", "a blue dog"])
+    assert "\n" not in str(err.value) and "tokenizer" in str(err.value)
+    assert time.perf_counter() - started < 60  # 200k special tokens took 205 s to load before the bound
+
