@@ -53,30 +53,59 @@ class GaussianMixture(nn.Module):
             labels = nn.functional.one_hot(labels.long(), self.num_components)
         return torch.log(labels.to(torch.float64))
 
-    def _project(self, x: Tensor) -> Tensor:
-        """y_k = U_kᵀ(x − μ_k) for every component: (N, K, D)."""
+    def _project(self, x: Tensor, alpha: Tensor) -> Tensor:
+        """y_k = U_kᵀ(x − α·μ_k) for every component: (N, K, D)."""
         flat = x.reshape(x.shape[0], -1).to(torch.float64)
-        return torch.einsum("kde,nkd->nke", self.eigvecs, flat[:, None, :] - self.means[None])
+        return torch.einsum("kde,nkd->nke", self.eigvecs, flat[:, None, :] - alpha * self.means[None])
+
+    def _per_sample(self, value: Tensor | float) -> Tensor:
+        """A scalar or per-sample (N,) coefficient as float64 (1|N, 1, 1), broadcasting against (N, K, D)."""
+        return torch.as_tensor(value, dtype=torch.float64, device=self.means.device).reshape(-1, 1, 1)
+
+    def _posterior(self, x: Tensor, alpha: Tensor | float, beta: Tensor | float, class_labels: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """For x = α·x₀ + β·n: (log w_k (N, K), E[x₀ | x, k] (N, K, D), y_k/√var_k (N, K, D)) (§9.2 with α).
+
+        Component k: x ~ N(α·μ_k, α²Σ_k + β²I), E[x₀ | x, k] = μ_k + U_k diag(α·s_k/(α²s_k + β²)) y_k. α = 1, β = σ is
+        the VE form; α = 1 − t, β = t the flow form, finite at t = 1 (α = 0: w_k = π_k, E[x₀ | x, k] = μ_k).
+        """
+        a, b = self._per_sample(alpha), self._per_sample(beta)
+        y = self._project(x, a)
+        var = a**2 * self.eigvals[None] + b**2
+        log_norm = -0.5 * (y.shape[-1] * math.log(2 * math.pi) + torch.log(var).sum(-1) + (y**2 / var).sum(-1))
+        log_w = torch.log_softmax(self._prior_log_weights(class_labels, x.shape[0]) + log_norm, dim=-1)
+        cond_means = self.means[None] + torch.einsum("kde,nke->nkd", self.eigvecs, a * self.eigvals[None] / var * y)
+        return log_w, cond_means, y / var.sqrt()
 
     def component_log_posterior(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
         """log w_k(x; σ): softmax over k of log π_k + log N(x; μ_k, Σ_k + σ²I)."""
-        y = self._project(x)
-        var = self.eigvals[None] + broadcast_sigma(sigma, y).reshape(-1, 1, 1) ** 2  # (N|1, K, D)
-        log_norm = -0.5 * (y.shape[-1] * math.log(2 * math.pi) + torch.log(var).sum(-1) + (y**2 / var).sum(-1))
-        return torch.log_softmax(self._prior_log_weights(class_labels, x.shape[0]) + log_norm, dim=-1)
+        return self._posterior(x, 1.0, sigma, class_labels)[0]
 
     def forward(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
         """D*(x; σ) = Σ_k w_k·(μ_k + U_k diag(s_k/(s_k + σ²)) y_k), computed in float64, returned in x's dtype."""
         sigma64 = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
-        y = self._project(x)
-        sig2 = broadcast_sigma(sigma64, y).reshape(-1, 1, 1) ** 2
-        shrink = self.eigvals[None] / (self.eigvals[None] + sig2)
-        cond_means = self.means[None] + torch.einsum("kde,nke->nkd", self.eigvecs, shrink * y)
-        weights = self.component_log_posterior(x, sigma64, class_labels).exp()
-        x0 = torch.einsum("nk,nkd->nd", weights, cond_means).reshape(x.shape)
+        log_w, cond_means, _ = self._posterior(x, 1.0, sigma64, class_labels)
+        x0 = torch.einsum("nk,nkd->nd", log_w.exp(), cond_means).reshape(x.shape)
         # D*(x; 0) := x (no sampler evaluates σ = 0; keeps the definition total).
         x0 = torch.where(broadcast_sigma(sigma64, x0) == 0, x.to(torch.float64), x0)
         return x0.to(x.dtype)
+
+    def velocity(self, x: Tensor, t: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+        """Exact flow-matching velocity v*(x_t, t) = E[ε − x₀ | x_t] = (x_t − x̂₀)/t for x_t = (1 − t)·x₀ + t·ε.
+
+        x̂₀ is the exact posterior mean in flow form (`_posterior` with α = 1 − t, β = t), finite at t = 1, where
+        v* = x_1 − (data mean). t > 0 (scalar or per sample); float64 inside, returned in x's dtype.
+        """
+        t64 = torch.as_tensor(t, dtype=torch.float64, device=x.device)
+        log_w, cond_means, _ = self._posterior(x, 1 - t64, t64, class_labels)
+        x0 = torch.einsum("nk,nkd->nd", log_w.exp(), cond_means).reshape(x.shape)
+        return ((x.to(torch.float64) - x0) / broadcast_sigma(t64, x0)).to(x.dtype)
+
+    def _gaussian_map(self, x: Tensor, alpha: Tensor | float, beta: Tensor | float, sigma_to: Tensor | float, class_labels: Tensor | None) -> Tensor:
+        """Per-component exact ODE map from x = α·x₀ + β·n to the VE state at σ_to, weighted by w_k at the start (§9.4)."""
+        log_w, _, whitened = self._posterior(x, alpha, beta, class_labels)
+        ratio = torch.sqrt(self.eigvals[None] + self._per_sample(sigma_to) ** 2)
+        mapped = self.means[None] + torch.einsum("kde,nke->nkd", self.eigvecs, ratio * whitened)
+        return torch.einsum("nk,nkd->nd", log_w.exp(), mapped).reshape(x.shape).to(x.dtype)
 
     def flow(self, x: Tensor, sigma_from: Tensor | float, sigma_to: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
         """Exact probability-flow map x(σ_from) → x(σ_to) for one Gaussian (§9.4), as a w-weighted map per component.
@@ -84,13 +113,31 @@ class GaussianMixture(nn.Module):
         Exact when a single component carries all weight (K = 1 or a one-hot label); for a mixture it is the local
         linearisation used to close the last, tiny σ interval of `exact_endpoint`.
         """
-        y = self._project(x)
-        a2 = broadcast_sigma(torch.as_tensor(sigma_from, dtype=torch.float64), y).reshape(-1, 1, 1) ** 2
-        b2 = broadcast_sigma(torch.as_tensor(sigma_to, dtype=torch.float64), y).reshape(-1, 1, 1) ** 2
-        ratio = torch.sqrt((self.eigvals[None] + b2) / (self.eigvals[None] + a2))
-        mapped = self.means[None] + torch.einsum("kde,nke->nkd", self.eigvecs, ratio * y)
-        weights = self.component_log_posterior(x, sigma_from, class_labels).exp()
-        return torch.einsum("nk,nkd->nd", weights, mapped).reshape(x.shape).to(x.dtype)
+        return self._gaussian_map(x, 1.0, sigma_from, sigma_to, class_labels)
+
+    def flow_endpoint(self, x: Tensor, t_start: float = 1.0, class_labels: Tensor | None = None, *, rtol: float = 1e-10, t_switch: float = 0.5) -> Tensor:
+        """Exact flow-matching ODE solution x₀ (t = 0) from the flow state x_t at t_start (default 1: x_1 = noise).
+
+        Single component: the closed form of §9.4 in flow coordinates (finite at t = 1). Mixture: DOP853 on
+        dx_t/dt = v*(x_t, t) from t_start down to t_switch (the velocity is smooth up to t = 1), then `exact_endpoint`
+        in VE form from σ = t_switch/(1 − t_switch). float64.
+        """
+        from scipy.integrate import solve_ivp
+
+        x = x.to(torch.float64)
+        if self._single_component(class_labels):
+            return self._gaussian_map(x, 1 - t_start, t_start, 0.0, class_labels)
+        if t_start > t_switch:
+            shape, device = x.shape, x.device
+
+            def velocity(t: float, flat: np.ndarray) -> np.ndarray:
+                return self.velocity(torch.from_numpy(flat).reshape(shape).to(device), t, class_labels).reshape(-1).cpu().numpy()
+
+            solution = solve_ivp(velocity, (t_start, t_switch), x.reshape(-1).cpu().numpy(), method="DOP853", rtol=rtol, atol=rtol * 1e-2)
+            if not solution.success:
+                raise RuntimeError(f"flow_endpoint integration failed: {solution.message}")
+            x, t_start = torch.from_numpy(solution.y[:, -1]).reshape(shape).to(device), t_switch
+        return self.exact_endpoint(x / (1 - t_start), t_start / (1 - t_start), class_labels, rtol=rtol)
 
     def exact_endpoint(
         self,

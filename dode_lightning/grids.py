@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .schedules import Schedule
+from .schedules import FlowMatching, Schedule
 
 __all__ = [
     "karras_sigmas",
@@ -22,6 +23,8 @@ __all__ = [
     "linspace_int_timesteps",
     "quad_timesteps",
     "append_zero",
+    "flow_times",
+    "check_flow_times",
     "make_sigmas",
 ]
 
@@ -81,13 +84,46 @@ def linspace_int_timesteps(n: int, num_timesteps: int = 1000) -> Tensor:
     return torch.unique_consecutive(seq)
 
 
+FLOW_GRIDS = ("flow", "flux")
+
+
+def flow_times(schedule: FlowMatching, n: int, grid: str = "flow") -> Tensor:
+    """n descending flow times from t = 1, as diffusers' `FlowMatchEulerDiscreteScheduler.set_timesteps` makes them.
+
+    `flow`: the scheduler's own spacing (SD3), linspace(1, t_lo, n) then shifted, where t_lo is the smallest training
+    time 1/T, itself shifted once already under a static shift (diffusers' double shift of the low end); `flux`:
+    FluxPipeline's linspace(1, 1/n, n), then shifted. Rounded through float32 where diffusers computes in float32,
+    so the grid is diffusers' to the bit (float64 tensor).
+    """
+    if grid == "flow":
+        t_train = torch.tensor(1.0, dtype=torch.float32) / schedule.num_train_timesteps
+        if schedule.mu is None:
+            t_train = schedule.shift * t_train / (1 + (schedule.shift - 1) * t_train)
+        raw = np.linspace(1.0 * schedule.num_train_timesteps, t_train.item() * schedule.num_train_timesteps, n) / schedule.num_train_timesteps
+    elif grid == "flux":
+        raw = np.linspace(1.0, 1 / n, n).astype(np.float32)  # diffusers casts given sigmas to float32 first
+    else:
+        raise ValueError(f"unknown flow grid {grid!r}; choose one of {', '.join(FLOW_GRIDS)}")
+    return torch.from_numpy(np.asarray(schedule.shifted(raw))).to(torch.float32).to(torch.float64)
+
+
+def check_flow_times(times: Tensor) -> Tensor:
+    """Refuse a flow time grid that does not start at t = 1 or is not strictly descending within [0, 1]; float64."""
+    times = torch.as_tensor(times, dtype=torch.float64).reshape(-1)
+    if len(times) < 2 or not bool(torch.isfinite(times).all()) or float(times[0]) != 1.0:
+        raise ValueError(f"a flow time grid must start at t = 1 (pure noise) and have ≥ 2 finite times, got {[round(float(t), 6) for t in times[:4]]}…")
+    if bool((times[:-1] <= times[1:]).any()) or float(times[-1]) < 0:
+        raise ValueError("a flow time grid must be strictly descending from 1 and end at t ≥ 0 (0 = the sample)")
+    return times
+
+
 _INTEGER_GRIDS = {
     "uniform_torch": uniform_torch_timesteps,
     "uniform": uniform_timesteps,
     "quad": quad_timesteps,
     "linspace_int": linspace_int_timesteps,
 }
-GRIDS = ("karras", "time_uniform", "time_quadratic", "logsnr_uniform", *_INTEGER_GRIDS)
+GRIDS = ("karras", "time_uniform", "time_quadratic", "logsnr_uniform", *_INTEGER_GRIDS, *FLOW_GRIDS)
 
 
 def make_sigmas(
@@ -105,10 +141,15 @@ def make_sigmas(
     Continuous grids span [sigma_min, sigma_max] (default: the schedule's range); with `terminal_zero` they have
     `steps` points followed by σ = 0 (the last step denoises), otherwise `steps + 1` points ending at sigma_min.
     Integer grids carry their own end (`uniform_torch`, `uniform`, `quad`: timestep −1, σ = 0; `linspace_int`:
-    timestep 0) and ignore `terminal_zero`.
+    timestep 0) and ignore `terminal_zero`. Flow grids (`flow`, `flux`, see `flow_times`) start at t = 1, σ = ∞.
     """
     if steps < 1:
         raise ValueError(f"a grid needs at least 1 step, got {steps}")
+    if grid in FLOW_GRIDS:
+        if not isinstance(schedule, FlowMatching):
+            raise ValueError(f"grid {grid!r} is a flow-matching time grid and needs a flow schedule (source gmm_digits_flow or an SD3/FLUX pipeline)")
+        times = flow_times(schedule, steps if terminal_zero else steps + 1, grid)
+        return schedule.sigma(append_zero(times) if terminal_zero else times)
     if grid in _INTEGER_GRIDS:
         num_timesteps = getattr(schedule, "num_timesteps", None)
         if num_timesteps is None:

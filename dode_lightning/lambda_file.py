@@ -35,8 +35,9 @@ __all__ = [
 
 FORMAT = "dode-lightning/lambdas/1"
 # Fields that must agree between a λ file and the run that uses it.
-# `guidance_scale` (float) is recorded for text-conditional pipelines: λ fitted for one guided denoiser.
-MATCH_KEYS = ("solver", "nfe", "grid", "grid_kwargs", "schedule", "denoiser", "guidance_scale")
+# `guidance_scale` (float) is recorded for text-conditional pipelines: λ fitted for one guided denoiser;
+# `time_shift` for flow-matching models: λ fitted on one shifted time grid.
+MATCH_KEYS = ("solver", "nfe", "grid", "grid_kwargs", "schedule", "denoiser", "guidance_scale", "time_shift")
 # Fitted λ are O(1) (paper units); far beyond this bound λ·Δ overflows and the samples are black.
 LAMBDA_LIMIT = 1e6
 # JSON types of the metadata fields this package reads back (a field may be absent; extra fields are kept as they are).

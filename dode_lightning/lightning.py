@@ -70,7 +70,7 @@ def limit_threads_for_builtin(loaded: LoadedDenoiser, device: torch.device) -> N
     Its einsums are far too small for intra-op threads; on a busy machine the thread pool's spin-waits make them
     10–100× slower than one thread.
     """
-    if loaded.source == "gmm_digits" and device.type == "cpu":
+    if loaded.source.startswith("gmm_digits") and device.type == "cpu":
         torch.set_num_threads(1)
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from typing import TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -17,10 +19,17 @@ __all__ = [
     "VPContinuous",
     "VE",
     "EDM",
+    "FlowMatching",
+    "flow_time_shift",
+    "dynamic_shift_mu",
+    "flow_time",
     "linear_betas",
     "cosine_betas",
     "make_schedule",
 ]
+
+
+Times = TypeVar("Times", Tensor, np.ndarray)
 
 
 def _f64(t: Tensor | float) -> Tensor:
@@ -31,6 +40,8 @@ class Schedule(ABC):
     """A map between time t and noise level σ, plus the scale s(σ) of the state."""
 
     variance_preserving: bool = False
+    own_grid: str | None = None
+    """The grid `make_solver` uses when none is named (None: each solver's default)."""
     t_max: float
     t_min: float
 
@@ -48,6 +59,11 @@ class Schedule(ABC):
         if self.variance_preserving:
             return 1.0 / torch.sqrt(1.0 + sigma**2)
         return torch.ones_like(sigma)
+
+    def noise_scale(self, sigma: Tensor | float) -> Tensor:
+        """β(σ) = s(σ)·σ, the weight of the unit noise in the scaled state s·(x₀ + σn)."""
+        sigma = _f64(sigma)
+        return self.scale(sigma) * sigma
 
     def prior(self, noise: Tensor, sigma_max: float) -> Tensor:
         """Initial state for unit Gaussian `noise`: VP uses it as is (the official convention), VE/EDM scale by σ_max."""
@@ -161,13 +177,104 @@ class EDM(Schedule):
         return _f64(sigma).clone()
 
 
+TIME_SHIFT_TYPES = ("exponential", "linear")
+
+
+def flow_time_shift(t: Times, shift: float = 1.0, mu: float | None = None, time_shift_type: str = "exponential") -> Times:
+    """diffusers' flow-matching time shift of times t ∈ (0, 1] (FlowMatchEulerDiscreteScheduler).
+
+    Static (`mu` None): t' = shift·t / (1 + (shift − 1)·t) (SD3: shift 3). Dynamic (resolution-dependent, FLUX):
+    exponential t' = e^μ / (e^μ + (1/t − 1)), linear t' = μ / (μ + (1/t − 1)). Exponential with μ = log(shift)
+    equals the static shift. Computed in t's own type and precision (a tensor or a numpy array), as diffusers does.
+    """
+    if mu is None:
+        return shift * t / (1 + (shift - 1) * t)
+    odds = 1 / t - 1
+    if time_shift_type == "exponential":
+        return math.exp(mu) / (math.exp(mu) + odds)
+    return mu / (mu + odds)
+
+
+def dynamic_shift_mu(
+    image_seq_len: int, base_image_seq_len: int = 256, max_image_seq_len: int = 4096, base_shift: float = 0.5, max_shift: float = 1.15
+) -> float:
+    """μ of the dynamic shift as the FLUX/SD3 pipelines compute it: linear in the image token count."""
+    slope = (max_shift - base_shift) / (max_image_seq_len - base_image_seq_len)
+    return image_seq_len * slope + (base_shift - slope * base_image_seq_len)
+
+
+def flow_time(sigma: Tensor | float) -> Tensor:
+    """Flow time t = σ/(1 + σ) of a noise level (float64), 1 at σ = ∞."""
+    sigma = _f64(sigma)
+    return torch.where(torch.isinf(sigma), torch.ones_like(sigma), sigma / (1 + sigma))
+
+
+class FlowMatching(Schedule):
+    """Rectified flow x_t = (1 − t)·x₀ + t·ε in σ-form: σ = t/(1 − t), s = 1 − t = 1/(1 + σ), β = s·σ = t.
+
+    The time t ∈ [0, 1] is the network's own time (its input is t·num_train_timesteps); t = 1 is σ = ∞, where the
+    state is pure noise (s = 0, β = 1). The time shift (`shift`, or `mu` with `time_shift_type` for the dynamic,
+    resolution-dependent shift) belongs to the step grid, `own_grid` "flow", but is part of the schedule so that
+    λ fitted at one shift are refused at another.
+    """
+
+    own_grid = "flow"
+
+    def __init__(self, shift: float = 1.0, mu: float | None = None, time_shift_type: str = "exponential", num_train_timesteps: int = 1000) -> None:
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 < shift <= 100:
+            raise ValueError(f"the flow time shift must be a number in (0, 100] (SD3 uses 3.0), got {shift!r}")
+        if mu is not None and (isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu)):
+            raise ValueError(f"the dynamic shift mu must be a finite number (FLUX: from the image size), got {mu!r}")
+        if time_shift_type not in TIME_SHIFT_TYPES:
+            raise ValueError(f"time_shift_type must be one of {', '.join(TIME_SHIFT_TYPES)}, got {time_shift_type!r}")
+        if mu is not None and shift != 1:
+            raise ValueError(f"give either a static shift ({shift!r}) or a dynamic shift mu ({mu!r}), not both")
+        if mu is not None and time_shift_type == "linear" and mu <= 0:
+            raise ValueError(f"the linear dynamic shift needs mu > 0, got {mu!r}")
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps must be an integer ≥ 2, got {num_train_timesteps!r}")
+        self.shift = float(shift)
+        self.mu = None if mu is None else float(mu)
+        self.time_shift_type = time_shift_type
+        self.num_train_timesteps = num_train_timesteps
+        self.t_min, self.t_max = 1.0 / num_train_timesteps, 1.0
+
+    @property
+    def time_shift(self) -> dict[str, float | str | None]:
+        """The time shift as recorded in a λ file (`shift`, or `mu` with its `time_shift_type`)."""
+        if self.mu is None:
+            return {"shift": self.shift}
+        return {"mu": self.mu, "time_shift_type": self.time_shift_type}
+
+    def shifted(self, t: Times) -> Times:
+        """Grid time t → the time the network is evaluated at (`flow_time_shift` with this schedule's shift)."""
+        return flow_time_shift(t, self.shift, self.mu, self.time_shift_type)
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        t = _f64(t)
+        return t / (1 - t)  # t = 1 → +∞
+
+    def sigma_inv(self, sigma: Tensor | float) -> Tensor:
+        return flow_time(sigma)
+
+    def scale(self, sigma: Tensor | float) -> Tensor:
+        return 1 / (1 + _f64(sigma))
+
+    def noise_scale(self, sigma: Tensor | float) -> Tensor:
+        return self.sigma_inv(sigma)  # β = σ/(1 + σ) = t, finite (1) at σ = ∞
+
+    def prior(self, noise: Tensor, sigma_max: float) -> Tensor:
+        """x_t at t = 1 is the noise itself."""
+        return noise
+
+
 def make_schedule(name: str, **kwargs: float) -> Schedule:
-    """Build a schedule by name: `vp_linear`, `vp_cosine`, `vp_continuous`, `ve`, `edm`."""
+    """Build a schedule by name: `vp_linear`, `vp_cosine`, `vp_continuous`, `ve`, `edm`, `flow`."""
     if name == "vp_linear":
         return VPDiscrete(linear_betas(int(kwargs.pop("num_timesteps", 1000)), **kwargs))
     if name == "vp_cosine":
         return VPDiscrete(cosine_betas(int(kwargs.pop("num_timesteps", 1000)), **kwargs))
-    builders = {"vp_continuous": VPContinuous, "ve": VE, "edm": EDM}
+    builders = {"vp_continuous": VPContinuous, "ve": VE, "edm": EDM, "flow": FlowMatching}
     if name not in builders:
-        raise ValueError(f"unknown schedule {name!r}; choose one of vp_linear, vp_cosine, vp_continuous, ve, edm")
+        raise ValueError(f"unknown schedule {name!r}; choose one of vp_linear, vp_cosine, vp_continuous, ve, edm, flow")
     return builders[name](**kwargs)

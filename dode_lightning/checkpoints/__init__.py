@@ -3,7 +3,7 @@
 Config shape — the `denoiser:` section of a run config is exactly the keyword arguments of `load_denoiser`::
 
     denoiser:
-      source: edm_pickle          # edm_pickle | diffusers | diffusers_pipeline | gmm_digits
+      source: edm_pickle          # edm_pickle | diffusers | diffusers_pipeline | gmm_digits | gmm_digits_flow
       path: checkpoints/edm-cifar10-32x32-cond-vp.pkl
       # options of that source, e.g.
       key: ema
@@ -28,6 +28,10 @@ Sources and their options:
   (`label_dim` = number of prompts); `decoder` is the VAE. Schedule: `VPDiscrete` of the folder's β table.
 * `gmm_digits` — the built-in exact Gaussian-mixture denoiser on 8×8 digits (no path). Options:
   `covariance_floor` (default 1e-3), `device`. Schedule: `EDM(0.002, 80)`.
+* `gmm_digits_flow` — the same mixture as an exact flow-matching velocity field (`flow.py`; x_t = (1 − t)·x₀ + t·ε,
+  v = ε − x₀ from the exact posterior, finite at t = 1). Options: `shift` (static time shift, default 1; SD3
+  uses 3), `mu` and `time_shift_type` (dynamic shift as FLUX, instead of `shift`), `covariance_floor`, `device`.
+  Schedule: `FlowMatching` with that shift; the default grid starts at t = 1 (σ = ∞).
 
 Every source returns a `LoadedDenoiser` whose `denoiser(x, sigma, class_labels=None)` is the package's denoiser
 interface (x in VE form, returns x̂₀), in eval mode with gradients off.
@@ -42,7 +46,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ..schedules import EDM, Schedule
+from ..schedules import EDM, FlowMatching, Schedule
 from .errors import CheckpointError, RefusedGlobalError
 
 __all__ = ["LoadedDenoiser", "load_denoiser", "SOURCES", "CheckpointError", "RefusedGlobalError"]
@@ -131,11 +135,31 @@ def _load_gmm_digits(path: str | os.PathLike | None, covariance_floor: float = 1
     return LoadedDenoiser(mixture.to(device), DIGITS_SHAPE, mixture.label_dim, EDM(0.002, 80.0), identity, "gmm_digits")
 
 
+def _load_gmm_digits_flow(
+    path: str | os.PathLike | None,
+    shift: float = 1.0,
+    mu: float | None = None,
+    time_shift_type: str = "exponential",
+    covariance_floor: float = 1e-3,
+    device: str = "cpu",
+) -> LoadedDenoiser:
+    from ..flow import MixtureVelocity, VelocityDenoiser
+
+    loaded = _load_gmm_digits(path, covariance_floor, device)
+    schedule = FlowMatching(shift, mu, time_shift_type)
+    denoiser = VelocityDenoiser(MixtureVelocity(loaded.denoiser)).eval().requires_grad_(False)
+    return LoadedDenoiser(
+        denoiser, loaded.image_shape, loaded.label_dim, schedule, f"{loaded.identity}:flow", "gmm_digits_flow",
+        conditioning={"time_shift": schedule.time_shift},
+    )
+
+
 SOURCES: dict[str, Callable[..., LoadedDenoiser]] = {
     "edm_pickle": _load_edm_pickle,
     "diffusers": _load_diffusers,
     "diffusers_pipeline": _load_diffusers_pipeline,
     "gmm_digits": _load_gmm_digits,
+    "gmm_digits_flow": _load_gmm_digits_flow,
 }
 
 

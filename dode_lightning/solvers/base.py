@@ -173,13 +173,15 @@ def make_solver(
 ) -> Solver:
     """Build a solver by name for a given NFE on a grid of the schedule.
 
-    Defaults: the EDM schedule and the solver's `default_grid` (whose keywords apply only to that default grid;
+    Defaults: the EDM schedule and the schedule's `own_grid` if it has one, else the solver's `default_grid` (whose keywords apply only to that default grid;
     explicit `grid_kwargs` win).
     """
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(sorted(SOLVERS))}")
     cls = SOLVERS[name]
     schedule = EDM() if schedule is None else schedule
+    if grid is None and schedule.own_grid is not None:
+        grid = schedule.own_grid  # flow matching: the pipelines' shifted time grid from t = 1
     if grid is None:
         grid, defaults = cls.default_grid(schedule)
         grid_kwargs = {**defaults, **grid_kwargs}

@@ -1,0 +1,114 @@
+"""Flow matching: the shifted time grids against diffusers, the exact flow model, λ files that record the shift."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dode_lightning.checkpoints import load_denoiser
+from dode_lightning.gmm import GaussianMixture
+from dode_lightning.grids import check_flow_times, flow_times, make_sigmas
+from dode_lightning.schedules import EDM, FlowMatching, dynamic_shift_mu, flow_time_shift
+from tests.conftest import unit_noise
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 2.5])
+@pytest.mark.parametrize("steps", [1, 4, 8, 28])
+def test_static_shift_grids_are_diffusers_to_the_bit(shift, steps):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    reference = FlowMatchEulerDiscreteScheduler(shift=shift)
+    reference.set_timesteps(steps)
+    assert torch.equal(flow_times(FlowMatching(shift), steps), reference.sigmas[:-1].double())
+    flux = FlowMatchEulerDiscreteScheduler(shift=shift)
+    flux.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps))  # FluxPipeline's own spacing
+    assert torch.equal(flow_times(FlowMatching(shift), steps, "flux"), flux.sigmas[:-1].double())
+
+
+@pytest.mark.parametrize("time_shift_type", ["exponential", "linear"])
+def test_dynamic_shift_grids_are_diffusers_to_the_bit(time_shift_type):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    mu = dynamic_shift_mu(1024)
+    assert mu == pytest.approx(calculate_shift(1024))
+    schedule = FlowMatching(mu=mu, time_shift_type=time_shift_type)
+    for grid, sigmas in (("flow", None), ("flux", np.linspace(1.0, 1 / 6, 6))):
+        reference = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type=time_shift_type)
+        reference.set_timesteps(6, mu=mu) if sigmas is None else reference.set_timesteps(sigmas=sigmas, mu=mu)
+        assert torch.equal(flow_times(schedule, 6, grid), reference.sigmas[:-1].double())
+
+
+def test_exponential_shift_of_log_shift_is_the_static_shift():
+    t = torch.linspace(1, 0.01, 50, dtype=torch.float64)
+    torch.testing.assert_close(flow_time_shift(t, mu=math.log(3.0)), flow_time_shift(t, 3.0), rtol=1e-14, atol=0)
+
+
+def test_flow_schedule_starts_at_infinite_sigma_with_finite_scales():
+    schedule = FlowMatching(3.0)
+    sigmas = make_sigmas("flow", 8, schedule)
+    assert math.isinf(float(sigmas[0])) and float(sigmas[-1]) == 0 and bool((sigmas[:-1] > sigmas[1:]).all())
+    assert float(schedule.scale(sigmas[0])) == 0 and float(schedule.noise_scale(sigmas[0])) == 1
+    t = torch.tensor([0.25, 0.5, 0.9], dtype=torch.float64)
+    sigma = schedule.sigma(t)
+    torch.testing.assert_close(schedule.sigma_inv(sigma), t)
+    torch.testing.assert_close(schedule.scale(sigma), 1 - t)
+    torch.testing.assert_close(schedule.noise_scale(sigma), t)
+    with pytest.raises(ValueError, match="flow schedule"):
+        make_sigmas("flow", 8, EDM())
+
+
+@pytest.mark.parametrize("shift", [0, -1.0, 100.5, float("nan"), True, "3"])
+def test_shift_outside_range_is_refused(shift):
+    with pytest.raises(ValueError, match=r"\(0, 100\]"):
+        FlowMatching(shift)
+
+
+def test_flow_time_grid_checks():
+    check_flow_times(torch.tensor([1.0, 0.5, 0.0]))
+    with pytest.raises(ValueError, match="start at t = 1"):
+        check_flow_times(torch.tensor([0.9, 0.5, 0.0]))
+    with pytest.raises(ValueError, match="descending"):
+        check_flow_times(torch.tensor([1.0, 0.5, 0.6, 0.0]))
+
+
+def test_exact_velocity_is_finite_at_t1_and_matches_the_ve_posterior(digits):
+    noise = unit_noise(6, seed=11)
+    data_mean = (digits.log_weights.exp()[:, None] * digits.means).sum(0).reshape(1, 8, 8)
+    v1 = digits.velocity(noise, 1.0)
+    torch.testing.assert_close(v1, noise - data_mean, atol=1e-12, rtol=0)
+    t = 0.3
+    x_t = (1 - t) * digits.sample(6, torch.Generator().manual_seed(12)) + t * noise
+    torch.testing.assert_close(x_t - t * digits.velocity(x_t, t), digits(x_t / (1 - t), t / (1 - t)), atol=1e-12, rtol=0)
+    per_sample = torch.full((6,), t, dtype=torch.float64)
+    torch.testing.assert_close(digits.velocity(x_t, per_sample), digits.velocity(x_t, t))
+
+
+def test_flow_endpoint_integrator_matches_the_closed_form(digits):
+    # Two identical components: one Gaussian's ODE, but the integrator path is taken.
+    single = GaussianMixture(digits.means[[4]], digits.covariances[[4]], shape=(1, 8, 8))
+    twin = GaussianMixture(digits.means[[4, 4]], digits.covariances[[4, 4]], shape=(1, 8, 8))
+    noise = unit_noise(4, seed=13)
+    closed = single.flow_endpoint(noise)
+    # Closed form from t = 1: x₀ = μ + U diag(√s) Uᵀ ε, a sample of N(μ, Σ) (method.md §9.4).
+    sqrt_cov = single.eigvecs[0] @ torch.diag(single.eigvals[0].sqrt()) @ single.eigvecs[0].T
+    manual = digits.means[4] + noise.reshape(4, -1) @ sqrt_cov.T
+    torch.testing.assert_close(closed.reshape(4, -1), manual, atol=1e-10, rtol=0)
+    integrated = twin.flow_endpoint(noise)
+    assert (integrated - closed).norm() / closed.norm() < 1e-6
+
+
+def test_gmm_digits_flow_source_records_the_shift():
+    loaded = load_denoiser("gmm_digits_flow", shift=3.0)
+    assert isinstance(loaded.schedule, FlowMatching) and loaded.schedule.shift == 3.0
+    assert loaded.conditioning == {"time_shift": {"shift": 3.0}}
+    x_t = unit_noise(3, seed=14) * 0.6
+    sigma = torch.tensor(0.4 / 0.6, dtype=torch.float64)
+    eps, denoised = loaded.denoiser.eps_and_denoised(x_t / 0.6, sigma)
+    v = loaded.denoiser.velocity_model(x_t, torch.full((3,), 0.4, dtype=torch.float64), None)
+    torch.testing.assert_close(denoised, x_t - 0.4 * v)
+    torch.testing.assert_close(eps, x_t + 0.6 * v)
+    eps1, denoised1 = loaded.denoiser.flow_eps_and_denoised(unit_noise(3, seed=15), 1.0)
+    assert eps1.isfinite().all() and denoised1.isfinite().all()
+    with pytest.raises(ValueError, match="either a static shift"):
+        load_denoiser("gmm_digits_flow", shift=3.0, mu=0.8)
