@@ -3,20 +3,25 @@ cleanly), with nothing half-written: incomplete tokenizers, interrupts, a dead D
 scheduler configs, crafted npz shards, mixed image folders, and a solver setting with no λ to fit."""
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
+import dode_lightning.sampling as sampling
 from dode_lightning.checkpoints import CheckpointError, load_denoiser
 from dode_lightning.lambda_file import LambdaFileError, check_metadata, save_lambdas
 from dode_lightning.lightning import build_student
 from dode_lightning.sample_cli import sample_main
-from tests.test_run_hardening import CONFIG, _args, _one_error_line, in_tmp, train  # noqa: F401 (fixtures)
+from dode_lightning.sampling import ImageStore
+from tests.test_run_hardening import _args, _files, _one_error_line, in_tmp, train  # noqa: F401 (fixtures)
 
 # --- 13: λ-file metadata of the wrong JSON type --------------------------------------------------------------------------
 
@@ -129,3 +134,51 @@ def test_tokenizer_without_a_real_vocabulary_is_refused(tiny_sd, tmp_path, keep,
     assert "\n" not in str(err.value) and "tokenizer" in str(err.value)
     assert time.perf_counter() - started < 60  # 200k special tokens took 205 s to load before the bound
 
+
+
+# --- 15: crafted npz shards in one's own outdir ------------------------------------------------------------------------------
+
+def _shard(path: Path, seeds: list[int], compressed: bool = False) -> None:
+    """A shard with the keys and shapes sample.py writes (1×8×8 images), written with numpy directly."""
+    save = np.savez_compressed if compressed else np.savez
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save(path, seeds=np.asarray(seeds, dtype=np.int64), images=np.full((len(seeds), 8, 8, 1), 7, np.uint8), labels=np.full(len(seeds), -1, np.int64))
+
+
+def _npz_args(outdir: Path, seeds: str = "0-3") -> list[str]:
+    return _args(outdir, seeds, "--format", "npz")
+
+
+@pytest.mark.parametrize("case", ["compressed", "repeated_seed", "header_lies"])
+def test_shard_that_sample_py_did_not_write_is_not_trusted(in_tmp, capsys, case):
+    outdir = in_tmp / "out"
+    crafted = outdir / "npz" / "seeds-000001-n3.npz"
+    if case == "header_lies":  # a stored member declaring 3.6 GB of pixels: refused from its header, nothing read
+        _shard(crafted, [1])
+        with zipfile.ZipFile(crafted, "a") as archive:
+            header = io.BytesIO()
+            np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (1, 30000, 30000, 4)})
+            with pytest.warns(UserWarning, match="Duplicate name"):
+                archive.writestr("images.npy", header.getvalue())
+    else:
+        _shard(crafted, [1, 1, 1] if case == "repeated_seed" else [1], compressed=case == "compressed")
+    with pytest.warns(UserWarning, match="unreadable or malformed"):
+        assert sample_main(_npz_args(outdir)) == 0
+    assert "4 generated" in capsys.readouterr().out
+    store = ImageStore(outdir, "npz")
+    with pytest.warns(UserWarning, match="unreadable or malformed"):
+        store.scan(range(4), (1, 8, 8))
+    sampling._read_shard.cache_clear()
+    assert sorted(store.shard_of) == [0, 1, 2, 3] and store.shard_of[1] != crafted
+    assert not (store.collect(range(4)) == 7).all()
+
+
+def test_shards_claiming_the_same_seed_are_refused_in_one_line(in_tmp, capsys):
+    outdir = in_tmp / "out"
+    assert sample_main(_npz_args(outdir)) == 0
+    _shard(outdir / "npz" / "seeds-000001-n1.npz", [1])
+    before = _files(outdir)
+    assert sample_main(_npz_args(outdir, "0-7")) == 2
+    line = _one_error_line(capsys)
+    assert "seeds-000000-n4.npz and seeds-000001-n1.npz" in line and "both hold seed 1" in line
+    assert _files(outdir) == before
