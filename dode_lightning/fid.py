@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .lightning import ConfigError
 from .atomic import atomic_write_bytes
-from .sampling import GRID_FILE, MANIFEST, SampleBatch, to_uint8
+from .sampling import MANIFEST, ImageStore, SampleBatch, parse_seeds, read_manifest, to_uint8
 
 __all__ = [
     "InceptionFeatures",
@@ -343,15 +343,26 @@ def load_reference_npz(path: str | Path, num_features: int) -> tuple[Tensor, Ten
 
 
 def image_files(folder: str | Path) -> list[Path]:
-    """Image files under `folder` (recursive, sorted; hidden and temporary files skipped, and the preview grid of a
-    sample.py output folder)."""
+    """Image files under `folder`: in a sample.py output folder the PNGs of the seeds its manifest lists (all of them
+    must be there; other files are not samples); elsewhere every image (recursive, sorted; hidden files skipped)."""
     folder = Path(folder)
-    preview = folder / GRID_FILE if (folder / MANIFEST).is_file() else None
-    files = sorted(
-        p
-        for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and p != preview and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        store = ImageStore(folder)
+        seeds = parse_seeds(manifest["seeds"])
+        files = [store.png_path(seed) for seed in seeds]
+        missing = sum(not path.is_file() for path in files)
+        if missing:
+            raise ConfigError(
+                f"{missing} of the {len(seeds)} seeds in {folder / MANIFEST} have no PNG in {folder} (an interrupted run, or "
+                "--format npz): rerun its sample.py command with --format png or both to finish, then score it"
+            )
+    else:
+        files = sorted(
+            p
+            for p in folder.rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        )
     if len(files) < 2:
         raise ConfigError(f"image folder {folder} holds {len(files)} image(s); FID statistics need at least 2")
     return files
@@ -363,14 +374,24 @@ def _unreadable(path: Path, err: Exception) -> ConfigError:
 
 
 def verify_images(files: Sequence[Path]) -> None:
-    """Check every file is a whole image (PIL's verify: header and, for PNG, every chunk's CRC, without decoding)
-    before a run creates anything; a corrupt file is reported in one line."""
+    """Check every file is a whole image (PIL's verify: header and, for PNG, every chunk's CRC, without decoding) of
+    one size and channel count, before a run creates anything; a corrupt file or a second size is one line."""
+    first: tuple[Path, tuple[int, int, int]] | None = None
     for path in files:
         try:
             with Image.open(path) as pil:
                 pil.verify()
+                shape = (1 if pil.mode == "L" else 3, pil.height, pil.width)  # as _read_image converts it
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
             raise _unreadable(path, err) from None
+        if first is None:
+            first = path, shape
+        elif shape != first[1]:
+            described = [f"{p} ({'×'.join(map(str, s))})" for p, s in (first, (path, shape))]
+            raise ConfigError(
+                f"images of different sizes: {described[0]} and {described[1]}; FID compares images of one size "
+                "(C×H×W): remove the others or give a folder that holds only the samples"
+            )
 
 
 def _read_image(path: Path) -> np.ndarray:

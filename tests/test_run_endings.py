@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 import dode_lightning.sampling as sampling
@@ -182,3 +183,38 @@ def test_shards_claiming_the_same_seed_are_refused_in_one_line(in_tmp, capsys):
     line = _one_error_line(capsys)
     assert "seeds-000000-n4.npz and seeds-000001-n1.npz" in line and "both hold seed 1" in line
     assert _files(outdir) == before
+
+
+# --- 16: sample.py fid on a folder with foreign or differently sized images ---------------------------------------------------
+
+def _png(path: Path, size: int, mode: str = "L") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, (size, size), 128).save(path)
+
+
+def _fid(images: Path) -> list[str]:
+    return ["fid", "--images", str(images), "--fid-ref", "exact", "--fid-ref-count", "50"]
+
+
+def test_fid_of_a_sample_folder_scores_the_manifests_seeds_only(in_tmp, capsys):
+    outdir = in_tmp / "out"
+    assert sample_main(_args(outdir, "0-3")) == 0
+    _png(outdir / "000000" / "000999.png", 8)  # an 8×8 file the run did not write
+    _png(outdir / "extra" / "big.png", 16, "RGB")
+    capsys.readouterr()
+    assert sample_main(_fid(outdir)) == 0
+    assert "(n = 4," in capsys.readouterr().out
+    (outdir / "000000" / "000002.png").unlink()
+    assert sample_main(_fid(outdir)) == 2
+    assert "1 of the 4 seeds in" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("size,mode", [(16, "L"), (8, "RGB")])
+def test_fid_of_a_folder_with_mixed_image_sizes_is_one_line(in_tmp, capsys, size, mode):
+    folder = in_tmp / "images"
+    for i in range(3):
+        _png(folder / f"{i}.png", 8)
+    _png(folder / "other.png", size, mode)
+    assert sample_main(_fid(folder)) == 2
+    line = _one_error_line(capsys)
+    assert "images of different sizes" in line and "other.png" in line
