@@ -214,13 +214,15 @@ class FlowMatching(Schedule):
 
     The time t ∈ [0, 1] is the network's own time (its input is t·num_train_timesteps); t = 1 is σ = ∞, where the
     state is pure noise (s = 0, β = 1). The time shift (`shift`, or `mu` with `time_shift_type` for the dynamic,
-    resolution-dependent shift) belongs to the step grid, `own_grid` "flow", but is part of the schedule so that
-    λ fitted at one shift are refused at another.
+    resolution-dependent shift) belongs to the step grid, `own_grid` ("flow": the scheduler's spacing; "flux":
+    FluxPipeline's), but is part of the schedule so that λ fitted at one shift are refused at another.
     """
 
     own_grid = "flow"
 
-    def __init__(self, shift: float = 1.0, mu: float | None = None, time_shift_type: str = "exponential", num_train_timesteps: int = 1000) -> None:
+    def __init__(
+        self, shift: float = 1.0, mu: float | None = None, time_shift_type: str = "exponential", num_train_timesteps: int = 1000, own_grid: str = "flow"
+    ) -> None:
         if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 < shift <= 100:
             raise ValueError(f"the flow time shift must be a number in (0, 100] (SD3 uses 3.0), got {shift!r}")
         if mu is not None and (isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu)):
@@ -233,6 +235,9 @@ class FlowMatching(Schedule):
             raise ValueError(f"the linear dynamic shift needs mu > 0, got {mu!r}")
         if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be an integer ≥ 2, got {num_train_timesteps!r}")
+        if own_grid not in ("flow", "flux"):
+            raise ValueError(f"a flow schedule's own grid is 'flow' (diffusers' scheduler) or 'flux' (FluxPipeline), got {own_grid!r}")
+        self.own_grid = own_grid
         self.shift = float(shift)
         self.mu = None if mu is None else float(mu)
         self.time_shift_type = time_shift_type

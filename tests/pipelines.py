@@ -61,3 +61,85 @@ def write_tiny_sd_pipeline(folder: Path, prediction_type: str = "epsilon") -> Pa
     )
     pipe.save_pretrained(folder)
     return folder
+
+
+def _noisy(module: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
+    """Random init leaves some layers at zero (output projections, AdaLN modulations); noise makes them matter."""
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(scale * torch.randn_like(parameter))
+    return module
+
+
+def _flow_vae(latent_channels: int, shift_factor: float):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8, 16), norm_num_groups=8,
+        sample_size=16, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        scaling_factor=1.5, shift_factor=shift_factor, use_quant_conv=False, use_post_quant_conv=False,
+    )
+
+
+FLOW_EMBED_DIM, FLOW_POOLED_DIM, FLOW_TOKENS = 16, 16, 6
+
+
+def write_flow_prompt_embeds(path: Path, prompts: int = 3, negative: bool = True, seed: int = 1) -> Path:
+    """A safetensors file of precomputed SD3/FLUX text conditioning: `prompt_embeds` (P, L, D), `pooled_prompt_embeds`
+    (P, D_pool), and (with `negative`) `negative_prompt_embeds` (1, L, D), `negative_pooled_prompt_embeds` (1, D_pool)."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {
+        "prompt_embeds": torch.randn(prompts, FLOW_TOKENS, FLOW_EMBED_DIM, generator=gen),
+        "pooled_prompt_embeds": torch.randn(prompts, FLOW_POOLED_DIM, generator=gen),
+    }
+    if negative:
+        tensors["negative_prompt_embeds"] = torch.randn(1, FLOW_TOKENS, FLOW_EMBED_DIM, generator=gen)
+        tensors["negative_pooled_prompt_embeds"] = torch.randn(1, FLOW_POOLED_DIM, generator=gen)
+    save_file(tensors, str(path))
+    return path
+
+
+def write_tiny_sd3_pipeline(folder: Path, shift: float = 3.0, dynamic: bool = False) -> Path:
+    """A StableDiffusion3Pipeline folder with random weights (1-layer SD3 transformer on 8×8×4 latents, VAE to 16×16
+    RGB), no text encoders (conditioning comes as precomputed prompt_embeds); FlowMatchEulerDiscreteScheduler with
+    SD3's shift 3 (or dynamic shifting)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    transformer = _noisy(SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=FLOW_EMBED_DIM, caption_projection_dim=16,
+        pooled_projection_dim=FLOW_POOLED_DIM, pos_embed_max_size=16,
+    ))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift, use_dynamic_shifting=dynamic)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=_flow_vae(4, 0.1), text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def write_tiny_flux_pipeline(folder: Path, guidance_embeds: bool = True) -> Path:
+    """A FluxPipeline folder with random weights (1 + 1-layer FLUX transformer on 4-channel latents packed 2×2,
+    guidance-embedded like FLUX-dev, VAE to pixels at 2× the latent size), no text encoders; FLUX's dynamically
+    shifted FlowMatchEulerDiscreteScheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = _noisy(FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=FLOW_EMBED_DIM, pooled_projection_dim=FLOW_POOLED_DIM, guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4),
+    ))
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        transformer=transformer, scheduler=scheduler, vae=_flow_vae(4, 0.1), text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None,
+    )
+    pipe.save_pretrained(folder)
+    return folder

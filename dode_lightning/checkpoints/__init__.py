@@ -26,6 +26,11 @@ Sources and their options:
   call, default all), `integer_timesteps`, `device`.
   The denoiser is the guided UNet in latent space; each seed draws one prompt index as a class label
   (`label_dim` = number of prompts); `decoder` is the VAE. Schedule: `VPDiscrete` of the folder's β table.
+  Flow-matching `StableDiffusion3Pipeline` and `FluxPipeline` folders (`flow_pipeline.py`) take `prompt_embeds`
+  (with pooled embeddings), `guidance_scale` (SD3: true CFG, default 7; FLUX: embedded guidance, default 3.5),
+  `unet_batch` (samples per transformer call) and the flow options `shift` (static shift instead of the folder's)
+  or `mu` (dynamic shift instead of the one from the image size), `height`/`width` (pixels). Schedule:
+  `FlowMatching` with the folder's time shift.
 * `gmm_digits` — the built-in exact Gaussian-mixture denoiser on 8×8 digits (no path). Options:
   `covariance_floor` (default 1e-3), `device`. Schedule: `EDM(0.002, 80)`.
 * `gmm_digits_flow` — the same mixture as an exact flow-matching velocity field (`flow.py`; x_t = (1 − t)·x₀ + t·ε,
@@ -113,12 +118,17 @@ def _load_diffusers_pipeline(
     guidance_scale: float | None = None,
     integer_timesteps: bool = False,
     unet_batch: int | None = None,
+    shift: float | None = None,
+    mu: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
     device: str = "cpu",
 ) -> LoadedDenoiser:
     from .diffusers_pipeline import SD_HUB_NAME, load_pipeline_folder
 
     folder = _require_path("diffusers_pipeline", path, f"a diffusers pipeline folder such as {SD_HUB_NAME} from the Hugging Face hub")
-    loaded = load_pipeline_folder(folder, prompts, prompt_embeds, negative_prompt, guidance_scale, integer_timesteps, unet_batch)
+    flow_options = {"shift": shift, "mu": mu, "height": height, "width": width}
+    loaded = load_pipeline_folder(folder, prompts, prompt_embeds, negative_prompt, guidance_scale, integer_timesteps, unet_batch, flow_options)
     loaded.denoiser.to(device)
     if loaded.decoder is not None:
         loaded.decoder.to(device)

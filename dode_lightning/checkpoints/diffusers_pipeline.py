@@ -1,5 +1,5 @@
 """diffusers pipeline folders as denoisers: `DDPMPipeline`/`DDIMPipeline` (pixel space) and latent, text-conditional
-`StableDiffusionPipeline` folders with classifier-free guidance.
+`StableDiffusionPipeline` folders with classifier-free guidance (flow-matching SD3/FLUX folders: `flow_pipeline.py`).
 
 For a Stable-Diffusion-style folder the denoiser is the UNet in latent space; the VAE is returned separately as a
 decoder (images and FID only, never inside calibration). Conditioning is a list of prompts (or precomputed prompt
@@ -37,6 +37,7 @@ from .diffusers_folder import (
     load_diffusers_folder,
 )
 from .errors import CheckpointError, one_line, quoted, state_dict_mismatch
+from .flow_pipeline import FLOW_PIPELINES, load_flow_pipeline
 
 __all__ = [
     "SD_HUB_NAME",
@@ -305,25 +306,36 @@ def load_pipeline_folder(
     guidance_scale: float | None = None,
     integer_timesteps: bool = False,
     unet_batch: int | None = None,
+    flow_options: dict[str, Any] | None = None,
 ) -> LoadedDenoiser:
-    """A diffusers pipeline folder as a denoiser on the CPU (module doc); bad folders/options raise one-line errors."""
+    """A diffusers pipeline folder as a denoiser on the CPU (module doc); bad folders/options raise one-line errors.
+
+    `flow_options` (`shift`, `mu`, `height`, `width`) apply to flow-matching pipelines only (`flow_pipeline.py`).
+    """
     folder = Path(path)
     index_path = folder / "model_index.json"
     if not folder.is_dir() or not index_path.is_file():
         raise FileNotFoundError(f"diffusers pipeline folder not found: {folder} (no model_index.json); {_DOWNLOAD_HINT}")
     kind = _read_json(index_path).get("_class_name")
+    flow_options = {k: v for k, v in (flow_options or {}).items() if v is not None}
+    if unet_batch is not None and (not isinstance(unet_batch, int) or isinstance(unet_batch, bool) or unet_batch < 1):
+        raise CheckpointError(f"unet_batch must be a positive integer (samples per UNet call) or null, got {quoted(unet_batch)}")
+    if kind in FLOW_PIPELINES:
+        if prompts is not None or negative_prompt or integer_timesteps:
+            raise CheckpointError(f"{kind}: give prompt_embeds (prompts, negative_prompt and integer_timesteps are for Stable Diffusion 1.x/2.x folders)")
+        return load_flow_pipeline(folder, kind, prompt_embeds, guidance_scale, unet_batch, **flow_options)
+    if flow_options:
+        raise CheckpointError(f"{folder} is a {kind}, not a flow-matching pipeline: remove {', '.join(sorted(flow_options))} (flow options of SD3/FLUX folders)")
     if kind in PIXEL_PIPELINES:
         if prompts is not None or prompt_embeds is not None or guidance_scale is not None:
             raise CheckpointError(f"{folder} is an unconditional {kind}: remove prompts, prompt_embeds and guidance_scale")
         denoiser, schedule, image_shape, digest = load_diffusers_folder(folder, integer_timesteps=integer_timesteps)
         return LoadedDenoiser(denoiser, image_shape, 0, schedule, digest, "diffusers_pipeline")
     if kind not in TEXT_PIPELINES:
-        raise CheckpointError(f"{index_path}: pipeline class {quoted(kind)} is not supported (supported: {', '.join(PIXEL_PIPELINES + TEXT_PIPELINES)})")
+        raise CheckpointError(f"{index_path}: pipeline class {quoted(kind)} is not supported (supported: {', '.join(PIXEL_PIPELINES + TEXT_PIPELINES + FLOW_PIPELINES)})")
     if (prompts is None) == (prompt_embeds is None):
         raise CheckpointError(f"{kind} needs exactly one of prompts (a list or a text file, one per line) and prompt_embeds (a safetensors file)")
     scale = _guidance(guidance_scale)
-    if unet_batch is not None and (not isinstance(unet_batch, int) or isinstance(unet_batch, bool) or unet_batch < 1):
-        raise CheckpointError(f"unet_batch must be a positive integer (samples per UNet call) or null, got {quoted(unet_batch)}")
     if not isinstance(negative_prompt, str):
         raise CheckpointError(f"negative_prompt must be a string, got {quoted(negative_prompt)}")
     try:
