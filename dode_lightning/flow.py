@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .denoisers import broadcast_sigma
 from .schedules import flow_time
 
-__all__ = ["VelocityDenoiser", "MixtureVelocity"]
+__all__ = ["VelocityDenoiser", "MixtureVelocity", "ExactFlowMixture"]
 
 VelocityModel = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
@@ -39,11 +39,18 @@ class VelocityDenoiser(nn.Module):
         return x_t + (1 - t_b) * v, x_t - t_b * v
 
     def eps_and_denoised(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(ε̂, x̂₀) at the VE-form state x; at σ = ∞, x is the finite stand-in x_1 (see `denoisers.ve_form`)."""
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
-        return self.flow_eps_and_denoised(x / (1 + broadcast_sigma(sigma, x)), flow_time(sigma), class_labels)
+        return self.flow_eps_and_denoised(flow_state(x, sigma), flow_time(sigma), class_labels)
 
     def forward(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
         return self.eps_and_denoised(x, sigma, class_labels)[1]
+
+
+def flow_state(x: Tensor, sigma: Tensor) -> Tensor:
+    """x_t = x_VE/(1 + σ) of a VE-form state (σ scalar or per sample); at σ = ∞ x is already x_1 (`ve_form`)."""
+    sigma_b = broadcast_sigma(sigma, x)
+    return torch.where(torch.isinf(sigma_b), x, x / (1 + sigma_b))
 
 
 class MixtureVelocity(nn.Module):
@@ -55,3 +62,17 @@ class MixtureVelocity(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
         return self.mixture.velocity(x_t, t, class_labels)
+
+
+class ExactFlowMixture(VelocityDenoiser):
+    """The exact velocity field of a `GaussianMixture` as a flow denoiser, with the exact ODE solution for reference."""
+
+    def __init__(self, mixture: nn.Module) -> None:
+        super().__init__(MixtureVelocity(mixture))
+        self.mixture = mixture
+
+    def exact_endpoint(self, x: Tensor, sigma_start: float, class_labels: Tensor | None = None, *, sigma_end: float = 0.0) -> Tensor:
+        """Exact ODE state in VE form at σ_end from the VE-form x at σ_start (at σ = ∞: x_1, `ve_form`), float64."""
+        sigma = torch.tensor(sigma_start, dtype=torch.float64)
+        end = self.mixture.flow_endpoint(flow_state(x.to(torch.float64), sigma), float(flow_time(sigma)), class_labels, t_end=float(flow_time(sigma_end)))
+        return end * (1 + sigma_end)

@@ -115,18 +115,22 @@ class GaussianMixture(nn.Module):
         """
         return self._gaussian_map(x, 1.0, sigma_from, sigma_to, class_labels)
 
-    def flow_endpoint(self, x: Tensor, t_start: float = 1.0, class_labels: Tensor | None = None, *, rtol: float = 1e-10, t_switch: float = 0.5) -> Tensor:
-        """Exact flow-matching ODE solution x₀ (t = 0) from the flow state x_t at t_start (default 1: x_1 = noise).
+    def flow_endpoint(
+        self, x: Tensor, t_start: float = 1.0, class_labels: Tensor | None = None, *, t_end: float = 0.0, rtol: float = 1e-10, t_switch: float = 0.5
+    ) -> Tensor:
+        """Exact flow-matching ODE solution x_{t_end} (default t = 0: x₀) from the flow state x_t at t_start (default 1).
 
         Single component: the closed form of §9.4 in flow coordinates (finite at t = 1). Mixture: DOP853 on
-        dx_t/dt = v*(x_t, t) from t_start down to t_switch (the velocity is smooth up to t = 1), then `exact_endpoint`
-        in VE form from σ = t_switch/(1 − t_switch). float64.
+        dx_t/dt = v*(x_t, t) from t_start down to max(t_switch, t_end) (the velocity is smooth up to t = 1), then
+        `exact_endpoint` in VE form from σ = t/(1 − t). float64.
         """
         from scipy.integrate import solve_ivp
 
         x = x.to(torch.float64)
+        sigma_end = t_end / (1 - t_end)
         if self._single_component(class_labels):
-            return self._gaussian_map(x, 1 - t_start, t_start, 0.0, class_labels)
+            return self._gaussian_map(x, 1 - t_start, t_start, sigma_end, class_labels) / (1 + sigma_end)
+        t_switch = max(t_switch, t_end)
         if t_start > t_switch:
             shape, device = x.shape, x.device
 
@@ -137,7 +141,9 @@ class GaussianMixture(nn.Module):
             if not solution.success:
                 raise RuntimeError(f"flow_endpoint integration failed: {solution.message}")
             x, t_start = torch.from_numpy(solution.y[:, -1]).reshape(shape).to(device), t_switch
-        return self.exact_endpoint(x / (1 - t_start), t_start / (1 - t_start), class_labels, rtol=rtol)
+        if t_start == t_end:
+            return x
+        return self.exact_endpoint(x / (1 - t_start), t_start / (1 - t_start), class_labels, sigma_end=sigma_end, rtol=rtol) / (1 + sigma_end)
 
     def exact_endpoint(
         self,

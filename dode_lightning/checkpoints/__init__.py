@@ -153,11 +153,11 @@ def _load_gmm_digits_flow(
     covariance_floor: float = 1e-3,
     device: str = "cpu",
 ) -> LoadedDenoiser:
-    from ..flow import MixtureVelocity, VelocityDenoiser
+    from ..flow import ExactFlowMixture
 
     loaded = _load_gmm_digits(path, covariance_floor, device)
     schedule = FlowMatching(shift, mu, time_shift_type)
-    denoiser = VelocityDenoiser(MixtureVelocity(loaded.denoiser)).eval().requires_grad_(False)
+    denoiser = ExactFlowMixture(loaded.denoiser).eval().requires_grad_(False)
     return LoadedDenoiser(
         denoiser, loaded.image_shape, loaded.label_dim, schedule, f"{loaded.identity}:flow", "gmm_digits_flow",
         conditioning={"time_shift": schedule.time_shift},
