@@ -7,15 +7,20 @@ which returns it as the next latents, and waits for the network output the pipel
 thus only ever sees evaluation points, so solvers that evaluate at a state they compute internally (UniPC's
 predictor after its corrector) run unchanged. No solver arithmetic lives here.
 
-Conventions. The pipeline's latents are diffusers' VP latents x_t = √ᾱ·x₀ + √(1−ᾱ)·ε, which equal this package's
-scaled state s·(x₀ + σn) with s = 1/√(1+σ²) = √ᾱ. Noise-side and VP-state solvers (`ddim`, DPM-Solver, DEIS, …)
-integrate exactly that state, so `init_noise_sigma = 1`. EDM-side VE-form solvers (`heun`) integrate x/s: the
-scheduler converts at its boundary, the pipeline never sees VE states, and `scale_model_input` is the identity for
-every solver. Each evaluation point is handed out as `DiscreteEpsDenoiser` forms the network input in `sample.py`
-(x·s(σ)), and the network is called at its timestep t(σ) (fractional where σ is off the integer grid).
+Conventions (`scheduler_config.Parameterization`). DDPM-type (β table) configs: the pipeline's latents are diffusers'
+VP latents x_t = √ᾱ·x₀ + √(1−ᾱ)·ε, which equal this package's scaled state s·(x₀ + σn) with s = 1/√(1+σ²) = √ᾱ.
+Noise-side and VP-state solvers (`ddim`, DPM-Solver, DEIS, …) integrate exactly that state; EDM-side VE-form solvers
+(`heun`) integrate x/s: the scheduler converts at its boundary, the pipeline never sees VE states, and
+`scale_model_input` is the identity. σ-space (EDM) configs, as diffusers' EDM schedulers use them: the latents are
+the VE state, the network sees c_in·x at c_noise = ¼ log σ and its output is preconditioned (c_skip, c_out).
+
+`from_config(pipe.scheduler.config)` keeps the replaced scheduler's class and grid options (`base_scheduler`,
+`base_config`): without stored σ the grid, model timesteps and starting scale are that scheduler's own, and its
+method where the package has it (Heun, DPM-Solver++ 2M/3M, UniPC; else DDIM, which is Euler's method too).
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import queue
@@ -29,23 +34,31 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 from torch import Tensor
 
-from .checkpoints.diffusers_folder import _read_json, betas_from_scheduler_config
-from .checkpoints.errors import CheckpointError
-from .denoisers import DiscreteEpsDenoiser, broadcast_sigma, eps_from_v, eps_from_x0, x0_from_eps
+from .checkpoints.diffusers_folder import betas_from_scheduler_config
+from .denoisers import DiscreteEpsDenoiser, broadcast_sigma
 from .distill import SolverSetup
 from .lambda_file import load_lambdas
 from .lambda_file import schedule_id as describe_schedule
-from .schedules import VPDiscrete
+from .scheduler_config import (
+    EDM_PREDICTION_TYPES,
+    Parameterization,
+    ReferenceGrid,
+    SchedulerConfigError,
+    check_config_fields,
+    check_model_output,
+    check_sigmas_argument,
+    check_steps_argument,
+    check_timesteps_argument,
+    classify_config,
+    foreign_config,
+    grid_digest,
+    read_scheduler_config,
+    reference_grid,
+)
+from .schedules import EDM, Schedule, VPDiscrete
 from .solvers import SOLVERS, LambdaLayout, NFEError, Solver, StageCorrector, run_stages
 
 __all__ = ["DODEScheduler", "SchedulerConfigError", "SolverRun", "export_scheduler", "evaluation_sigmas"]
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-
-class SchedulerConfigError(ValueError):
-    """A scheduler config or call that cannot work (tampered λ, unknown solver, another NFE, …); one line."""
-
 
 def evaluation_sigmas(solver: Solver) -> list[float]:
     """Noise level of each network evaluation of `solver`, in order (one per stage), from a dry run."""
@@ -126,7 +139,9 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
     needs `sigmas` and `nfe`, and fixes the number of steps), `history`/`lambda_groups` (their `LambdaLayout`),
     `integer_timesteps` (as the calibration's denoiser option), `state_dtype`,
     `guidance_scale` (what the λ were fitted at), `schedule_id` (the λ file's schedule, checked against the β
-    table) and `calibration` (the λ file's metadata, for the record).
+    table), `calibration` (the λ file's metadata, for the record), `grid_digest` (ties λ to the stored σ),
+    `sigma_data` (an EDM config's) and `base_scheduler`/`base_config` (the replaced scheduler, see `from_config`).
+    Bad values are refused by `scheduler_config.check_config_fields` in one line.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -154,34 +169,58 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         guidance_scale: float | None = None,
         schedule_id: str | None = None,
         calibration: dict[str, Any] | None = None,
+        sigma_data: float | None = None,
+        base_scheduler: str | None = None,
+        base_config: dict[str, Any] | None = None,
+        grid_digest: str | None = None,
     ) -> None:
-        try:
-            betas = betas_from_scheduler_config(
-                {"num_train_timesteps": num_train_timesteps, "beta_start": beta_start, "beta_end": beta_end,
-                 "beta_schedule": beta_schedule, "trained_betas": trained_betas}
-            )
-        except (ValueError, TypeError) as err:
-            raise SchedulerConfigError(f"β table: {err}") from None
-        self.schedule = VPDiscrete(betas)
+        check_config_fields(self.config, SOLVERS)
+        kind = classify_config(base_scheduler, sigma_data)
+        if kind == "edm" and prediction_type not in EDM_PREDICTION_TYPES:
+            raise SchedulerConfigError(f"prediction_type is {prediction_type!r}; allowed with an EDM config: {', '.join(EDM_PREDICTION_TYPES)}")
+        self.parameterization = Parameterization(kind, prediction_type, 0.5 if sigma_data is None else float(sigma_data))
+        self.schedule = self._schedule(kind)
         if schedule_id is not None and schedule_id != describe_schedule(self.schedule):
             raise SchedulerConfigError(f"the β table of this config is not the one the λ were fitted on ({schedule_id}); export the scheduler again from the calibrated pipeline")
-        if prediction_type not in PREDICTION_TYPES:
-            raise SchedulerConfigError(f"prediction_type {prediction_type!r} is not supported; choose one of {', '.join(PREDICTION_TYPES)}")
-        if solver not in SOLVERS:
-            raise SchedulerConfigError(f"unknown solver {solver!r}; choose one of {', '.join(sorted(SOLVERS))}")
-        if state_dtype not in ("float32", "float64"):
-            raise SchedulerConfigError(f"state_dtype must be float32 or float64, got {state_dtype!r}")
         self.solver_class = SOLVERS[solver]
         self.state_dtype = getattr(torch, state_dtype)
         self.order = 2 if solver == "heun" else 1  # as HeunDiscreteScheduler: two evaluations per step
         self.init_noise_sigma = 1.0
         self.timesteps: Tensor | None = None
+        self.sigmas: Tensor | None = None
         self.num_inference_steps: int | None = None
         self.stored_solver = None if sigmas is None else self._solver_on(sigmas)
         self.lambdas = None if lambdas is None else self._check_lambdas(lambdas, nfe)
         self._reset()
 
     # --- set-up -------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+        """diffusers' from_config, keeping the replaced scheduler's class and grid options (see `foreign_config`)."""
+        own = set(inspect.signature(cls.__init__).parameters)
+        kwargs.update(foreign_config(config or {}, kwargs, own))
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict[str, Any]:
+        """scheduler_config.json, refused above the pipeline loader's size cap (diffusers reads it whole)."""
+        return read_scheduler_config(json_file)
+
+    def _schedule(self, kind: str) -> Schedule:
+        """The noise schedule of the config: the β table (VP) or EDM's σ range (from the EDM scheduler's options)."""
+        if kind == "edm":
+            options = {**(self.config.base_config or {}), **(self.config.grid_kwargs or {})}
+            return EDM(float(options.get("sigma_min", 0.002)), float(options.get("sigma_max", 80.0)))
+        config = self.config
+        try:
+            betas = betas_from_scheduler_config(
+                {"num_train_timesteps": config.num_train_timesteps, "beta_start": config.beta_start, "beta_end": config.beta_end,
+                 "beta_schedule": config.beta_schedule, "trained_betas": config.trained_betas}
+            )
+        except (ValueError, TypeError) as err:
+            raise SchedulerConfigError(f"β table: {err}") from None
+        return VPDiscrete(betas)
 
     def _solver_on(self, sigmas: list[float] | Tensor) -> Solver:
         try:
@@ -214,6 +253,10 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
             raise SchedulerConfigError(f"{self.config.solver} with NFE {nfe} has {solver.num_stages} stages, the config holds λ of shape {tuple(lam.shape)}, its layout needs {wanted}")
         if not bool(torch.isfinite(lam).all()):
             raise SchedulerConfigError("lambdas contain NaN or infinite values; export the scheduler again from the λ file")
+        digest = grid_digest(solver.sigmas, lam)
+        if self.config.grid_digest not in (None, digest):
+            raise SchedulerConfigError("the stored sigmas and lambdas are not the pair the λ were fitted as (grid_digest differs); export the scheduler again from the λ file")
+        self.register_to_config(grid_digest=digest)
         return lam
 
     def _reset(self) -> None:
@@ -226,6 +269,7 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         self._run: SolverRun | None = None
         self._applied: Tensor | None = None
         self._last_sample: Tensor | None = None
+        self._last_version: int | None = None
 
     @property
     def calibrated_steps(self) -> int | None:
@@ -235,9 +279,9 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         return self.solver_class.steps_for_nfe(self.stored_solver.nfe)
 
     @property
-    def step_index(self) -> int:
-        """Number of `step()` calls since `set_timesteps`."""
-        return self._step_index
+    def step_index(self) -> int | None:
+        """Number of `step()` calls since `set_timesteps` (None before it)."""
+        return None if self.solver is None else self._step_index
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
@@ -251,38 +295,67 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
     ) -> None:
         """Build the solver for this run and the timesteps the pipeline loops over (one per network evaluation).
 
-        `num_inference_steps` counts solver steps as diffusers does (Heun NFE 2N − 1: N). `timesteps=` (descending
-        model timesteps) or `sigmas=` (descending VE noise levels) give the evaluation starts of a custom grid; a
-        terminal σ = 0 is appended. With λ only the calibrated grid is accepted.
+        `num_inference_steps` counts solver steps as diffusers does (Heun NFE 2N − 1: N). Without stored σ the grid is
+        the replaced scheduler's (`base_scheduler`, from `from_config`), else the package's `grid`. `timesteps=`
+        (descending model timesteps; σ = 0 appended) or `sigmas=` (descending VE noise levels in diffusers' form,
+        ending in 0; a list not ending in 0 gets it appended) give a custom grid instead. With λ only the calibrated
+        grid is accepted.
         """
+        kind = self.parameterization.kind
+        steps = check_steps_argument(num_inference_steps, self.config.num_train_timesteps if kind == "vp" else None)
         if timesteps is not None and sigmas is not None:
-            raise SchedulerConfigError("pass timesteps= or sigmas=, not both")
-        custom = None
+            raise SchedulerConfigError("set_timesteps got timesteps= and sigmas=; pass one of them")
+        if steps is not None and (timesteps is not None or sigmas is not None):
+            raise SchedulerConfigError("set_timesteps got num_inference_steps and a custom timesteps=/sigmas= grid; pass one of them")
+        custom, request = None, None
         if timesteps is not None:
-            custom = self.schedule.sigma(torch.as_tensor(timesteps, dtype=torch.float64).cpu())
+            if kind != "vp":
+                raise SchedulerConfigError("timesteps= needs a DDPM-type (β table) config; pass sigmas= to an EDM scheduler")
+            checked = check_timesteps_argument(timesteps, self.config.num_train_timesteps)
+            custom, request = _append_zero(self.schedule.sigma(checked)), {"timesteps": checked.tolist()}
         elif sigmas is not None:
-            custom = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
-        if custom is not None:
-            custom = torch.cat([custom.reshape(-1), custom.new_zeros(1)])
-        solver = self._solver_for(num_inference_steps, custom)
+            custom = check_sigmas_argument(sigmas)
+            custom = custom if float(custom[-1]) == 0 else _append_zero(custom)
+            request = {"sigmas": custom.tolist()}
+        solver, reference = self._solver_for(steps, custom, request)
         self._reset()
         self.solver = solver
         self._vp_state = bool(torch.allclose(solver.scales, self.schedule.scale(solver.sigmas), rtol=1e-12, atol=0))
         if not self._vp_state and not bool((solver.scales == 1).all()):
             raise SchedulerConfigError(f"{self.config.solver} integrates states that are neither VP-scaled nor VE-form; it cannot run in a diffusers pipeline")
         self._evaluations = evaluation_sigmas(solver)
-        self.num_inference_steps = self.solver_class.steps_for_nfe(solver.nfe) if num_inference_steps is None else num_inference_steps
-        model_time = DiscreteEpsDenoiser(None, self.schedule, integer_timesteps=self.config.integer_timesteps).timestep(
-            torch.tensor(self._evaluations, dtype=torch.float64)
-        )
+        self.num_inference_steps = self.solver_class.steps_for_nfe(solver.nfe) if steps is None else steps
+        model_time = self._model_time(torch.tensor(self._evaluations, dtype=torch.float64), reference)
         # Integer timesteps as diffusers' schedulers pass them; fractional ones in float64 as `DiscreteEpsDenoiser`
         # passes them (float32 on MPS, which has no float64; diffusers' UNets embed t in float32 anyway).
         fractional_dtype = torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64
         integral = bool((model_time == model_time.round()).all())
         self.timesteps = model_time.to(torch.long if integral else fractional_dtype).to(device)
-        self.init_noise_sigma = float(solver.init_state(torch.ones(1, dtype=torch.float64))) * self._vp_ratio(float(solver.sigmas[0]))
+        self.sigmas = torch.tensor(self._evaluations + [float(solver.sigmas[-1])], dtype=torch.float64)
+        sigma_0 = float(solver.sigmas[0])
+        if reference is not None:  # the replaced scheduler's starting state, in this scheduler's latents
+            self.init_noise_sigma = reference.start_scale * self.parameterization.latent_scale(sigma_0)
+        else:
+            self.init_noise_sigma = float(solver.init_state(torch.ones(1, dtype=torch.float64))) * self._vp_ratio(sigma_0)
 
-    def _solver_for(self, num_inference_steps: int | None, custom: Tensor | None) -> Solver:
+    def _model_time(self, sigmas: Tensor, reference: ReferenceGrid | None) -> Tensor:
+        """The network's timestep at each evaluation σ: the replaced scheduler's own at its grid points, else t(σ)
+        (VP, as `DiscreteEpsDenoiser` computes it) or c_noise = ¼ log σ (EDM)."""
+        if self.parameterization.kind == "edm":
+            time = self.parameterization.edm_time(sigmas)
+        else:
+            time = DiscreteEpsDenoiser(None, self.schedule, integer_timesteps=self.config.integer_timesteps).timestep(sigmas)
+        if reference is not None:
+            grid = reference.sigmas[:-1]
+            for i, sigma in enumerate(sigmas.tolist()):
+                match = torch.isclose(grid, torch.tensor(sigma, dtype=torch.float64), rtol=1e-12, atol=0).nonzero()
+                if len(match):
+                    time[i] = reference.timesteps[int(match[0])]
+        return time
+
+    def _solver_for(
+        self, num_inference_steps: int | None, custom: Tensor | None, custom_request: dict[str, list[float]] | None = None
+    ) -> tuple[Solver, ReferenceGrid | None]:
         stored = self.stored_solver
         steps = self.calibrated_steps
         if steps is not None and stored is not None:
@@ -293,14 +366,25 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
                     f"this D-{self.config.solver} scheduler was calibrated for NFE {stored.nfe} ({steps} steps); "
                     f"call the pipeline with num_inference_steps={steps} or calibrate λ for {num_inference_steps} steps"
                 )
-            return stored
+            return stored, None
         if custom is not None:
-            return self._solver_on(custom)
+            reference = self._reference(None, custom_request)
+            return self._solver_on(custom if reference is None else reference.sigmas), reference
         if stored is not None and num_inference_steps in (None, self.solver_class.steps_for_nfe(stored.nfe)):
-            return stored
+            return stored, None
         if num_inference_steps is None:
             raise SchedulerConfigError("set_timesteps needs num_inference_steps (this config stores no grid)")
-        return self._default_solver(num_inference_steps)
+        reference = self._reference(num_inference_steps, None)
+        if reference is not None:
+            return self._solver_on(reference.sigmas), reference
+        return self._default_solver(num_inference_steps), None
+
+    def _reference(self, steps: int | None, custom: dict[str, list[float]] | None) -> ReferenceGrid | None:
+        """The replaced scheduler's grid (None without one, or with the package's `grid` named)."""
+        if self.config.base_scheduler is None or self.config.grid is not None:
+            return None
+        shared = {key: self.config[key] for key in SHARED_WITH_BASE if self.config[key] is not None}
+        return reference_grid(self.config.base_scheduler, {**(self.config.base_config or {}), **shared}, steps, self.schedule, custom)
 
     def _default_solver(self, steps: int) -> Solver:
         nfe = 2 * steps - 1 if self.config.solver == "heun" else steps
@@ -313,23 +397,25 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
     # --- the pipeline's loop ------------------------------------------------------------------------------------
 
     def _vp_ratio(self, sigma: float) -> float:
-        """Pipeline latent / solver state at noise level σ: 1 for VP-state solvers, s(σ) = 1/√(1+σ²) for VE-form."""
-        return 1.0 if self._vp_state else 1.0 / math.sqrt(1.0 + sigma * sigma)
+        """Pipeline latent / solver state at noise level σ: 1 for states in the latents' form, s(σ) = 1/√(1+σ²) for
+        VE-form solvers (Heun) in VP pipelines."""
+        return 1.0 if self._vp_state else self.parameterization.latent_scale(sigma)
 
     def scale_model_input(self, sample: Tensor, timestep: int | Tensor | None = None) -> Tensor:
-        """The identity: the latents already are the network's VP input."""
-        return sample
+        """The network input at the current evaluation: the latents themselves (VP), c_in(σ)·latents (EDM)."""
+        if self.parameterization.kind == "vp":
+            return sample
+        if self.solver is None or self._step_index >= len(self._evaluations):
+            raise SchedulerConfigError("scale_model_input called outside a run; call set_timesteps and loop over scheduler.timesteps")
+        return sample * self.parameterization.input_scale(self._evaluations[self._step_index])
 
     def _eps_and_denoised(self, x: Tensor, sigma: float, output: Tensor, model_input: Tensor) -> tuple[Tensor, Tensor]:
         """(ε̂, x̂₀) at VE-form x from the network output, as `sample.py`'s denoisers form them (ε exact for ε-nets)."""
-        output = output.to(x.device)
-        if self.config.prediction_type == "sample":
-            denoised = output.to(x.dtype)
-            return eps_from_x0(x, sigma, denoised), denoised
-        if self.config.prediction_type == "v_prediction":  # as the pipeline source turns v into ε (at the network input)
-            output = eps_from_v(model_input.to(output.dtype), torch.tensor(sigma, dtype=output.dtype, device=x.device), output)
-        eps = output.to(x.dtype)
-        return eps, x0_from_eps(x, sigma, eps)
+        return self.parameterization.eps_and_denoised(x, sigma, output, model_input)
+
+    def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """Refused: img2img and inpainting start mid-trajectory, where a fitted D-solver has no calibrated state."""
+        raise SchedulerConfigError("DODEScheduler does not support img2img or inpainting (add_noise); use it with text-to-image pipelines, or the pipeline's own scheduler for these")
 
     def step(
         self,
@@ -346,6 +432,28 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         `eta`, `use_clipped_model_output` and `generator` are accepted because DDIM/DDPM pipelines pass them; the
         solvers are deterministic ODE solvers (eta must be 0) and never clip.
         """
+        self._check_step(model_output, timestep, sample, eta)
+        k = self._step_index
+        if k == 0:
+            self._start(sample)
+        self._run.supply(model_output, sample)
+        kind, value, sigma = self._run.next_request()
+        self._step_index += 1
+        if kind == "evaluate":
+            prev_sample = value * broadcast_sigma(self.parameterization.latent_scale(sigma), value)  # the latent at σ
+        else:
+            prev_sample = value * self._vp_ratio(float(self.solver.sigmas[-1]))
+        if (kind == "final") != (self._step_index == len(self._evaluations)) or (kind == "evaluate" and not math.isclose(sigma, self._evaluations[k + 1], rel_tol=1e-9)):
+            raise RuntimeError(f"{self.config.solver} did not evaluate at its dry-run noise levels (step {k + 1}: {kind} at σ = {sigma})")
+        prev_sample = prev_sample.to(sample.dtype)
+        self._remember(prev_sample)
+        if not return_dict:
+            return (prev_sample,)
+        return SchedulerOutput(prev_sample=prev_sample)
+
+    def _check_step(self, model_output: Tensor, timestep: int | float | Tensor, sample: Tensor, eta: float) -> None:
+        """Refuse, in one line, a step() call that does not continue this run: no run, eta ≠ 0, one step too many, a
+        timestep out of order, a network output of another shape or not finite, latents changed since the last step."""
         if self.solver is None:
             raise SchedulerConfigError("call set_timesteps before step")
         if eta:
@@ -354,26 +462,25 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         if k >= len(self._evaluations):
             raise SchedulerConfigError(f"step called {k + 1} times, but this run has {len(self._evaluations)} evaluations; call set_timesteps again")
         expected_t = float(self.timesteps[k])
-        if abs(float(timestep) - expected_t) > 1e-3:
+        if not abs(float(timestep) - expected_t) <= 1e-3:
             raise SchedulerConfigError(f"step {k} got timestep {float(timestep)}, expected {expected_t}: loop over scheduler.timesteps in order")
-        if k == 0:
-            self._start(sample)
-        elif not (sample.shape == self._last_sample.shape and torch.equal(sample, self._last_sample)):
-            raise SchedulerConfigError("the latents changed between steps (img2img/inpainting pipelines are not supported); pass back the prev_sample of the last step")
-        self._run.supply(model_output, sample)
-        kind, value, sigma = self._run.next_request()
-        self._step_index += 1
-        if kind == "evaluate":
-            prev_sample = value * broadcast_sigma(1.0 / math.sqrt(1.0 + sigma * sigma), value)  # the network input x·s(σ)
-        else:
-            prev_sample = value * self._vp_ratio(float(self.solver.sigmas[-1]))
-        if (kind == "final") != (self._step_index == len(self._evaluations)) or (kind == "evaluate" and not math.isclose(sigma, self._evaluations[k + 1], rel_tol=1e-9)):
-            raise RuntimeError(f"{self.config.solver} did not evaluate at its dry-run noise levels (step {k + 1}: {kind} at σ = {sigma})")
-        prev_sample = prev_sample.to(sample.dtype)
-        self._last_sample = prev_sample
-        if not return_dict:
-            return (prev_sample,)
-        return SchedulerOutput(prev_sample=prev_sample)
+        check_model_output(model_output, sample)
+        if k > 0 and not self._is_last_sample(sample):
+            raise SchedulerConfigError("the latents changed between steps (edited in place or replaced; img2img/inpainting pipelines are not supported); pass back the prev_sample of the last step unchanged")
+
+    def _remember(self, prev_sample: Tensor) -> None:
+        """Keep what step() returned, to recognise it at the next step: the tensor and its in-place version counter
+        (no copy), or a copy where the tensor has no counter (inference mode)."""
+        try:
+            self._last_sample, self._last_version = prev_sample, prev_sample._version
+        except RuntimeError:
+            self._last_sample, self._last_version = prev_sample.clone(), None
+
+    def _is_last_sample(self, sample: Tensor) -> bool:
+        last = self._last_sample
+        if self._last_version is not None and last._version != self._last_version:
+            return False  # what step() returned was edited in place
+        return sample.shape == last.shape and (sample is last or torch.equal(sample, last))
 
     def _start(self, sample: Tensor) -> None:
         """Start the solver run from the pipeline's first latents and wait for its first evaluation."""
@@ -412,6 +519,14 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         return callback_kwargs
 
 
+# Config fields DODEScheduler holds itself that the replaced scheduler's grid also reads.
+SHARED_WITH_BASE = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type", "sigma_data")
+
+
+def _append_zero(sigmas: Tensor) -> Tensor:
+    return torch.cat([sigmas.reshape(-1), sigmas.new_zeros(1)])
+
+
 def _same_grid(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and bool(torch.allclose(a, b.to(a.dtype), rtol=1e-9, atol=0))
 
@@ -426,10 +541,7 @@ def _scheduler_config(pipeline: str | os.PathLike) -> dict[str, Any]:
     path = Path(pipeline)
     for candidate in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json", path):
         if candidate.is_file():
-            try:  # the pipeline loader's reader: bounded size, depth and integers
-                return _read_json(candidate)
-            except CheckpointError as err:
-                raise SchedulerConfigError(str(err)) from None
+            return read_scheduler_config(candidate)
     raise FileNotFoundError(f"no scheduler config in {path}: give the diffusers pipeline folder the λ were fitted on (it holds scheduler/scheduler_config.json)")
 
 
@@ -451,6 +563,9 @@ def export_scheduler(lambda_file: str | os.PathLike, pipeline: str | os.PathLike
     schedule = VPDiscrete(betas_from_scheduler_config(init))
     if describe_schedule(schedule) != schedule_wanted:
         raise SchedulerConfigError(f"{pipeline}: its β table is not the one {lambda_file} was fitted on ({schedule_wanted}); give the calibrated pipeline folder")
+    fitted_prediction, folder_prediction = meta.get("prediction_type", "epsilon"), init.get("prediction_type", "epsilon")
+    if fitted_prediction != folder_prediction:
+        raise SchedulerConfigError(f"{pipeline} has prediction_type {folder_prediction!r}, but {lambda_file} was fitted on a {fitted_prediction!r} network; give the calibrated pipeline folder")
     try:
         setup = SolverSetup.resolve(meta["solver"], int(meta["nfe"]), schedule, meta.get("grid"), **(meta.get("grid_kwargs") or {}))
         solver = setup.build()
@@ -473,4 +588,8 @@ def export_scheduler(lambda_file: str | os.PathLike, pipeline: str | os.PathLike
         guidance_scale=meta.get("guidance_scale"),
         schedule_id=schedule_wanted,
         calibration=meta,
+        sigma_data=None,
+        base_scheduler=None,
+        base_config=None,
+        grid_digest=grid_digest(solver.sigmas, lambdas.to(torch.float64)),
     )
