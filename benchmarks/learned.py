@@ -73,7 +73,7 @@ class FineHeun:
         if sigma_end == 0.0:
             sigmas = append_zero(sigmas)
         with torch.no_grad():
-            return run_stages(heun_stages(self.denoiser, x.to(torch.float64), sigmas))
+            return run_stages(heun_stages(x.to(torch.float64), sigmas), self.denoiser)
 
 
 @dataclass(frozen=True)

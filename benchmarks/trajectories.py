@@ -50,7 +50,7 @@ def trajectory(solver: Solver, mixture: GaussianMixture, noise: Tensor, lambdas:
 
     def keep(k: int, stage, state: Tensor) -> None:
         states.append(state.clone())
-        sigmas.append(stage.sigma_next)
+        sigmas.append(float(stage.sigma_next))
 
     solver.sample(mixture, noise, lambdas, observe=keep)
     return torch.stack(states), torch.tensor(sigmas, dtype=torch.float64)

@@ -95,7 +95,7 @@ class SolverRun:
     def _run(self, solver: Solver, state: Tensor, corrector: StageCorrector, grad: bool) -> None:
         try:
             with torch.set_grad_enabled(grad):
-                final = run_stages(solver.stages(self, state), corrector=corrector)
+                final = run_stages(solver.stages(state), self, corrector=corrector)
             self._requests.put(("final", final, None))
         except _Stopped:
             pass

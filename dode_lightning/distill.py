@@ -392,7 +392,7 @@ def _stage_pass(
 
     corrector = StageCorrector(choose, layout.history)
     with torch.no_grad():
-        final = run_stages(student.stages(denoiser, previous[0], class_labels), observe=observe, corrector=corrector)
+        final = run_stages(student.stages(previous[0]), denoiser, observe=observe, corrector=corrector, class_labels=class_labels)
         if guard and fixed is None and not _helps_at_the_end(student, denoiser, noise, targets[-1], class_labels, held, final, reduce):
             dropped[:] = [k for k, free in enumerate(student.lambda_fitted) if free]
             lambdas.zero_()
@@ -447,7 +447,7 @@ def stagewise_losses(
 
     layout = layout or LambdaLayout()
     applied = layout.expand(lambdas, noise.shape[1:])
-    run_stages(student.stages(NoGradDenoiser(denoiser), student.init_state(noise), class_labels), lambda k, _s: applied[k], observe, layout.history)
+    run_stages(student.stages(student.init_state(noise)), NoGradDenoiser(denoiser), lambda k, _s: applied[k], observe, layout.history, class_labels=class_labels)
     return torch.stack(losses)
 
 

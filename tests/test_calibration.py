@@ -45,7 +45,7 @@ def test_closed_form_equals_brute_force_line_search(digits):
         brute.append((k, best))
         return best
 
-    run_stages(student.stages(digits, student.init_state(noise)), line_search)
+    run_stages(student.stages(student.init_state(noise)), digits, line_search)
     assert len(brute) == sum(student.lambda_fitted) == student.num_stages - 1
     for k, best in brute:
         assert float(fit.lambdas[k]) == pytest.approx(best, rel=1e-8, abs=1e-12)
@@ -59,20 +59,21 @@ def test_official_units_give_the_same_samples(digits):
     fit = fit_closed_form(student, digits, noise, targets)
 
     def folded():
-        gen = student.stages(digits, student.init_state(noise))
-        stage = next(gen)
+        gen = student.stages(student.init_state(noise))
+        message = next(gen)
         try:
             while True:
-                delta = None if stage.delta is None else stage.delta / stage.coeff
-                state = yield Stage(stage.base, delta, 1.0, stage.sigma, stage.sigma_next)
-                stage = gen.send(state)
+                if isinstance(message, Stage):
+                    delta = None if message.delta is None else message.delta / message.coeff
+                    message = Stage(message.base, delta, torch.ones_like(message.coeff), message.sigma, message.sigma_next)
+                message = gen.send((yield message))
         except StopIteration as stop:
             return stop.value
 
     class Folded:
         num_stages, sigmas, scales, unit_prior = student.num_stages, student.sigmas, student.scales, student.unit_prior
 
-        def stages(self, denoiser, x, labels=None):
+        def stages(self, x):
             return folded()
 
         init_state = student.init_state

@@ -98,7 +98,7 @@ def test_official_b_coefficients():
 def _stage_list(solver):
     stages = []
     denoiser = lambda x, sigma, labels=None: torch.zeros_like(x)  # noqa: E731
-    run_stages(solver.stages(denoiser, solver.init_state(torch.zeros(1, 1, 2, 2))), observe=lambda k, s, x: stages.append(s))
+    run_stages(solver.stages(solver.init_state(torch.zeros(1, 1, 2, 2))), denoiser, observe=lambda k, s, x: stages.append(s))
     return stages
 
 

@@ -34,7 +34,7 @@ def test_history_fit_is_the_least_squares_over_earlier_directions(digits, proble
         return layout.expand(fit.lambdas, (1, 8, 8))[k]
 
     corrector = StageCorrector(brute, history=3)
-    run_stages(student.stages(digits, student.init_state(noise)), corrector=corrector)
+    run_stages(student.stages(student.init_state(noise)), digits, corrector=corrector)
     assert checked == [1, 2, 3, 3]  # stage 0 has no Δ, so stage 1 has only its own and stage 2 one earlier
     assert bool((fit.loss_fit <= fit.loss_base + 1e-15).all())
 
@@ -54,7 +54,7 @@ def test_groups_fit_each_block_on_its_own(digits, problem):
     fit = fit_closed_form(student, digits, noise, targets, layout=layout)
     # Stage 1 starts from the same state in both fits (stage 0 is fixed), so its per-block λ is a 1-d fit per block.
     stage1 = {}
-    run_stages(student.stages(digits, student.init_state(noise)), observe=lambda k, s, x: stage1.setdefault(k, s))
+    run_stages(student.stages(student.init_state(noise)), digits, observe=lambda k, s, x: stage1.setdefault(k, s))
     stage = stage1[1]
     for g in range(4):
         mask = index == g
@@ -85,7 +85,7 @@ def test_guard_drops_a_stage_whose_lambda_hurts_held_out_samples(digits, problem
     # Mirror the held-out targets of stage 2 about the base state: a λ fitted on the others now hurts them.
     bad = targets.clone()
     stages = {}
-    run_stages(student.stages(digits, student.init_state(noise)), lambda k, _s: plain.lambdas[k], lambda k, s, x: stages.setdefault(k, s))
+    run_stages(student.stages(student.init_state(noise)), digits, lambda k, _s: plain.lambdas[k], lambda k, s, x: stages.setdefault(k, s))
     bad[2, held] = 2 * stages[2].base[held] - targets[2, held]
     guarded = fit_closed_form(student, digits, noise, bad, holdout=held)
     assert 2 in guarded.dropped and float(guarded.lambdas[2]) == 0.0

@@ -6,7 +6,7 @@ from .dpm_solver_pp import DPMSolverPP, DPMSolverPP2M, DPMSolverPP3M, dpm_solver
 from .first_order import DDIM, Euler, Heun, ddim_stages, heun_stages
 from .ipndm import IPNDM, ipndm_stages
 from .unipc import UniPC, UniPC2, UniPC3, unipc_coefficients, unipc_orders, unipc_stages
-from .stages import LambdaLayout, LambdaRule, Stage, StageCorrector, StageGenerator, run_stages
+from .stages import Evaluate, LambdaLayout, LambdaRule, Stage, StageCorrector, StageGenerator, answer, run_stages
 
 __all__ = [
     "SOLVERS",
@@ -44,6 +44,8 @@ __all__ = [
     "unipc_coefficients",
     "unipc_orders",
     "unipc_stages",
+    "Evaluate",
+    "answer",
     "LambdaRule",
     "Stage",
     "StageCorrector",

@@ -22,22 +22,27 @@ class NFEError(ValueError):
 class Solver(ABC):
     """A solver on fixed noise levels: `stages()` yields one `Stage` per network evaluation.
 
-    `sigmas` are the step boundaries (descending, usually ending at 0); `scales` the state scales s(σ) at them
-    (all ones for VE/EDM-form integration). The initial state is `unit_prior ? z : s_0·σ_0·z`.
+    `sigmas` are the step boundaries (descending, usually ending at 0); `scales` the state scales α = s(σ) at them
+    (all ones for VE/EDM-form integration); `noise_scales` the noise scales β = s·σ (default: that product; a
+    schedule gives them where σ = ∞, s = 0, β = 1). All are float64 tensors and may require grad: every
+    coefficient is a torch expression of them. The initial state is `unit_prior ? z : β_0·z`.
     """
 
     name: ClassVar[str]
     prediction: ClassVar[str]
 
-    def __init__(self, sigmas: Tensor, scales: Tensor | None = None, unit_prior: bool = False) -> None:
+    def __init__(
+        self, sigmas: Tensor, scales: Tensor | None = None, unit_prior: bool = False, noise_scales: Tensor | None = None
+    ) -> None:
         self.sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
         self.scales = torch.ones_like(self.sigmas) if scales is None else torch.as_tensor(scales, dtype=torch.float64)
+        self.noise_scales = self.scales * self.sigmas if noise_scales is None else torch.as_tensor(noise_scales, dtype=torch.float64)
         self.unit_prior = unit_prior
 
     @classmethod
     def from_grid(cls, sigmas: Tensor, schedule: Schedule) -> "Solver":
         """Integrate the schedule's own scaled states (VP: s = 1/√(1+σ²), unit-noise prior)."""
-        return cls(sigmas, schedule.scale(sigmas), unit_prior=schedule.variance_preserving)
+        return cls(sigmas, schedule.scale(sigmas), unit_prior=schedule.variance_preserving, noise_scales=schedule.noise_scale(sigmas))
 
     @classmethod
     def default_grid(cls, schedule: Schedule) -> tuple[str, dict[str, float | bool]]:
@@ -68,8 +73,8 @@ class Solver(ABC):
         """Per stage: whether λ_k is a free parameter (False where Δ_k is structurally absent)."""
 
     @abstractmethod
-    def stages(self, denoiser: Denoiser, x: Tensor, class_labels: Tensor | None = None) -> StageGenerator:
-        """Stage generator from state x at sigmas[0]."""
+    def stages(self, x: Tensor) -> StageGenerator:
+        """The solver's generator of `Evaluate`s and `Stage`s from state x at sigmas[0]."""
 
     @classmethod
     def teacher(cls, sigmas: Tensor, scales: Tensor | None, unit_prior: bool, segments: list[int]) -> "Solver":
@@ -90,16 +95,16 @@ class Solver(ABC):
     def state_slots(self) -> dict[float, int]:
         """σ → index j into the run's states xs (xs[0] = initial, xs[k + 1] = output of stage k) of the finished
         state at σ: where a teacher's targets are read."""
-        slots = {float(self.sigmas[0]): 0}
+        slots = {float(self.sigmas[0].detach()): 0}
         for k, (sigma, end) in enumerate(zip(self.target_sigmas, self.step_ends)):
             if end:
-                slots[float(sigma)] = k + 1
+                slots[float(sigma.detach())] = k + 1
         return slots
 
     def init_state(self, noise: Tensor) -> Tensor:
         if self.unit_prior:
             return noise.clone()
-        return noise * float(self.sigmas[0] * self.scales[0])
+        return noise * self.noise_scales[0]
 
     def sample(
         self,
@@ -120,7 +125,7 @@ class Solver(ABC):
                 raise ValueError(f"{self.name} with NFE {self.nfe} has {self.num_stages} stages, got {len(lambdas)} λ")
             rule = lambda k, _stage: lambdas[k]  # noqa: E731
         history = lambdas.shape[1] if lambdas is not None and lambdas.dim() > 1 else 1
-        return run_stages(self.stages(denoiser, self.init_state(noise), class_labels), rule, observe, history)
+        return run_stages(self.stages(self.init_state(noise)), denoiser, rule, observe, history, class_labels=class_labels)
 
 
 class OneStagePerStep(Solver):
@@ -133,8 +138,10 @@ class OneStagePerStep(Solver):
     min_nfe: ClassVar[int] = 1
     first_lambda_fitted: ClassVar[bool]
 
-    def __init__(self, sigmas: Tensor, scales: Tensor | None = None, unit_prior: bool = False) -> None:
-        super().__init__(sigmas, scales, unit_prior)
+    def __init__(
+        self, sigmas: Tensor, scales: Tensor | None = None, unit_prior: bool = False, noise_scales: Tensor | None = None
+    ) -> None:
+        super().__init__(sigmas, scales, unit_prior, noise_scales)
         self.steps_for_nfe(len(self.sigmas) - 1)
 
     @classmethod

@@ -17,10 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..denoisers import Denoiser, eps_and_denoised
 from ..schedules import Schedule, VPDiscrete
 from .base import OneStagePerStep, register_solver
-from .stages import Stage, StageGenerator
+from .stages import Evaluate, Stage, StageGenerator
 
 __all__ = ["deis_coefficients", "deis_stages", "DEIS", "DEIS1", "DEIS2", "DEIS3"]
 
@@ -28,7 +27,7 @@ _GAUSS_POINTS = 16
 _PIECES_SMOOTH = 8
 
 
-def _lagrange_basis(v: Tensor, nodes: Sequence[float], j: int) -> Tensor:
+def _lagrange_basis(v: Tensor, nodes: Sequence[Tensor], j: int) -> Tensor:
     """L_j(v) = Π_{m≠j} (v − v_m)/(v_j − v_m)."""
     out = torch.ones_like(v)
     for m, node in enumerate(nodes):
@@ -44,8 +43,8 @@ def deis_coefficients(
     coordinate: Callable[[Tensor], Tensor],
     knots: Tensor | None = None,
     lower_order_final_below: int = 0,
-) -> list[list[float]]:
-    """κ_{kj} for every step (list k of lists j = 0…q_k), in float64.
+) -> list[list[Tensor]]:
+    """κ_{kj} for every step (list k of lists j = 0…q_k of 0-d float64 tensors, differentiable in σ).
 
     Quadrature [project]: composite 16-point Gauss–Legendre in σ; each step is split at `knots` (σ values where
     `coordinate` is not smooth, e.g. the integer timesteps of a discrete schedule), or into 8 equal pieces when
@@ -61,59 +60,55 @@ def deis_coefficients(
     nodes_gl, weights_gl = (torch.from_numpy(a) for a in np.polynomial.legendre.leggauss(_GAUSS_POINTS))
     knots = torch.empty(0, dtype=torch.float64) if knots is None else torch.as_tensor(knots, dtype=torch.float64)
     coords = coordinate(sigmas)
-    out: list[list[float]] = []
+    out: list[list[Tensor]] = []
     for k in range(steps):
-        hi, lo = float(sigmas[k]), float(sigmas[k + 1])
+        hi, lo = sigmas[k], sigmas[k + 1]
         q = min(k, order)
         if steps < lower_order_final_below:
             q = min(q, steps - 1 - k)
         if not bool(torch.isfinite(coords[k + 1])):
             q = 0
-        coeff = float(scales[k + 1]) * (lo - hi)  # b_k, the DDIM coefficient
+        coeff = scales[k + 1] * (lo - hi)  # b_k, the DDIM coefficient
         if q == 0:
             out.append([coeff])
             continue
-        inner = knots[(knots > lo) & (knots < hi)]
+        inner = knots[(knots > lo) & (knots < hi)].sort().values
         if len(inner):
-            edges = torch.cat([torch.tensor([lo], dtype=torch.float64), inner.sort().values, torch.tensor([hi], dtype=torch.float64)])
+            edges = torch.cat([lo.reshape(1), inner, hi.reshape(1)])
         else:
-            edges = torch.linspace(lo, hi, _PIECES_SMOOTH + 1, dtype=torch.float64)
+            edges = lo + (hi - lo) * torch.linspace(0.0, 1.0, _PIECES_SMOOTH + 1, dtype=torch.float64)
         left, right = edges[:-1, None], edges[1:, None]
         points = (0.5 * (right - left) * nodes_gl + 0.5 * (right + left)).reshape(-1)
         weights = (0.5 * (right - left) * weights_gl).reshape(-1)
         v = coordinate(points)
-        nodes = [float(c) for c in coords[k - q : k + 1].flip(0)]
+        nodes = list(coords[k - q : k + 1].flip(0))
         # ∫_{σ_k}^{σ_{k+1}} = −∫_{lo}^{hi}
-        out.append([-float(scales[k + 1]) * float((weights * _lagrange_basis(v, nodes, j)).sum()) for j in range(q + 1)])
+        out.append([-scales[k + 1] * (weights * _lagrange_basis(v, nodes, j)).sum() for j in range(q + 1)])
     return out
 
 
 def deis_stages(
-    denoiser: Denoiser,
-    x: Tensor,
-    sigmas: Tensor,
-    scales: Tensor,
-    coefficients: Sequence[Sequence[float]],
-    class_labels: Tensor | None = None,
+    x: Tensor, sigmas: Tensor, scales: Tensor, noise_scales: Tensor, coefficients: Sequence[Sequence[Tensor]]
 ) -> StageGenerator:
     """DEIS multistep with precomputed κ (see `deis_coefficients`); one stage per step (method.md §3.3).
 
-    x̃_k = s_{k+1}·x_k/s_k + Σ_j κ_{kj}ε_{k−j} = DDIM(x_k, ε̃_k) with ε̃_k = Σ_j κ_{kj}ε_{k−j}/b_k and b_k = Σ_j κ_{kj}.
-    D-DEIS: Δ_k = b_k(ε̃_k − ε̃_{k−1}) = Σ_j κ_{kj}ε_{k−j} − b_k ε̃_{k−1}, ε̃_{−1} := x_T (λ_0 fitted) [official].
+    x̃_k = s_{k+1}·x_k/s_k + Σ_j κ_{kj}ε_{k−j} = DDIM(x_k, ε_k) + Σ_{j≥1} κ_{kj}(ε_{k−j} − ε_k) (Σ_j κ_{kj} = b_k),
+    with DDIM in its α-form α_{k+1}·x̂₀ + β_{k+1}·ε_k (finite from σ_0 = ∞, where q_0 = 0).
+    D-DEIS: Δ_k = b_k(ε̃_k − ε̃_{k−1}) = Σ_j κ_{kj}ε_{k−j} − b_k ε̃_{k−1} with ε̃_k = Σ_j κ_{kj}ε_{k−j}/b_k,
+    ε̃_{−1} := x_T (λ_0 fitted) [official].
     """
     depth = max(len(c) for c in coefficients)
     history: list[Tensor] = []
     eps_tilde_prev = x
     for k in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[k]), float(sigmas[k + 1])
-        scale, scale_next = float(scales[k]), float(scales[k + 1])
-        x_ve = x / scale
-        eps = eps_and_denoised(denoiser, x_ve, sigma, class_labels)[0]
+        sigma, sigma_next = sigmas[k], sigmas[k + 1]
+        eps, denoised = yield Evaluate(x, sigma, scales[k], eps=True)
         history = [eps, *history][:depth]
         kappa = coefficients[k]
+        ddim = scales[k + 1] * denoised + noise_scales[k + 1] * eps
+        base = sum((c * (e - eps) for c, e in zip(kappa[1:], history[1:])), ddim)
         combined = sum(c * e for c, e in zip(kappa, history))
-        coeff = scale_next * (sigma_next - sigma)
-        base = scale_next * x_ve + combined
+        coeff = scales[k + 1] * (sigma_next - sigma)
         x = yield Stage(base, combined - coeff * eps_tilde_prev, coeff, sigma, sigma_next)
         eps_tilde_prev = combined / coeff
     return x
@@ -141,8 +136,9 @@ class DEIS(OneStagePerStep):
         schedule: Schedule | None = None,
         basis: str = "t",
         lower_order_final_below: int = 0,
+        noise_scales: Tensor | None = None,
     ) -> None:
-        super().__init__(sigmas, scales, unit_prior)
+        super().__init__(sigmas, scales, unit_prior, noise_scales)
         if basis == "t":
             coordinate = (lambda s: s.clone()) if schedule is None else schedule.sigma_inv
         elif basis == "log_sigma":
@@ -157,15 +153,17 @@ class DEIS(OneStagePerStep):
 
     @classmethod
     def from_grid(cls, sigmas: Tensor, schedule: Schedule) -> "DEIS":
-        return cls(sigmas, schedule.scale(sigmas), unit_prior=schedule.variance_preserving, schedule=schedule)
+        return cls(
+            sigmas, schedule.scale(sigmas), unit_prior=schedule.variance_preserving, schedule=schedule, noise_scales=schedule.noise_scale(sigmas)
+        )
 
     @classmethod
     def default_grid(cls, schedule: Schedule) -> tuple[str, dict[str, float | bool]]:
         """The official int(linspace(T−1, 0, N+1)) grid on discrete VP schedules, Karras (+ 0) otherwise (§4)."""
         return ("linspace_int" if hasattr(schedule, "num_timesteps") else "karras"), {}
 
-    def stages(self, denoiser: Denoiser, x: Tensor, class_labels: Tensor | None = None) -> StageGenerator:
-        return deis_stages(denoiser, x, self.sigmas, self.scales, self.coefficients, class_labels)
+    def stages(self, x: Tensor) -> StageGenerator:
+        return deis_stages(x, self.sigmas, self.scales, self.noise_scales, self.coefficients)
 
 
 @register_solver

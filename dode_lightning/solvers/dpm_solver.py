@@ -5,15 +5,14 @@ of the paper's updates equals s_u(σ_s − σ_u); the updates below are the pape
 """
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
-from ..denoisers import Denoiser, eps_and_denoised
 from ..schedules import Schedule
 from .base import OneStagePerStep, register_solver
-from .stages import Stage, StageGenerator
+from .stages import Evaluate, Stage, StageGenerator
 
 __all__ = ["singlestep_orders", "dpm_solver_stages", "DPMSolver", "DPMSolver2", "DPMSolver3"]
 
@@ -34,14 +33,7 @@ def singlestep_orders(nfe: int, order: int) -> list[int]:
     raise ValueError(f"DPM-Solver order must be 1, 2 or 3, got {order}")
 
 
-def dpm_solver_stages(
-    denoiser: Denoiser,
-    x: Tensor,
-    sigmas: Tensor,
-    scales: Tensor,
-    orders: list[int],
-    class_labels: Tensor | None = None,
-) -> StageGenerator:
+def dpm_solver_stages(x: Tensor, sigmas: Tensor, scales: Tensor, noise_scales: Tensor, orders: list[int]) -> StageGenerator:
     """Singlestep DPM-Solver (`solver_type="dpmsolver"`) on the node grid `sigmas`; one stage per evaluation.
 
     An outer step s → t of order q spans q node intervals; its inner nodes s₁ (, s₂) are the grid points inside it,
@@ -52,43 +44,38 @@ def dpm_solver_stages(
     """
     if sum(orders) != len(sigmas) - 1:
         raise ValueError(f"orders {orders} need {sum(orders) + 1} nodes, got {len(sigmas)}")
-    sig = [float(v) for v in sigmas]
-    sc = [float(v) for v in scales]
+    sig, sc = sigmas, scales
 
-    def eps_at(state: Tensor, n: int) -> Tensor:
-        return eps_and_denoised(denoiser, state / sc[n], sig[n], class_labels)[0]
-
-    def first_order(x_ve: Tensor, eps_s: Tensor, s: int, u: int) -> Tensor:
-        """α_u/α_s·x − σ^vp_u(e^{ℓ_u − ℓ_s} − 1)ε_s = DDIM from node s to node u."""
-        return sc[u] * (x_ve + (sig[u] - sig[s]) * eps_s)
+    def first_order(denoised_s: Tensor, eps_s: Tensor, u: int) -> Tensor:
+        """α_u/α_s·x − σ^vp_u(e^{ℓ_u − ℓ_s} − 1)ε_s = α_u·x̂₀_s + β_u·ε_s, DDIM from node s to node u."""
+        return sc[u] * denoised_s + noise_scales[u] * eps_s
 
     eps_prev = x
     s = 0
     for q in orders:
         t = s + q
-        x_ve = x / sc[s]
-        eps_s = eps_at(x, s)
+        eps_s, denoised_s = yield Evaluate(x, sig[s], sc[s], eps=True)
         coeff_a = sc[s + 1] * (sig[s + 1] - sig[s])  # −σ^vp_{s₁}φ₁₁ (φ₁ for q = 1)
-        state = yield Stage(first_order(x_ve, eps_s, s, s + 1), coeff_a * (eps_s - eps_prev), coeff_a, sig[s], sig[s + 1])
+        state = yield Stage(first_order(denoised_s, eps_s, s + 1), coeff_a * (eps_s - eps_prev), coeff_a, sig[s], sig[s + 1])
         eps_prev = eps_s
         if q > 1:
-            h = math.log(sig[s] / sig[t])
-            r1 = math.log(sig[s] / sig[s + 1]) / h
-            eps_1 = eps_at(state, s + 1)
+            h = torch.log(sig[s] / sig[t])
+            r1 = torch.log(sig[s] / sig[s + 1]) / h
+            eps_1, _ = yield Evaluate(state, sig[s + 1], sc[s + 1], eps=True)
             if q == 2:
                 coeff_b = sc[t] * (sig[t] - sig[s]) / (2 * r1)  # −σ^vp_t φ₁/(2r₁)
-                base = first_order(x_ve, eps_s, s, t) + coeff_b * (eps_1 - eps_s)
+                base = first_order(denoised_s, eps_s, t) + coeff_b * (eps_1 - eps_s)
                 state = yield Stage(base, coeff_b * (eps_1 - eps_s), coeff_b, sig[s + 1], sig[t])
             else:
-                r2 = math.log(sig[s] / sig[s + 2]) / h
-                phi_22 = sc[s + 2] * (sig[s] - sig[s + 2]) / (r2 * h) - sc[s + 2] * sig[s + 2]  # σ^vp_{s₂}φ₂₂
+                r2 = torch.log(sig[s] / sig[s + 2]) / h
+                phi_22 = sc[s + 2] * (sig[s] - sig[s + 2]) / (r2 * h) - noise_scales[s + 2]  # σ^vp_{s₂}φ₂₂
                 coeff_b = -(r2 / r1) * phi_22
-                base = first_order(x_ve, eps_s, s, s + 2) + coeff_b * (eps_1 - eps_s)
+                base = first_order(denoised_s, eps_s, s + 2) + coeff_b * (eps_1 - eps_s)
                 state = yield Stage(base, coeff_b * (eps_1 - eps_s), coeff_b, sig[s + 1], sig[s + 2])
-                eps_2 = eps_at(state, s + 2)
-                phi_2 = sc[t] * (sig[s] - sig[t]) / h - sc[t] * sig[t]  # σ^vp_t φ₂
+                eps_2, _ = yield Evaluate(state, sig[s + 2], sc[s + 2], eps=True)
+                phi_2 = sc[t] * (sig[s] - sig[t]) / h - noise_scales[t]  # σ^vp_t φ₂
                 coeff_c = -phi_2 / r2
-                base = first_order(x_ve, eps_s, s, t) + coeff_c * (eps_2 - eps_s)
+                base = first_order(denoised_s, eps_s, t) + coeff_c * (eps_2 - eps_s)
                 state = yield Stage(base, coeff_c * (eps_2 - eps_1), coeff_c, sig[s + 2], sig[t])
                 eps_1 = eps_2
             eps_prev = eps_1
@@ -108,9 +95,14 @@ class DPMSolver(OneStagePerStep):
     first_lambda_fitted = True
 
     def __init__(
-        self, sigmas: Tensor, scales: Tensor | None = None, unit_prior: bool = False, orders: list[int] | None = None
+        self,
+        sigmas: Tensor,
+        scales: Tensor | None = None,
+        unit_prior: bool = False,
+        orders: list[int] | None = None,
+        noise_scales: Tensor | None = None,
     ) -> None:
-        super().__init__(sigmas, scales, unit_prior)
+        super().__init__(sigmas, scales, unit_prior, noise_scales)
         self.orders = singlestep_orders(len(self.sigmas) - 1, self.order) if orders is None else list(orders)
         if sum(self.orders) != len(self.sigmas) - 1 or not all(1 <= q <= self.order for q in self.orders):
             raise ValueError(f"{self.name}: orders {self.orders} do not cover {len(self.sigmas) - 1} intervals with order ≤ {self.order}")
@@ -141,8 +133,8 @@ class DPMSolver(OneStagePerStep):
         uniform_time = schedule.variance_preserving
         return ("time_uniform" if uniform_time else "logsnr_uniform"), {"terminal_zero": False}
 
-    def stages(self, denoiser: Denoiser, x: Tensor, class_labels: Tensor | None = None) -> StageGenerator:
-        return dpm_solver_stages(denoiser, x, self.sigmas, self.scales, self.orders, class_labels)
+    def stages(self, x: Tensor) -> StageGenerator:
+        return dpm_solver_stages(x, self.sigmas, self.scales, self.noise_scales, self.orders)
 
 
 @register_solver

@@ -5,15 +5,14 @@ and b_k = α_{k+1}(1 − e^{−h_k}) = s_{k+1}(1 − σ_{k+1}/σ_k), the Euler/D
 """
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
-from ..denoisers import Denoiser
 from ..schedules import Schedule
 from .base import OneStagePerStep, register_solver
-from .stages import Stage, StageGenerator
+from .stages import Evaluate, Stage, StageGenerator
 
 __all__ = ["multistep_orders", "dpm_solver_pp_stages", "DPMSolverPP", "DPMSolverPP2M", "DPMSolverPP3M"]
 
@@ -27,31 +26,22 @@ def multistep_orders(sigmas: Tensor, order: int, lower_order_final_below: int) -
         q = min(order, k + 1)
         if steps < lower_order_final_below:
             q = min(q, steps - k)
-        orders.append(1 if float(sigmas[k + 1]) == 0 else q)
+        orders.append(1 if bool(sigmas[k + 1] == 0) else q)
     return orders
 
 
-def dpm_solver_pp_stages(
-    denoiser: Denoiser,
-    x: Tensor,
-    sigmas: Tensor,
-    scales: Tensor,
-    orders: list[int],
-    class_labels: Tensor | None = None,
-) -> StageGenerator:
+def dpm_solver_pp_stages(x: Tensor, sigmas: Tensor, scales: Tensor, noise_scales: Tensor, orders: list[int]) -> StageGenerator:
     """DPM-Solver++ multistep (2M: `solver_type="midpoint"`); step k uses order `orders[k]`.
 
-    x̃_k = (σ^vp_{k+1}/σ^vp_k)·x_k + b_k·D̃_k with the combined estimate D̃_k of method.md §3.5 built from raw D's.
+    x̃_k = (σ^vp_{k+1}/σ^vp_k)·x_k + b_k·D̃_k with the combined estimate D̃_k of method.md §3.5 built from raw D's
+    (finite from σ_0 = ∞, where h_0 = ∞ and the next step's ratio r = ∞ drops the difference term).
     D-DPM-Solver++: Δ_k = b_k(D̃_k − D̃_{k−1}); λ_0 ≡ 0 (no previous estimate). λ never touches the D history.
     """
-    sig = [float(v) for v in sigmas]
-    sc = [float(v) for v in scales]
-    step = [math.log(sig[k] / sig[k + 1]) if sig[k + 1] > 0 else math.inf for k in range(len(sig) - 1)]
+    step = [torch.log(sigmas[k] / sigmas[k + 1]) for k in range(len(sigmas) - 1)]  # h_k, ∞ into σ = 0
     history: list[Tensor] = []
     d_tilde_prev = None
     for k, q in enumerate(orders):
-        x_ve = x / sc[k]
-        denoised = denoiser(x_ve, sig[k], class_labels).to(x.dtype)
+        denoised = yield Evaluate(x, sigmas[k], scales[k])
         history = [denoised, *history][:3]
         h = step[k]
         if q == 1:
@@ -65,15 +55,14 @@ def dpm_solver_pp_stages(
             d1_1 = (history[1] - history[2]) / r1
             d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
             d2 = (d1_0 - d1_1) / (r0 + r1)
-            phi_1 = math.expm1(-h)
+            phi_1 = torch.expm1(-h)
             phi_2 = phi_1 / h + 1.0
             phi_3 = phi_2 / h - 0.5
             d_tilde = denoised - (phi_2 / phi_1) * d1 + (phi_3 / phi_1) * d2
-        ratio = sig[k + 1] / sig[k]
-        coeff = sc[k + 1] * (1.0 - ratio)
-        base = sc[k + 1] * (ratio * x_ve + (1.0 - ratio) * d_tilde)
+        coeff = scales[k + 1] * (1.0 - sigmas[k + 1] / sigmas[k])
+        base = noise_scales[k + 1] / noise_scales[k] * x + coeff * d_tilde
         delta = None if d_tilde_prev is None else coeff * (d_tilde - d_tilde_prev)
-        x = yield Stage(base, delta, coeff, sig[k], sig[k + 1])
+        x = yield Stage(base, delta, coeff, sigmas[k], sigmas[k + 1])
         d_tilde_prev = d_tilde
     return x
 
@@ -90,9 +79,14 @@ class DPMSolverPP(OneStagePerStep):
     first_lambda_fitted = False
 
     def __init__(
-        self, sigmas: Tensor, scales: Tensor | None = None, unit_prior: bool = False, lower_order_final_below: int = 15
+        self,
+        sigmas: Tensor,
+        scales: Tensor | None = None,
+        unit_prior: bool = False,
+        lower_order_final_below: int = 15,
+        noise_scales: Tensor | None = None,
     ) -> None:
-        super().__init__(sigmas, scales, unit_prior)
+        super().__init__(sigmas, scales, unit_prior, noise_scales)
         self.orders = multistep_orders(self.sigmas, self.order, lower_order_final_below)
 
     @classmethod
@@ -102,8 +96,8 @@ class DPMSolverPP(OneStagePerStep):
             return "logsnr_uniform", {"terminal_zero": False}
         return "karras", {}
 
-    def stages(self, denoiser: Denoiser, x: Tensor, class_labels: Tensor | None = None) -> StageGenerator:
-        return dpm_solver_pp_stages(denoiser, x, self.sigmas, self.scales, self.orders, class_labels)
+    def stages(self, x: Tensor) -> StageGenerator:
+        return dpm_solver_pp_stages(x, self.sigmas, self.scales, self.noise_scales, self.orders)
 
 
 @register_solver

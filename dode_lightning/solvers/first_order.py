@@ -6,51 +6,41 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..denoisers import Denoiser, eps_and_denoised
 from ..schedules import Schedule
 from .base import NFEError, OneStagePerStep, Solver, register_solver
-from .stages import Stage, StageGenerator
+from .stages import Evaluate, Stage, StageGenerator
 
 __all__ = ["ddim_stages", "heun_stages", "DDIM", "Euler", "Heun"]
 
 
 def ddim_stages(
-    denoiser: Denoiser,
-    x: Tensor,
-    sigmas: Tensor,
-    scales: Tensor,
-    prediction: str = "noise",
-    class_labels: Tensor | None = None,
+    x: Tensor, sigmas: Tensor, scales: Tensor, noise_scales: Tensor, prediction: str = "noise"
 ) -> StageGenerator:
-    """DDIM with η = 0 on states x = s·(x₀ + σn); one stage per σ_k → σ_{k+1} (method.md §3.1, §3.6).
+    """DDIM with η = 0 on states x = α·x₀ + β·n, α = s, β = s·σ; one stage per σ_k → σ_{k+1} (method.md §3.1, §3.6).
 
-    Update (the same for both predictions): x̃ = s_{k+1}·(x/s_k + (σ_{k+1} − σ_k)·ε̂), with ε̂ the network's own ε
-    for ε-networks and ε̂ = (x/s_k − D)/σ_k for x₀-networks (`eps_and_denoised`).
-    `prediction="noise"`: d̂ = ε̂, b = s_{k+1}(σ_{k+1} − σ_k), ε̂_{−1} := x_T (λ_0 fitted, official noise side).
-    `prediction="data"`: d̂ = D, b = s_{k+1}(1 − σ_{k+1}/σ_k), λ_0 ≡ 0 (official EDM side).
+    Update (the same for both predictions, the official α-form): x̃ = α_{k+1}·x̂₀ + β_{k+1}·ε̂ from one evaluation
+    (ε̂ the network's own ε for ε-networks, (x/s_k − D)/σ_k for x₀-networks; finite where σ_k = ∞ when the
+    denoiser answers there). `prediction="noise"`: d̂ = ε̂, b = s_{k+1}(σ_{k+1} − σ_k), ε̂_{−1} := x_T (λ_0 fitted,
+    official noise side). `prediction="data"`: d̂ = D, b = s_{k+1}(1 − σ_{k+1}/σ_k), λ_0 ≡ 0 (official EDM side).
     """
     if prediction not in ("noise", "data"):
         raise ValueError(f"prediction must be 'noise' or 'data', got {prediction!r}")
     d_prev = x if prediction == "noise" else None
     for k in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[k]), float(sigmas[k + 1])
-        scale, scale_next = float(scales[k]), float(scales[k + 1])
-        x_ve = x / scale
-        eps, denoised = eps_and_denoised(denoiser, x_ve, sigma, class_labels)
-        base = scale_next * (x_ve + (sigma_next - sigma) * eps)
+        sigma, sigma_next = sigmas[k], sigmas[k + 1]
+        eps, denoised = yield Evaluate(x, sigma, scales[k], eps=True)
+        base = scales[k + 1] * denoised + noise_scales[k + 1] * eps
         if prediction == "noise":
-            d_hat, coeff = eps, scale_next * (sigma_next - sigma)
+            d_hat, coeff = eps, scales[k + 1] * (sigma_next - sigma)
         else:
-            d_hat, coeff = denoised, scale_next * (1.0 - sigma_next / sigma)
+            d_hat, coeff = denoised, scales[k + 1] * (1.0 - sigma_next / sigma)
         delta = None if d_prev is None else coeff * (d_hat - d_prev)
         x = yield Stage(base, delta, coeff, sigma, sigma_next)
         d_prev = d_hat
     return x
 
 
-def heun_stages(
-    denoiser: Denoiser, x: Tensor, sigmas: Tensor, class_labels: Tensor | None = None, scales: Tensor | None = None
-) -> StageGenerator:
+def heun_stages(x: Tensor, sigmas: Tensor, scales: Tensor | None = None) -> StageGenerator:
     """EDM Algorithm 2 (S_churn = 0) on the VE-form ODE; 2N − 1 stages, the last step Euler (method.md §3.7).
 
     Predictor stage 2i: Δ = p_i(D_i − D′_i) with p_i = 1 − t_{i+1}/t_i, D′_i the previous corrector evaluation
@@ -58,21 +48,21 @@ def heun_stages(
     c_i = (t_i − t_{i+1})/(2t_{i+1}). With `scales` (a teacher for a VP-state student) states are s·x_VE: the
     same integration, read and written in the student's scaled form.
     """
-    sc = [1.0] * len(sigmas) if scales is None else [float(v) for v in scales]
+    sc = torch.ones_like(sigmas) if scales is None else scales
     d_corrector = None
     for i in range(len(sigmas) - 1):
-        t, t_next = float(sigmas[i]), float(sigmas[i + 1])
+        t, t_next = sigmas[i], sigmas[i + 1]
         x_ve = x / sc[i]
-        denoised = denoiser(x_ve, t, class_labels).to(x.dtype)
+        denoised = yield Evaluate(x, t, sc[i])
         slope = (x_ve - denoised) / t
         predictor_coeff = 1.0 - t_next / t
         delta = None if d_corrector is None else sc[i + 1] * predictor_coeff * (denoised - d_corrector)
         stage = Stage(sc[i + 1] * (x_ve + (t_next - t) * slope), delta, sc[i + 1] * predictor_coeff, t, t_next)
         x_pred = yield stage
-        if t_next == 0:
+        if bool(t_next == 0):
             return x_pred
         x_pred_ve = x_pred / sc[i + 1]
-        d_corrector = denoiser(x_pred_ve, t_next, class_labels).to(x.dtype)
+        d_corrector = yield Evaluate(x_pred, t_next, sc[i + 1])
         slope_next = (x_pred_ve - d_corrector) / t_next
         corrector_coeff = sc[i + 1] * (t - t_next) / (2 * t_next)
         base = sc[i + 1] * (x_ve + (t_next - t) * (0.5 * slope + 0.5 * slope_next))
@@ -85,8 +75,8 @@ class _DDIM(OneStagePerStep):
 
     prediction: ClassVar[str]
 
-    def stages(self, denoiser: Denoiser, x: Tensor, class_labels: Tensor | None = None) -> StageGenerator:
-        return ddim_stages(denoiser, x, self.sigmas, self.scales, self.prediction, class_labels)
+    def stages(self, x: Tensor) -> StageGenerator:
+        return ddim_stages(x, self.sigmas, self.scales, self.noise_scales, self.prediction)
 
 
 @register_solver
@@ -127,11 +117,11 @@ class Heun(Solver):
 
     @property
     def nfe(self) -> int:
-        return sum(2 if float(s) > 0 else 1 for s in self.sigmas[1:])
+        return sum(2 if bool(s > 0) else 1 for s in self.sigmas[1:])
 
     @property
     def target_sigmas(self) -> Tensor:
-        return torch.stack([s for s in self.sigmas[1:] for _ in range(2 if float(s) > 0 else 1)])
+        return torch.stack([s for s in self.sigmas[1:] for _ in range(2 if bool(s > 0) else 1)])
 
     @property
     def lambda_fitted(self) -> list[bool]:
@@ -140,7 +130,7 @@ class Heun(Solver):
     @property
     def step_ends(self) -> list[bool]:
         # Stage 2i is the predictor (an Euler estimate), 2i + 1 the corrector; the final Euler step has no corrector.
-        return [k % 2 == 1 or (k == self.nfe - 1 and float(self.sigmas[-1]) == 0) for k in range(self.nfe)]
+        return [k % 2 == 1 or (k == self.nfe - 1 and bool(self.sigmas[-1] == 0)) for k in range(self.nfe)]
 
-    def stages(self, denoiser: Denoiser, x: Tensor, class_labels: Tensor | None = None) -> StageGenerator:
-        return heun_stages(denoiser, x, self.sigmas, class_labels, self.scales)
+    def stages(self, x: Tensor) -> StageGenerator:
+        return heun_stages(x, self.sigmas, self.scales)

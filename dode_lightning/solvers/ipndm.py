@@ -5,10 +5,9 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from ..denoisers import Denoiser, eps_and_denoised
 from ..schedules import Schedule
 from .base import OneStagePerStep, register_solver
-from .stages import Stage, StageGenerator
+from .stages import Evaluate, Stage, StageGenerator
 
 __all__ = ["IPNDM_WEIGHTS", "ipndm_stages", "IPNDM"]
 
@@ -21,17 +20,11 @@ IPNDM_WEIGHTS: tuple[tuple[float, ...], ...] = (
 """Adams–Bashforth weights on ε_k, ε_{k−1}, … with the lower-order warm-up (method.md §3.2 table)."""
 
 
-def ipndm_stages(
-    denoiser: Denoiser,
-    x: Tensor,
-    sigmas: Tensor,
-    scales: Tensor,
-    order: int = 4,
-    class_labels: Tensor | None = None,
-) -> StageGenerator:
-    """iPNDM on states x = s·(x₀ + σn): a DDIM step driven by the combined estimate ε̃_k = Σ_j a_j ε_{k−j}.
+def ipndm_stages(x: Tensor, sigmas: Tensor, scales: Tensor, noise_scales: Tensor, order: int = 4) -> StageGenerator:
+    """iPNDM on states x = α·x₀ + β·n: a DDIM step driven by the combined estimate ε̃_k = Σ_j a_j ε_{k−j}.
 
-    Step k uses min(k + 1, order) raw ε's (warm-up). d̂ = ε̃, b = s_{k+1}(σ_{k+1} − σ_k) (the DDIM coefficient),
+    Step k uses min(k + 1, order) raw ε's (warm-up). x̃ = α_{k+1}·x̂₀(ε̃) + β_{k+1}·ε̃ with x̂₀(ε̃) = x/s_k − σ_k·ε̃
+    (= D at the first step, also where σ_0 = ∞). d̂ = ε̃, b = s_{k+1}(σ_{k+1} − σ_k) (the DDIM coefficient),
     Δ_k = b_k(ε̃_k − ε̃_{k−1}) with ε̃_{−1} := x_T, so λ_0 is fitted [official]. λ never touches the raw ε history.
     """
     if not 1 <= order <= len(IPNDM_WEIGHTS):
@@ -39,14 +32,13 @@ def ipndm_stages(
     history: list[Tensor] = []
     eps_tilde_prev = x
     for k in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[k]), float(sigmas[k + 1])
-        scale, scale_next = float(scales[k]), float(scales[k + 1])
-        x_ve = x / scale
-        eps = eps_and_denoised(denoiser, x_ve, sigma, class_labels)[0]
+        sigma, sigma_next = sigmas[k], sigmas[k + 1]
+        eps, denoised = yield Evaluate(x, sigma, scales[k], eps=True)
         history = [eps, *history][:order]
         eps_tilde = sum(w * e for w, e in zip(IPNDM_WEIGHTS[len(history) - 1], history))
-        coeff = scale_next * (sigma_next - sigma)
-        base = scale_next * (x_ve + (sigma_next - sigma) * eps_tilde)
+        denoised_tilde = denoised if len(history) == 1 else denoised - sigma * (eps_tilde - eps)
+        coeff = scales[k + 1] * (sigma_next - sigma)
+        base = scales[k + 1] * denoised_tilde + noise_scales[k + 1] * eps_tilde
         x = yield Stage(base, coeff * (eps_tilde - eps_tilde_prev), coeff, sigma, sigma_next)
         eps_tilde_prev = eps_tilde
     return x
@@ -64,8 +56,10 @@ class IPNDM(OneStagePerStep):
     first_lambda_fitted = True  # ε̃_{−1} := x_T
     prediction: ClassVar[str] = "noise"
 
-    def __init__(self, sigmas: Tensor, scales: Tensor | None = None, unit_prior: bool = False, order: int = 4) -> None:
-        super().__init__(sigmas, scales, unit_prior)
+    def __init__(
+        self, sigmas: Tensor, scales: Tensor | None = None, unit_prior: bool = False, order: int = 4, noise_scales: Tensor | None = None
+    ) -> None:
+        super().__init__(sigmas, scales, unit_prior, noise_scales)
         if not 1 <= order <= len(IPNDM_WEIGHTS):
             raise ValueError(f"iPNDM order must be 1…{len(IPNDM_WEIGHTS)}, got {order}")
         self.order = order
@@ -75,5 +69,5 @@ class IPNDM(OneStagePerStep):
         """The official int(linspace(T−1, 0, N+1)) grid on discrete VP schedules, Karras (+ 0) otherwise (§4)."""
         return ("linspace_int" if hasattr(schedule, "num_timesteps") else "karras"), {}
 
-    def stages(self, denoiser: Denoiser, x: Tensor, class_labels: Tensor | None = None) -> StageGenerator:
-        return ipndm_stages(denoiser, x, self.sigmas, self.scales, self.order, class_labels)
+    def stages(self, x: Tensor) -> StageGenerator:
+        return ipndm_stages(x, self.sigmas, self.scales, self.noise_scales, self.order)

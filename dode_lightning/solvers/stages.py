@@ -1,20 +1,41 @@
-"""The one λ mechanism shared by every solver (method.md §0.3, paper Eqs. 8–10).
+"""The one solver protocol and the one λ mechanism shared by every solver (method.md §0.3, paper Eqs. 8–10).
 
-A solver is a generator of `Stage`s: after each network evaluation it yields the plain-solver update x̃_k (`base`)
-and the correction direction Δ_k = b_k·(d̂_k − d̂_{k−1}), then receives the state to continue from. The D-solver
-sends x̃_k + λ_k·Δ_k (Eq. 10 substituted into the update), the base solver sends x̃_k, a fit chooses λ_k from a
-target first. Nothing else about λ lives in the solvers.
+A solver is a generator that takes only its initial state and yields two kinds of messages:
+- `Evaluate(x, sigma, scale, eps)`: "evaluate the network at my state x = s·x_VE at noise level σ"; the driver sends
+  back x̂₀, or (ε̂, x̂₀) when `eps` is set. `answer` is the one function that does this with a denoiser.
+- `Stage`: after each network evaluation, the plain-solver update x̃_k (`base`) and the correction direction
+  Δ_k = b_k·(d̂_k − d̂_{k−1}); the driver sends back the state to continue from. The D-solver sends x̃_k + λ_k·Δ_k
+  (Eq. 10 substituted into the update), the base solver x̃_k, a fit chooses λ_k from a target first.
+Nothing else about λ or the network lives in the solvers, so one generator is driven alike by `run_stages` (whole
+runs: sampling, teacher, fits), by `DODEScheduler.step()` and by the k-diffusion sampler, one message at a time.
+Noise levels and coefficients are float64 0-d tensors (differentiable in σ).
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Generator, Sequence
+from typing import Callable, Generator, Sequence, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["Stage", "StageGenerator", "StageCorrector", "LambdaLayout", "run_stages", "LambdaRule"]
+from ..denoisers import Denoiser, eps_and_denoised
+
+__all__ = ["Evaluate", "Stage", "StageGenerator", "StageCorrector", "LambdaLayout", "answer", "run_stages", "LambdaRule"]
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    """A request for one network evaluation at the solver's (scaled) state."""
+
+    x: Tensor
+    """The solver's state, x = s·x_VE."""
+    sigma: Tensor
+    """Noise level σ of the evaluation (0-d float64)."""
+    scale: Tensor
+    """State scale s at σ (0-d float64)."""
+    eps: bool = False
+    """Whether the solver wants (ε̂, x̂₀) (noise-prediction solvers) instead of x̂₀."""
 
 
 @dataclass(frozen=True)
@@ -25,15 +46,16 @@ class Stage:
     """x̃_k: the plain solver's new state (λ_k = 0)."""
     delta: Tensor | None
     """Δ_k = b_k(d̂_k − d̂_{k−1}); None where λ_k is structurally zero (no previous output)."""
-    coeff: float
-    """b_k = ∂x̃_k/∂d̂_k, so the official (folded) unit is λ_off = b_k·λ_k."""
-    sigma: float
-    """Noise level of the evaluation."""
-    sigma_next: float
-    """Noise level of the state this stage produces (where its teacher target lives)."""
+    coeff: Tensor
+    """b_k = ∂x̃_k/∂d̂_k (0-d), so the official (folded) unit is λ_off = b_k·λ_k."""
+    sigma: Tensor
+    """Noise level of the evaluation (0-d)."""
+    sigma_next: Tensor
+    """Noise level of the state this stage produces (where its teacher target lives; 0-d)."""
 
 
-StageGenerator = Generator[Stage, Tensor, Tensor]
+Answer = Union[Tensor, "tuple[Tensor, Tensor]"]
+StageGenerator = Generator[Union[Evaluate, Stage], Answer, Tensor]
 LambdaRule = Callable[[int, Stage], "Tensor | float"]
 
 
@@ -129,27 +151,46 @@ class LambdaLayout:
         return lambdas if self.scalar else lambdas[:, :, self.group_index(image_shape)]
 
 
+def answer(denoiser: Denoiser, request: Evaluate, class_labels: Tensor | None = None) -> Answer:
+    """The denoiser's answer to an `Evaluate`: x̂₀, or (ε̂, x̂₀) from the same evaluation when `request.eps`.
+
+    The denoiser works on VE-form states, x_VE = x/s; the results are in the state's dtype.
+    """
+    x_ve = request.x / request.scale
+    if request.eps:
+        return eps_and_denoised(denoiser, x_ve, request.sigma, class_labels)
+    return denoiser(x_ve, request.sigma, class_labels).to(request.x.dtype)
+
+
 def run_stages(
     stages: StageGenerator,
+    denoiser: Denoiser,
     lambda_for: LambdaRule | None = None,
     observe: Callable[[int, Stage, Tensor], None] | None = None,
     history: int = 1,
     corrector: StageCorrector | None = None,
+    class_labels: Tensor | None = None,
+    detach: bool = True,
 ) -> Tensor:
-    """Drive a solver: state_k = x̃_k + λ_k·Δ_k with λ_k = lambda_for(k, stage); return the final state.
+    """Drive a solver: answer its evaluations with `denoiser`, continue from state_k = x̃_k + λ_k·Δ_k with
+    λ_k = lambda_for(k, stage); return the final state.
 
     `lambda_for=None` runs the base solver; `history` as in `StageCorrector` (or pass a `corrector` directly).
-    `observe(k, stage, state)` sees each corrected state before it is sent on; the state sent back into the solver
-    is detached, so a loss on stage k reaches only λ_k.
+    `observe(k, stage, state)` sees each corrected state before it is sent on. With `detach` (default) the state
+    sent back into the solver is detached, so a loss on stage k reaches only λ_k; `detach=False` keeps the whole
+    run differentiable (λ and σ of every stage reach the final state).
     """
     correct = corrector if corrector is not None else StageCorrector(lambda_for, history)
     try:
-        stage = next(stages)
+        message = next(stages)
         while True:
+            if isinstance(message, Evaluate):
+                message = stages.send(answer(denoiser, message, class_labels))
+                continue
             k = correct.k
-            state = correct(stage)
+            state = correct(message)
             if observe is not None:
-                observe(k, stage, state)
-            stage = stages.send(state.detach())
+                observe(k, message, state)
+            message = stages.send(state.detach() if detach else state)
     except StopIteration as stop:
         return stop.value

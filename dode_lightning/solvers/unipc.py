@@ -7,16 +7,14 @@ evaluation: it reuses the output the next predictor needs), then predicts the ne
 """
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from ..denoisers import Denoiser
 from .base import OneStagePerStep, register_solver
 from .dpm_solver_pp import DPMSolverPP
-from .stages import Stage, StageGenerator
+from .stages import Evaluate, Stage, StageGenerator
 
 __all__ = ["unipc_orders", "unipc_coefficients", "unipc_stages", "UniPC", "UniPC2", "UniPC3"]
 
@@ -28,51 +26,44 @@ def unipc_orders(sigmas: Tensor, order: int, lower_order_final: bool = True) -> 
     orders = []
     for k in range(steps):
         q = min(order, k + 1, steps - k) if lower_order_final else min(order, k + 1)
-        orders.append(1 if float(sigmas[k + 1]) == 0 else q)
+        orders.append(1 if bool(sigmas[k + 1] == 0) else q)
     return orders
 
 
-def unipc_coefficients(rks: list[float], h: float, order: int, corrector: bool) -> tuple[list[float], float]:
-    """ρ and B(h) of a bh2 step of this order with log-SNR ratios `rks` of the earlier outputs.
+def unipc_coefficients(rks: list[Tensor], h: Tensor, order: int, corrector: bool) -> tuple[list[Tensor], Tensor]:
+    """ρ and B(h) of a bh2 step of this order with log-SNR ratios `rks` of the earlier outputs (0-d tensors).
 
     Solves Σ_i ρ_i r_i^{p−1} = φ_p-terms·p!/B(h), p = 1 … order (the UniPC order conditions); the predictor uses
     the first order − 1 conditions (ρ = 1/2 at order 2), the corrector all of them including the new output
     (r = 1; ρ = 1/2 at order 1).
     """
     hh = -h
-    h_phi_1 = math.expm1(hh)
+    h_phi_1 = torch.expm1(hh)
     h_phi_k = h_phi_1 / hh - 1
-    b_h = math.expm1(hh)
-    nodes = [*rks, 1.0]
+    b_h = torch.expm1(hh)
+    nodes = [*rks, torch.ones_like(h)]
     conditions, rhs = [], []
     factorial = 1
     for i in range(1, order + 1):
-        conditions.append([r ** (i - 1) for r in nodes])
+        conditions.append(torch.stack([r ** (i - 1) for r in nodes]))
         rhs.append(h_phi_k * factorial / b_h)
         factorial *= i + 1
         h_phi_k = h_phi_k / hh - 1 / factorial
+    half = torch.full_like(h, 0.5)
     if corrector:
         if order == 1:
-            return [0.5], b_h
-        matrix, vector = torch.tensor(conditions, dtype=torch.float64), torch.tensor(rhs, dtype=torch.float64)
+            return [half], b_h
+        matrix, vector = torch.stack(conditions), torch.stack(rhs)
     else:
         if order == 1:
             return [], b_h
         if order == 2:
-            return [0.5], b_h
-        matrix = torch.tensor(conditions, dtype=torch.float64)[:-1, :-1]
-        vector = torch.tensor(rhs[:-1], dtype=torch.float64)
-    return torch.linalg.solve(matrix, vector).tolist(), b_h
+            return [half], b_h
+        matrix, vector = torch.stack(conditions)[:-1, :-1], torch.stack(rhs[:-1])
+    return list(torch.linalg.solve(matrix, vector)), b_h
 
 
-def unipc_stages(
-    denoiser: Denoiser,
-    x: Tensor,
-    sigmas: Tensor,
-    scales: Tensor,
-    orders: list[int],
-    class_labels: Tensor | None = None,
-) -> StageGenerator:
+def unipc_stages(x: Tensor, sigmas: Tensor, scales: Tensor, noise_scales: Tensor, orders: list[int]) -> StageGenerator:
     """UniPC-bh2 multistep (`predict_x0`); step k predicts with order `orders[k]`, and the corrector of the state
     it produced uses the same order.
 
@@ -82,44 +73,41 @@ def unipc_stages(
     corrector's weight on the new output m_k, the final prediction Δ_N = b_N(m_{N−1} − m_{N−2}) with its data
     coefficient b_N = s_N(1 − σ_N/σ_{N−1}); λ_0 ≡ 0. Each predictor starts from the λ-corrected state.
     """
-    sig = [float(v) for v in sigmas]
-    sc = [float(v) for v in scales]
-    logsnr = [-math.log(s) if s > 0 else math.inf for s in sig]
+    logsnr = -torch.log(sigmas)
     outputs: list[Tensor] = []  # data predictions m_0 … m_{k−1}
 
-    def update(x_start: Tensor, s: int, t: int, m_new: Tensor | None, order: int) -> tuple[Tensor, float]:
-        """UniP (m_new None) or UniC (m_new the output at t) from node s, whose output is outputs[s]; also the
-        weight of m_new in the result."""
+    def update(x_start: Tensor, s: int, t: int, m_new: Tensor | None, order: int) -> tuple[Tensor, Tensor]:
+        """UniP (m_new None) or UniC (m_new the output at t) from the state x_start at node s, whose output is
+        outputs[s]; also the weight of m_new in the result."""
         m0 = outputs[s]
-        ratio = sig[t] / sig[s]
-        if sig[t] == 0:
-            return m0, 0.0  # first order into σ = 0: the data prediction itself
+        if bool(sigmas[t] == 0):
+            return scales[t] * m0, torch.zeros_like(sigmas[t])  # first order into σ = 0: the data prediction itself
         h = logsnr[t] - logsnr[s]
         earlier = [s - i for i in range(1, order)]
         rks = [(logsnr[j] - logsnr[s]) / h for j in earlier]
         rhos, b_h = unipc_coefficients(rks, h, order, corrector=m_new is not None)
         residual = sum((rho * (outputs[j] - m0) / r for rho, j, r in zip(rhos, earlier, rks)), torch.zeros_like(m0))
-        if m_new is None:
-            return ratio * x_start + (1.0 - ratio) * m0 - b_h * residual, 0.0  # (1 − σ_t/σ_s) = −h·φ₁ in VE form
-        residual = residual + rhos[-1] * (m_new - m0)
-        return ratio * x_start + (1.0 - ratio) * m0 - b_h * residual, -b_h * rhos[-1]
+        weight = torch.zeros_like(h)
+        if m_new is not None:
+            residual = residual + rhos[-1] * (m_new - m0)
+            weight = -scales[t] * b_h * rhos[-1]
+        # α_t/α_s·x_s·e^{−h} = (β_t/β_s)·x_s and α_t(1 − e^{−h}) = α_t(1 − σ_t/σ_s): finite from σ_s = ∞
+        return noise_scales[t] / noise_scales[s] * x_start + scales[t] * ((1.0 - sigmas[t] / sigmas[s]) * m0 - b_h * residual), weight
 
-    x_ve = x / sc[0]
+    x_pred = x
     for k in range(len(orders)):
-        denoised = denoiser(x_ve, sig[k], class_labels).to(x.dtype)
+        denoised = yield Evaluate(x_pred, sigmas[k], scales[k])
         if k == 0:
-            corrected, delta, coeff = x_ve, None, 0.0
+            corrected, delta, coeff = x_pred, None, torch.zeros_like(sigmas[0])
         else:
-            corrected, weight = update(start_ve, k - 1, k, denoised, orders[k - 1])
-            coeff = sc[k] * weight
+            corrected, coeff = update(start, k - 1, k, denoised, orders[k - 1])
             delta = coeff * (denoised - outputs[-1])
         outputs.append(denoised)
-        x = yield Stage(sc[k] * corrected, delta, coeff, sig[k], sig[k])
-        start_ve = x / sc[k]
-        x_ve, _ = update(start_ve, k, k + 1, None, orders[k])
-    coeff = sc[-1] * (1.0 - sig[-1] / sig[-2])  # the final prediction's weight on m_{N−1} (1 into σ = 0)
+        start = yield Stage(corrected, delta, coeff, sigmas[k], sigmas[k])
+        x_pred, _ = update(start, k, k + 1, None, orders[k])
+    coeff = scales[-1] * (1.0 - sigmas[-1] / sigmas[-2])  # the final prediction's weight on m_{N−1} (1 into σ = 0)
     delta = None if len(outputs) < 2 else coeff * (outputs[-1] - outputs[-2])
-    x = yield Stage(sc[-1] * x_ve, delta, coeff, sig[-2], sig[-1])
+    x = yield Stage(x_pred, delta, coeff, sigmas[-2], sigmas[-1])
     return x
 
 
@@ -132,9 +120,14 @@ class UniPC(OneStagePerStep):
     default_grid = classmethod(DPMSolverPP.default_grid.__func__)
 
     def __init__(
-        self, sigmas: Tensor, scales: Tensor | None = None, unit_prior: bool = False, lower_order_final: bool = True
+        self,
+        sigmas: Tensor,
+        scales: Tensor | None = None,
+        unit_prior: bool = False,
+        lower_order_final: bool = True,
+        noise_scales: Tensor | None = None,
     ) -> None:
-        super().__init__(sigmas, scales, unit_prior)
+        super().__init__(sigmas, scales, unit_prior, noise_scales)
         self.orders = unipc_orders(self.sigmas, self.order, lower_order_final)
 
     @property
@@ -145,8 +138,8 @@ class UniPC(OneStagePerStep):
     def lambda_fitted(self) -> list[bool]:
         return [k > 0 and self.nfe > 1 for k in range(self.nfe + 1)]
 
-    def stages(self, denoiser: Denoiser, x: Tensor, class_labels: Tensor | None = None) -> StageGenerator:
-        return unipc_stages(denoiser, x, self.sigmas, self.scales, self.orders, class_labels)
+    def stages(self, x: Tensor) -> StageGenerator:
+        return unipc_stages(x, self.sigmas, self.scales, self.noise_scales, self.orders)
 
 
 @register_solver
