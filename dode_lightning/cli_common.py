@@ -1,18 +1,13 @@
-"""Small pieces both command lines share: one-line messages and run names that DDP processes agree on."""
+"""Small pieces both command lines share: one-line messages, run names that DDP processes agree on, the TensorBoard
+command. No Lightning import: sample.py's light commands (--help, fid, export-scheduler, …) use it."""
 from __future__ import annotations
 
 import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
 
-from lightning_fabric.utilities.exceptions import MisconfigurationException
-from pytorch_lightning.cli import LightningCLI
-
-from .lightning import ConfigError
-
-__all__ = ["one_line", "unique_version", "forget_run_version", "tensorboard_command", "RUN_VERSION_ENV", "CheckedTrainerCLI"]
+__all__ = ["one_line", "unique_version", "forget_run_version", "tensorboard_command", "RUN_VERSION_ENV"]
 
 # Set by the launching process once it has named the run, so the DDP processes it starts log under the same name.
 RUN_VERSION_ENV = "DODE_RUN_VERSION"
@@ -49,17 +44,3 @@ def unique_version(root: Path, base: str) -> str:
         version = f"{base}_{count}"
     os.environ[RUN_VERSION_ENV] = version
     return version
-
-
-class CheckedTrainerCLI(LightningCLI):
-    """LightningCLI whose Trainer-argument errors (an accelerator this machine lacks, `devices abc`, …) are a
-    ConfigError: one line for the user instead of a traceback."""
-
-    def instantiate_trainer(self, **kwargs: Any) -> Any:
-        try:
-            return super().instantiate_trainer(**kwargs)
-        except (MisconfigurationException, TypeError, ValueError) as err:
-            raise ConfigError(
-                f"cannot set up the Trainer: {one_line(str(err))}; check the trainer section "
-                "(e.g. --trainer.accelerator cpu on a machine without a GPU)"
-            ) from None

@@ -1,4 +1,4 @@
-"""FID pieces: feature extractors, reference statistics, and the torchmetrics-based Callback (fid.md).
+"""FID pieces: feature extractors, feature statistics and the Fréchet distance, reference statistics (fid.md).
 
 Every extractor takes uint8 NCHW images at native resolution and returns (N, d); `num_features` is d.
 
@@ -9,6 +9,9 @@ Every extractor takes uint8 NCHW images at native resolution and returns (N, d);
 * `PixelFeatures` — the substitute for the built-in 8×8 digits model: the raw pixels mapped to [−1, 1]. The Fréchet
   distance of these 64-d features against exact samples of the mixture is *not* an Inception FID; call it FD_pix.
 * any TorchScript file or `module:attribute` factory (optionally with a state_dict) for other detectors.
+
+No Lightning or torchmetrics import: `sample.py fid` and `fid-ref` start with torch alone. The Lightning Callback
+that scores predicted images (`FIDCallback`) lives in `dode_lightning.sampling`.
 """
 from __future__ import annotations
 
@@ -20,20 +23,17 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from PIL import Image, UnidentifiedImageError
-from pytorch_lightning.callbacks import Callback
 from torch import Tensor, nn
-from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
-from .lightning import ConfigError
 from .atomic import atomic_write_bytes
-from .sampling import MANIFEST, ImageStore, SampleBatch, parse_seeds, read_manifest, to_uint8
+from .errors import ConfigError
+from .images import MANIFEST, to_uint8
 
 __all__ = [
     "InceptionFeatures",
@@ -43,6 +43,7 @@ __all__ = [
     "load_detector",
     "Detector",
     "Reference",
+    "FrechetDistance",
     "make_metric",
     "load_stats",
     "metric_stats",
@@ -51,7 +52,6 @@ __all__ = [
     "image_files",
     "iter_image_batches",
     "exact_reference_images",
-    "FIDCallback",
     "clamped_fid",
     "default_detector",
     "check_detector_match",
@@ -256,15 +256,53 @@ def check_detector_match(path: Path, recorded: str | None, detector: Detector) -
         )
 
 
-def make_metric(detector: Detector) -> FrechetInceptionDistance:
-    """torchmetrics FID around a custom extractor; real-side states survive `reset()` (they may be loaded stats)."""
-    metric = FrechetInceptionDistance(feature=detector.module, reset_real_features=False)
-    # torchmetrics records the result dtype only in update(); a rank that saw no batch must still compute().
-    metric.orig_dtype = torch.float64
-    return metric
+class FrechetDistance(nn.Module):
+    """Fréchet distance between the detector features of two image sets ("real" and "fake", fid.md §1), from sums.
+
+    Per side, float64 states: the feature sum Σf, the sum of outer products Σffᵀ and the count n, so sets can be
+    fed in batches and states summed across processes (`synced`). μ = Σf/n, Σ = (Σffᵀ − nμμᵀ)/(n − 1), and
+    FD = ‖μ_r − μ_g‖² + tr Σ_r + tr Σ_g − 2 tr √(Σ_r Σ_g), the last term as the sum of the square roots of the
+    eigenvalues of Σ_r Σ_g (real and ≥ 0 for covariances; rounding leaves tiny imaginary parts, which are dropped).
+    """
+
+    def __init__(self, feature: nn.Module, num_features: int) -> None:
+        super().__init__()
+        self.feature = feature
+        for side in ("real", "fake"):
+            self.register_buffer(f"{side}_features_sum", torch.zeros(num_features, dtype=torch.float64))
+            self.register_buffer(f"{side}_features_cov_sum", torch.zeros(num_features, num_features, dtype=torch.float64))
+            self.register_buffer(f"{side}_features_num_samples", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, images: Tensor, real: bool) -> None:
+        """Add a batch of uint8 NCHW images to one side (no autograd graph: the detector is fixed)."""
+        side = "real" if real else "fake"
+        features = self.feature(images).to(torch.float64)
+        setattr(self, f"{side}_features_sum", getattr(self, f"{side}_features_sum") + features.sum(0))
+        setattr(self, f"{side}_features_cov_sum", getattr(self, f"{side}_features_cov_sum") + features.T @ features)
+        setattr(self, f"{side}_features_num_samples", getattr(self, f"{side}_features_num_samples") + len(features))
+
+    def synced(self, reduce_sum: Callable[[Tensor], Tensor]) -> "FrechetDistance":
+        """A copy whose states are `reduce_sum` of this process's (e.g. summed across DDP ranks); this one is kept."""
+        copy = FrechetDistance(self.feature, len(self.real_features_sum)).to(self.real_features_sum.device)
+        for name, value in self.named_buffers():
+            setattr(copy, name, reduce_sum(value.clone()))
+        return copy
+
+    def compute(self) -> Tensor:
+        """The Fréchet distance (0-d float64) of the current states; each side needs n ≥ 2."""
+        mu_r, sigma_r, _ = metric_stats(self, real=True)
+        mu_g, sigma_g, _ = metric_stats(self, real=False)
+        root_trace = torch.linalg.eigvals(sigma_r @ sigma_g).sqrt().real.sum()
+        return (mu_r - mu_g).square().sum() + sigma_r.trace() + sigma_g.trace() - 2 * root_trace
 
 
-def load_stats(metric: FrechetInceptionDistance, mu: Tensor, sigma: Tensor, n: int) -> None:
+def make_metric(detector: Detector) -> FrechetDistance:
+    """The Fréchet distance around a detector (states in float64)."""
+    return FrechetDistance(detector.module, detector.num_features)
+
+
+def load_stats(metric: FrechetDistance, mu: Tensor, sigma: Tensor, n: int) -> None:
     """Set the real-side states to reproduce (μ, Σ) from n images: sum = nμ, cov_sum = (n − 1)Σ + nμμᵀ."""
     mu, sigma = mu.to(torch.float64), sigma.to(torch.float64)
     device = metric.real_features_sum.device
@@ -273,12 +311,12 @@ def load_stats(metric: FrechetInceptionDistance, mu: Tensor, sigma: Tensor, n: i
     metric.real_features_num_samples = torch.tensor(n, dtype=torch.long, device=device)
 
 
-def metric_stats(metric: FrechetInceptionDistance, real: bool = True) -> tuple[Tensor, Tensor, int]:
+def metric_stats(metric: FrechetDistance, real: bool = True) -> tuple[Tensor, Tensor, int]:
     """(μ, Σ with n − 1 normalisation, n) of one side's (synced) states."""
     side = "real" if real else "fake"
     n = int(getattr(metric, f"{side}_features_num_samples"))
     if n < 2:
-        raise ConfigError(f"reference statistics need at least 2 images, got {n}")
+        raise ConfigError(f"{'reference' if real else 'sample'} statistics need at least 2 images, got {n}")
     total, cov_sum = getattr(metric, f"{side}_features_sum"), getattr(metric, f"{side}_features_cov_sum")
     mu = total / n
     return mu, (cov_sum - n * torch.outer(mu, mu)) / (n - 1), n
@@ -310,7 +348,7 @@ def load_reference_npz(path: str | Path, num_features: int) -> tuple[Tensor, Ten
     """Validated (μ, Σ, n) from an npz; n defaults to 2 when absent (any n ≥ 2 reproduces μ and Σ exactly).
 
     Σ must be a covariance: symmetric and positive semi-definite up to rounding. A matrix with a negative eigenvalue
-    makes tr √(Σ_r Σ_g) complex and the FID meaningless (torchmetrics would report its real part, even 0).
+    makes tr √(Σ_r Σ_g) complex and the FID meaningless (its real part could even read 0).
     """
     path = Path(path)
     try:
@@ -346,8 +384,11 @@ def image_files(folder: str | Path) -> list[Path]:
     """Image files under `folder`: in a sample.py output folder the PNGs of the seeds its manifest lists (all of them
     must be there; other files are not samples); elsewhere every image (recursive, sorted; hidden files skipped)."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
-    if manifest is not None:
+    if (folder / MANIFEST).exists():
+        # Only a sample.py output folder needs its reader (and with it Lightning).
+        from .sampling import ImageStore, parse_seeds, read_manifest
+
+        manifest = read_manifest(folder)
         store = ImageStore(folder)
         seeds = parse_seeds(manifest["seeds"])
         files = [store.png_path(seed) for seed in seeds]
@@ -457,7 +498,7 @@ class Reference:
         return {"kind": self.kind, "path": str(self.path), "n": n}
 
 
-def load_reference_side(metric: FrechetInceptionDistance, ref: Reference, batch_size: int = 64, rank: int = 0, world: int = 1) -> None:
+def load_reference_side(metric: FrechetDistance, ref: Reference, batch_size: int = 64, rank: int = 0, world: int = 1) -> None:
     """Fill the metric's real side: npz statistics on global rank 0 only (states are summed across ranks); folder
     and exact references split across ranks. Rank 0 shows a progress bar."""
     device = metric.real_features_sum.device
@@ -477,8 +518,8 @@ def load_reference_side(metric: FrechetInceptionDistance, ref: Reference, batch_
                     bar.update(len(chunk))
 
 
-def clamped_fid(metric: FrechetInceptionDistance) -> float:
-    """metric.compute() (a collective under DDP), with the rounding negatives of identical sets clamped to 0.
+def clamped_fid(metric: FrechetDistance) -> float:
+    """metric.compute(), with the rounding negatives of identical sets clamped to 0.
 
     A non-finite value, or a negative one beyond rounding (1e-6 per feature), means the statistics are not
     covariances; it is an error, never reported as 0.
@@ -487,49 +528,3 @@ def clamped_fid(metric: FrechetInceptionDistance) -> float:
     if not math.isfinite(value) or value < -1e-6 * metric.real_features_sum.numel():
         raise ConfigError(f"the Fréchet distance came out as {value:.6g}: the statistics are not valid covariances; check the reference")
     return max(value, 0.0)
-
-
-class FIDCallback(Callback):
-    """FID of the predicted images against a reference, through torchmetrics.
-
-    Real side: npz statistics are loaded on global rank 0 only (states are summed across ranks); folder and exact
-    references are split across ranks. Fake side: every predict batch on every rank. `compute()` syncs the states
-    (torchmetrics' all-gather + sum), once, on all ranks at the end of predict; rank 0 logs and writes metrics.json.
-    """
-
-    def __init__(self, detector: Detector, reference: Reference, outdir: str | Path, batch_size: int = 64, extra: dict[str, Any] | None = None) -> None:
-        self.detector, self.reference, self.outdir, self.batch_size = detector, reference, Path(outdir), batch_size
-        self.extra = extra or {}
-        self.value: float | None = None
-        self.num_generated = 0
-        self.metric: FrechetInceptionDistance | None = None
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.metric = make_metric(self.detector).to(pl_module.device)
-        load_reference_side(self.metric, self.reference, self.batch_size, trainer.global_rank, trainer.world_size)
-
-    def on_predict_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: SampleBatch, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        self.metric.update(outputs.images.to(pl_module.device), real=False)
-
-    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.value = clamped_fid(self.metric)
-        # compute() restores the local states after syncing, so the pooled count is reduced separately.
-        self.num_generated = n_fake = int(trainer.strategy.reduce(self.metric.fake_features_num_samples.clone(), reduce_op="sum"))
-        if trainer.global_rank != 0:
-            return
-        record = {
-            "metric": self.detector.metric_name,
-            "value": self.value,
-            "num_generated": n_fake,
-            "detector": self.detector.name,
-            "detector_identity": self.detector.identity,
-            "num_features": self.detector.num_features,
-            "reference": self.reference.describe(),
-            **self.extra,
-        }
-        atomic_write_bytes(self.outdir / "metrics.json", (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
-        if trainer.logger is not None:
-            trainer.logger.log_metrics({"fid/value": self.value, "fid/num_generated": float(n_fake)}, step=0)
-            trainer.logger.save()

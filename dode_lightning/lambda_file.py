@@ -28,6 +28,8 @@ __all__ = [
     "check_lambdas",
     "check_metadata",
     "schedule_id",
+    "fitted_settings",
+    "lambda_file_in",
     "LambdaFileError",
     "MATCH_KEYS",
     "LAMBDA_LIMIT",
@@ -176,3 +178,23 @@ def lambdas_to_apply(
 def _normalise(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True))
 
+
+def fitted_settings(path: str | Path) -> dict[str, Any]:
+    """Solver, NFE, grid and grid settings a λ file was fitted for (a sampler built from them matches it)."""
+    _, meta = load_lambdas(path)
+    missing = [key for key in ("solver", "nfe", "grid", "grid_kwargs") if key not in meta]
+    if missing:
+        raise LambdaFileError(f"{path} lacks {', '.join(missing)} in its metadata; refit with train.py")
+    return {key: meta[key] for key in ("solver", "nfe", "grid", "grid_kwargs")}
+
+
+def lambda_file_in(path: str | Path) -> Path:
+    """`path` itself, or the one λ file (`*.safetensors`) in a run folder such as the one train.py names."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    found = sorted(path.glob("*.safetensors"))
+    if len(found) != 1:
+        listed = ", ".join(p.name for p in found) or "*.safetensors"
+        raise LambdaFileError(f"folder {path} holds {len(found)} λ files ({listed}); pass the λ file itself")
+    return found[0]

@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from .atomic import atomic_path, writable_folder_error
+from .errors import ConfigError
+from .images import image_grid
 from .checkpoints import CheckpointError, LoadedDenoiser, load_denoiser
 from .checkpoints.errors import one_line
 from .distill import (
@@ -42,26 +44,6 @@ from .solvers import LambdaLayout, NFEError, Solver
 __all__ = ["DODECalibration", "TeacherTargets", "ConfigError", "BuiltStudent", "build_student", "limit_threads_for_builtin", "image_grid"]
 
 CACHE_VERSION = 1
-
-
-class ConfigError(ValueError):
-    """A user mistake in the configuration; train.py reports it in one line with exit code 2."""
-
-
-def image_grid(images: Tensor, columns: int = 8, min_cell: int = 64) -> Tensor:
-    """(N, C, H, W) in [−1, 1] → one (C, rows·H·f, columns·W·f) image in [0, 1], each image upscaled by the integer
-    factor f (nearest neighbour) that makes it at least `min_cell` pixels tall: 8×8 digits are unviewable at native size."""
-    images = ((images.float() + 1) / 2).clamp(0, 1)
-    factor = max(1, -(-min_cell // images.shape[-2]))
-    images = images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
-    count, channels, height, width = images.shape
-    columns = min(columns, count)
-    rows = -(-count // columns)
-    grid = images.new_zeros(channels, rows * height, columns * width)
-    for i, img in enumerate(images):
-        r, c = divmod(i, columns)
-        grid[:, r * height : (r + 1) * height, c * width : (c + 1) * width] = img
-    return grid
 
 
 def limit_threads_for_builtin(loaded: LoadedDenoiser, device: torch.device) -> None:

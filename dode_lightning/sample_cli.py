@@ -9,28 +9,24 @@ sections: `--trainer.devices 2 --model.nfe 5`. `sample.py fid` scores an existin
 from __future__ import annotations
 
 import argparse
-import inspect
 import signal
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 import yaml
-import pytorch_lightning as pl
-from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .atomic import atomic_path
-from .checkpoints import CheckpointError
-from .cli_common import CheckedTrainerCLI, forget_run_version, one_line, tensorboard_command, unique_version
+from .checkpoints import CheckpointError, config_relative
+from .cli_common import forget_run_version, one_line, tensorboard_command, unique_version
+from .errors import ConfigError
 from .fid import (
     BUILTIN_IMAGE_SHAPE,
     Detector,
-    FIDCallback,
     Reference,
     check_detector_match,
     clamped_fid,
@@ -47,26 +43,14 @@ from .fid import (
     save_reference,
     verify_images,
 )
-from .lambda_file import LambdaFileError
-from .lightning import ConfigError, DODECalibration, limit_threads_for_builtin
+from .images import GRID_FILE, GRID_SEEDS, MANIFEST
+from .lambda_file import LambdaFileError, fitted_settings, lambda_file_in
 from .quiet import silence_lightning_noise
-from .sampling import (
-    GRID_FILE,
-    GRID_SEEDS,
-    MANIFEST,
-    MANIFEST_FORMAT,
-    PredictTimer,
-    DODESampler,
-    ImageStore,
-    SampleWriter,
-    SeedData,
-    format_seeds,
-    parse_seeds,
-    union_seeds,
-    fitted_settings,
-    read_manifest,
-    write_grid,
-)
+
+if TYPE_CHECKING:  # Lightning is imported only by the commands that sample (start-up time of the others)
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from .sampling import DODESampler
 
 __all__ = ["sample_main", "fid_ref_main", "fid_main", "export_scheduler_main", "SAMPLING_TRAINER_DEFAULTS"]
 
@@ -78,9 +62,13 @@ SAMPLING_TRAINER_DEFAULTS: dict[str, Any] = {
 SAMPLING_RUNS = "sampling"
 # Model keys a λ file fixes (it was fitted for exactly these).
 _FITTED_KEYS = ("solver", "nfe", "grid", "sigma_min", "sigma_max", "rho")
-# Keys the config's `model` section may hold for calibration that do not change how a seed is sampled.
-_SAMPLER_KEYS = [name for name in inspect.signature(DODESampler.__init__).parameters if name not in ("self", "lambdas", "class_conditional", "eval_batch")]
-_CALIBRATION_ONLY = [name for name in inspect.signature(DODECalibration.__init__).parameters if name not in ("self", *_SAMPLER_KEYS)]
+# The `model` keys DODESampler takes from the config (its arguments but lambdas, class_conditional, eval_batch), and
+# those DODECalibration takes besides, which do not change how a seed is sampled. Written out so that --help and
+# --print_config need no Lightning import; tests/test_startup.py checks them against both signatures.
+SAMPLER_KEYS = ("denoiser", "solver", "nfe", "grid", "sigma_min", "sigma_max", "rho", "state_dtype")
+CALIBRATION_ONLY_KEYS = ("fit", "adam_lr", "adam_steps", "output", "history", "lambda_groups", "guard")
+# A few Trainer arguments named in --help (any other works too).
+_TRAINER_EXAMPLES = "accelerator, strategy, devices, num_nodes, precision, logger, callbacks, default_root_dir"
 _EXPECTED = (ConfigError, LambdaFileError, CheckpointError, FileNotFoundError, ImportError)
 
 
@@ -117,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
         "A diffusers scheduler folder from a λ file: python sample.py export-scheduler --lambdas F --pipeline DIR --out DIR.",
     )
     parser.add_argument("--config", required=True, help="run config (the one train.py used)")
-    parser.add_argument("--lambdas", required=True, help="λ file from train.py (solver, NFE and grid are taken from it), or 'none' for the base solver")
+    parser.add_argument("--lambdas", required=True, help="λ file from train.py, or the run folder holding it (solver, NFE and grid are taken from it), or 'none' for the base solver")
     parser.add_argument("--seeds", required=True, help="inclusive ranges, e.g. 0-49999 or 0,10-19")
     parser.add_argument("--outdir", required=True, help="output folder (rerunning the same command resumes)")
     parser.add_argument("--batch-size", type=int, default=64, help="seeds per predict batch and rank (default 64)")
@@ -131,8 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     overrides = parser.add_argument_group(
         "config overrides",
         "Dotted keys of the config's sections, as in train.py: --model.KEY VALUE (denoiser, state_dtype, …; solver, nfe, "
-        "grid come from the λ file), --data.class_conditional true|false, and --trainer.KEY VALUE for any Trainer "
-        "argument: " + ", ".join(name for name in inspect.signature(pl.Trainer.__init__).parameters if name != "self") + ".",
+        "grid come from the λ file), --data.class_conditional true|false, and --trainer.KEY VALUE for any argument of "
+        f"pytorch_lightning.Trainer: {_TRAINER_EXAMPLES}, ….",
     )
     overrides.add_argument("--trainer.KEY", metavar="VALUE", dest="_trainer_help", help="e.g. --trainer.devices 2 --trainer.strategy ddp --trainer.accelerator gpu")
     return parser
@@ -181,6 +169,8 @@ def _read_config(path: str, overrides: dict[str, dict[str, Any]]) -> dict[str, A
         raise ConfigError(f"config {file} is not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(config, dict):
         raise ConfigError(f"config {file} must be a mapping with trainer/model/data sections")
+    if isinstance(config.get("model"), dict) and "denoiser" in config["model"]:
+        config["model"]["denoiser"] = config_relative(config["model"]["denoiser"], file.parent)
     for section, values in overrides.items():
         config[section] = _merge(config.get(section) or {}, values)
     return config
@@ -190,11 +180,11 @@ def _model_args(config: dict[str, Any], lambdas: str, eval_batch: int, command_l
     """DODESampler's arguments; with a λ file, solver, NFE and grid are the file's (a different value given on the
     command line is refused, one in the config file is replaced)."""
     model = dict(config.get("model") or {})
-    unknown = sorted(set(model) - set(_SAMPLER_KEYS) - set(_CALIBRATION_ONLY))
+    unknown = sorted(set(model) - set(SAMPLER_KEYS) - set(CALIBRATION_ONLY_KEYS))
     if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in the model section; accepted: {', '.join(_SAMPLER_KEYS + _CALIBRATION_ONLY)}")
-    args = {k: v for k, v in model.items() if k in _SAMPLER_KEYS}
-    args["lambdas"] = None if lambdas.lower() == "none" else lambdas
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in the model section; accepted: {', '.join(SAMPLER_KEYS + CALIBRATION_ONLY_KEYS)}")
+    args = {k: v for k, v in model.items() if k in SAMPLER_KEYS}
+    args["lambdas"] = None if lambdas.lower() == "none" else str(lambda_file_in(lambdas))
     if args["lambdas"] is not None:
         fitted = fitted_settings(args["lambdas"])
         values = {"solver": fitted["solver"], "nfe": fitted["nfe"], "grid": fitted["grid"], **{k: v for k, v in fitted["grid_kwargs"].items() if k in _FITTED_KEYS}}
@@ -259,6 +249,8 @@ def _warn(message: str | None) -> None:
 def _sampling_logger(config: dict[str, Any], module: DODESampler) -> TensorBoardLogger | None:
     """TensorBoard under <save_dir>/sampling/<solver>_nfe<N>_<d|base>[_k], apart from the calibration runs
     (save_dir from the config's logger, default runs); none when the config turns logging off."""
+    from pytorch_lightning.loggers import TensorBoardLogger
+
     logger = (config.get("trainer") or {}).get("logger", True)
     if logger in (False, None):
         return None
@@ -269,6 +261,8 @@ def _sampling_logger(config: dict[str, Any], module: DODESampler) -> TensorBoard
 
 
 def _manifest(args: argparse.Namespace, config: dict[str, Any], module: DODESampler, previous: dict[str, Any] | None) -> dict[str, Any]:
+    from .sampling import MANIFEST_FORMAT, union_seeds
+
     return {
         "format": MANIFEST_FORMAT,
         "identity": module.identity(),
@@ -301,6 +295,13 @@ def sample_main(argv: list[str] | None = None) -> int:
             data_section = {k: v for k, v in (config.get("data") or {}).items() if k == "class_conditional"}
             print(yaml.safe_dump({"trainer": config.get("trainer") or {}, "model": model_args, "data": data_section}, sort_keys=False, allow_unicode=True), end="")
             return 0
+        # Sampling proper: Lightning from here on.
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        from .cli import CheckedTrainerCLI
+        from .lightning import limit_threads_for_builtin
+        from .sampling import DODESampler, FIDCallback, ImageStore, PredictTimer, SampleWriter, SeedData, format_seeds, parse_seeds, read_manifest, write_grid
+
         seeds = parse_seeds(args.seeds)
         outdir = Path(args.outdir)
         check_writable(outdir)
@@ -416,7 +417,7 @@ def export_scheduler_main(argv: list[str] | None = None) -> int:
         allow_abbrev=False,
         description="Write the calibrated D-solver of a λ file as a diffusers scheduler folder (DODEScheduler, scheduler_config.json).",
     )
-    parser.add_argument("--lambdas", required=True, help="λ file from train.py (fitted on a diffusers pipeline folder)")
+    parser.add_argument("--lambdas", required=True, help="λ file from train.py, or the run folder holding it (fitted on a diffusers pipeline folder)")
     parser.add_argument("--pipeline", required=True, help="the diffusers pipeline folder the λ were fitted on (supplies the β table)")
     parser.add_argument("--out", required=True, help="folder to write scheduler_config.json into")
     parser.add_argument("--integer-timesteps", action="store_true", help="the calibration's denoiser used integer_timesteps: true")
@@ -429,7 +430,7 @@ def export_scheduler_main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         check_writable(out)
         try:
-            scheduler = export_scheduler(args.lambdas, args.pipeline, integer_timesteps=args.integer_timesteps)
+            scheduler = export_scheduler(lambda_file_in(args.lambdas), args.pipeline, integer_timesteps=args.integer_timesteps)
         except SchedulerConfigError as err:
             raise ConfigError(str(err)) from None
         with atomic_path(out / scheduler.config_name) as tmp:
@@ -483,7 +484,7 @@ def _image_shape(path: Path) -> tuple[int, ...]:
 
 
 def reference_stats(files: list[Path], detector: Detector, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(μ, Σ, n) of the detector's features over image files, through the same torchmetrics states as the FID."""
+    """(μ, Σ, n) of the detector's features over image files, through the same feature sums as the FID."""
     metric = make_metric(detector)
     with torch.no_grad():
         for images in iter_image_batches(files, batch_size, "images"):

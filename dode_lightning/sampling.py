@@ -40,8 +40,11 @@ from torch.utils.data import DataLoader, Dataset
 from .atomic import atomic_write_bytes, is_temporary_of
 from .denoisers import eps_and_denoised
 from .distill import SEED_LIMIT, seeded_noise
-from .lambda_file import LambdaFileError, lambdas_to_apply, load_lambdas
-from .lightning import ConfigError, build_student, image_grid
+from .lambda_file import LambdaFileError, fitted_settings, lambdas_to_apply, load_lambdas
+from .errors import ConfigError
+from .fid import Detector, FrechetDistance, Reference, clamped_fid, load_reference_side, make_metric
+from .images import GRID_FILE, GRID_SEEDS, MANIFEST, image_grid, to_uint8
+from .lightning import build_student
 from .solvers import Solver
 
 try:
@@ -66,12 +69,9 @@ __all__ = [
     "PredictTimer",
     "write_grid",
     "fitted_settings",
+    "FIDCallback",
 ]
 
-MANIFEST = "manifest.json"
-# A preview grid of the first GRID_SEEDS seeds of a command, next to the PNGs (8×8 PNGs are unviewable alone).
-GRID_FILE = "grid.png"
-GRID_SEEDS = 64
 MANIFEST_FORMAT = "dode-lightning/samples/1"
 # Seeds of one run: the seed list, the per-seed done flags and the manifest merge stay well under a GB.
 MAX_SEEDS = 10_000_000
@@ -147,11 +147,6 @@ def format_seeds(seeds: Sequence[int]) -> str:
     if start is not None:
         runs.append(f"{start}" if start == prev else f"{start}-{prev}")
     return ",".join(runs)
-
-
-def to_uint8(x: Tensor) -> Tensor:
-    """EDM's generate.py quantisation, uint8(clip(x·127.5 + 128, 0, 255)) (truncation = round-half-up of 127.5(x+1))."""
-    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 
 class FixedBatch(nn.Module):
@@ -582,15 +577,6 @@ def write_grid(store: ImageStore, seeds: Sequence[int], image_shape: tuple[int, 
     return array.transpose(1, 2, 0)
 
 
-def fitted_settings(path: str | Path) -> dict[str, Any]:
-    """Solver, NFE, grid and grid settings a λ file was fitted for (a sampler built from them matches it)."""
-    _, meta = load_lambdas(path)
-    missing = [key for key in ("solver", "nfe", "grid", "grid_kwargs") if key not in meta]
-    if missing:
-        raise LambdaFileError(f"{path} lacks {', '.join(missing)} in its metadata; refit with train.py")
-    return {key: meta[key] for key in ("solver", "nfe", "grid", "grid_kwargs")}
-
-
 def write_manifest(outdir: Path, manifest: dict[str, Any]) -> None:
     atomic_write_bytes(outdir / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
 
@@ -658,3 +644,49 @@ class PredictTimer(Callback):
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trainer.strategy.barrier("dode_predict_end")
         self.seconds = time.perf_counter() - self.started
+
+
+class FIDCallback(Callback):
+    """FID of the predicted images against a reference (`dode_lightning.fid.FrechetDistance`).
+
+    Real side: npz statistics are loaded on global rank 0 only (states are summed across ranks); folder and exact
+    references are split across ranks. Fake side: every predict batch on every rank. At the end of predict the states
+    are summed across ranks (a collective: every rank takes part) and scored; rank 0 logs and writes metrics.json.
+    """
+
+    def __init__(self, detector: Detector, reference: Reference, outdir: str | Path, batch_size: int = 64, extra: dict[str, Any] | None = None) -> None:
+        self.detector, self.reference, self.outdir, self.batch_size = detector, reference, Path(outdir), batch_size
+        self.extra = extra or {}
+        self.value: float | None = None
+        self.num_generated = 0
+        self.metric: FrechetDistance | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.metric = make_metric(self.detector).to(pl_module.device)
+        load_reference_side(self.metric, self.reference, self.batch_size, trainer.global_rank, trainer.world_size)
+
+    def on_predict_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: SampleBatch, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self.metric.update(outputs.images.to(pl_module.device), real=False)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pooled = self.metric.synced(lambda state: trainer.strategy.reduce(state, reduce_op="sum"))
+        self.value = clamped_fid(pooled)
+        self.num_generated = n_fake = int(pooled.fake_features_num_samples)
+        if trainer.global_rank != 0:
+            return
+        record = {
+            "metric": self.detector.metric_name,
+            "value": self.value,
+            "num_generated": n_fake,
+            "detector": self.detector.name,
+            "detector_identity": self.detector.identity,
+            "num_features": self.detector.num_features,
+            "reference": self.reference.describe(),
+            **self.extra,
+        }
+        atomic_write_bytes(self.outdir / "metrics.json", (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({"fid/value": self.value, "fid/num_generated": float(n_fake)}, step=0)
+            trainer.logger.save()

@@ -74,9 +74,34 @@ def test_diffusers_config_runs_on_the_fixture_folder(tmp_path):
     assert bool((tensors["lambdas"] != 0).all())  # noise-side DDIM fits every λ, λ_0 included
 
 
-def test_digits_net_config_calibrates_the_shipped_network(tmp_path):
-    denoiser = yaml.safe_load((ROOT / "configs" / "edm_digits_net.yaml").read_text())["model"]["denoiser"]
-    network = ROOT / denoiser["path"]  # relative to the repository root, where the config is run from
-    tensors, meta = _train_tiny(tmp_path, "edm_digits_net.yaml", {**denoiser, "path": str(network)})
+def test_digits_net_config_calibrates_the_shipped_network_from_another_directory(tmp_path):
+    """The config names the network as package data, so train.py finds it from any working directory."""
+    network = ROOT / "dode_lightning" / "data" / "edm_digits_net.pkl"
+    out = tmp_path / "l.safetensors"
+    result = _train(tmp_path, ROOT / "configs" / "edm_digits_net.yaml", "--model.nfe", "3", "--data.scale", "2", "--data.batch_size", "2", "--model.output", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    tensors, meta = load_lambdas(out)
     assert meta["solver"] == "heun" and meta["denoiser"] == hashlib.sha256(network.read_bytes()).hexdigest()
     assert tensors["lambdas"].shape == (3,) and bool((tensors["lambdas"][1:] != 0).all())
+
+
+def test_config_paths_are_relative_to_the_config_file(tmp_path, monkeypatch, capsys):
+    """A relative denoiser path in a config file is looked up beside the config (not in the working directory), a
+    command-line one in the working directory, and "not found" names the directory looked in."""
+    from dode_lightning.cli import train_main
+    from dode_lightning.sample_cli import sample_main
+
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "work").mkdir()
+    config = tmp_path / "cfg" / "c.yaml"
+    config.write_text("trainer: {logger: false}\nmodel: {denoiser: {source: edm_pickle, path: nets/net.pkl}, nfe: 3}\ndata: {scale: 2, batch_size: 2, cache_dir: null}\n")
+    monkeypatch.chdir(tmp_path / "work")
+    sampling = ["--lambdas", "none", "--seeds", "0", "--outdir", str(tmp_path / "out")]
+    for run in (lambda *extra: train_main(["--config", str(config), *extra]), lambda *extra: sample_main(["--config", str(config), *sampling, *extra])):
+        assert run() == 2
+        assert f"net.pkl not found in {tmp_path / 'cfg' / 'nets'}/" in capsys.readouterr().err
+        assert run("--model.denoiser", '{"source": "edm_pickle", "path": "./nets/net.pkl"}') == 2
+        assert f"net.pkl not found in {tmp_path / 'work' / 'nets'}/" in capsys.readouterr().err
+    (tmp_path / "cfg" / "nets").mkdir()
+    (tmp_path / "cfg" / "nets" / "net.pkl").write_bytes((ROOT / "dode_lightning" / "data" / "edm_digits_net.pkl").read_bytes())
+    assert sample_main(["--config", str(config), *sampling, "--eval-batch", "1"]) == 0

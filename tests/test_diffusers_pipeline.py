@@ -232,7 +232,7 @@ def test_train_and_sample_end_to_end(tiny_sd, tmp_path, capsys):
     events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents.*")).parent), size_guidance={"images": 0})
     events.Reload()
     grid = events.Images("samples/teacher")[0]  # the VAE decoded the 6 latents: 16×16 RGB, upscaled ×4 in the grid
-    assert (grid.width, grid.height) == (6 * 64, 64)
+    assert (grid.width, grid.height) == (6 * 64 + 5 * 4, 64)  # cells 4 px apart
     assert Image.open(io.BytesIO(grid.encoded_image_string)).mode == "RGB"  # not the 4-channel latents
     tensors, meta = load_lambdas(tmp_path / "lambdas.safetensors")
     assert meta["guidance_scale"] == GUIDANCE and isinstance(meta["guidance_scale"], float)

@@ -230,10 +230,12 @@ def test_sampling_logs_apart_only_with_fid_and_writes_a_grid(tmp_path, capsys):
     assert _sample(tmp_path, "plain", "0-9") == 0
     assert not (tmp_path / "runs").exists()  # nothing to log: no TensorBoard run at all
     with Image.open(tmp_path / "plain" / "grid.png") as grid:
-        assert grid.size == (8 * 64, 2 * 64)  # 10 seeds in rows of 8, 8×8 digits upscaled ×8
+        assert grid.size == (8 * 64 + 7 * 4, 2 * 64 + 4)  # 10 seeds in rows of 8, 8×8 digits upscaled ×8, 4 px apart
         cells = np.asarray(grid)
     first = np.asarray(Image.open(tmp_path / "plain" / "000000" / "000000.png"))
-    assert np.array_equal(cells[:64:8, :64:8], first)
+    second = np.asarray(Image.open(tmp_path / "plain" / "000000" / "000001.png"))
+    assert np.array_equal(cells[:64:8, :64:8], first) and np.array_equal(cells[:64:8, 68:132:8], second)
+    assert (cells[64:68, :] == 128).all() and (cells[:, 64:68] == 128).all()  # grey gaps: cells never merge
     assert _sample(tmp_path, "scored", "0-9", "--fid-ref", "exact", "--fid-ref-count", "50") == 0
     captured = capsys.readouterr()
     for noise in NOISE:

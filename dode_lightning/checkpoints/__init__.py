@@ -38,6 +38,10 @@ Sources and their options:
   uses 3), `mu` and `time_shift_type` (dynamic shift as FLUX, instead of `shift`), `covariance_floor`, `device`.
   Schedule: `FlowMatching` with that shift; the default grid starts at t = 1 (σ = ∞).
 
+Paths: `package:<relative path>` names a file shipped inside the package (`package:data/edm_digits_net.pkl`); in a
+config file, a relative path is relative to that file (the command lines resolve it, `config_relative`); otherwise
+relative to the working directory. A "not found" names the directory it looked in.
+
 Every source returns a `LoadedDenoiser` whose `denoiser(x, sigma, class_labels=None)` is the package's denoiser
 interface (x in VE form, returns x̂₀), in eval mode with gradients off.
 """
@@ -54,9 +58,11 @@ from torch import nn
 from ..schedules import EDM, FlowMatching, Schedule
 from .errors import CheckpointError, RefusedGlobalError
 
-__all__ = ["LoadedDenoiser", "load_denoiser", "SOURCES", "CheckpointError", "RefusedGlobalError"]
+__all__ = ["LoadedDenoiser", "load_denoiser", "package_path", "config_relative", "SOURCES", "CheckpointError", "RefusedGlobalError"]
 
 EDM_RELEASE_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
+# A denoiser path starting with this names a file shipped inside the package, e.g. `package:data/edm_digits_net.pkl`.
+PACKAGE_PREFIX = "package:"
 
 
 @dataclass
@@ -83,10 +89,33 @@ class LoadedDenoiser:
     """What the denoiser is conditioned with (guidance scale, prompt source); recorded in the λ file."""
 
 
+def package_path(path: str | os.PathLike) -> Path:
+    """`package:<relative path>` → that file inside the installed dode_lightning package (its shipped data, wherever
+    it is installed); any other path as given, `~` expanded."""
+    text = os.fspath(path)
+    if text.startswith(PACKAGE_PREFIX):
+        return Path(__file__).resolve().parents[1] / text[len(PACKAGE_PREFIX) :]
+    return Path(text).expanduser()
+
+
+def config_relative(denoiser: Any, config_dir: str | os.PathLike) -> Any:
+    """A config file's `denoiser` section with its relative file options (path, a prompts file, prompt_embeds)
+    made relative to `config_dir`, the folder of that config file; anything else is returned unchanged."""
+    if not isinstance(denoiser, dict):
+        return denoiser
+    resolved = dict(denoiser)
+    for key in ("path", "prompts", "prompt_embeds"):
+        value = resolved.get(key)
+        if isinstance(value, str) and value and not value.startswith((PACKAGE_PREFIX, "~")) and not Path(value).is_absolute():
+            resolved[key] = os.path.normpath(Path(config_dir).absolute() / value)
+    return resolved
+
+
 def _require_path(source: str, path: str | os.PathLike | None, expected: str) -> Path:
+    """The checkpoint path, absolute, so that a "not found" names the directory it looked in."""
     if path is None:
         raise ValueError(f"source {source!r} needs a path: {expected}")
-    return Path(path).expanduser()
+    return package_path(path).absolute()
 
 
 def _load_edm_pickle(path: str | os.PathLike | None, key: str = "ema", device: str = "cpu") -> LoadedDenoiser:
@@ -95,7 +124,9 @@ def _load_edm_pickle(path: str | os.PathLike | None, key: str = "ema", device: s
     expected = f"an EDM network pickle such as edm-cifar10-32x32-cond-vp.pkl, public release at {EDM_RELEASE_URL}"
     file = _require_path("edm_pickle", path, expected)
     if not file.is_file():
-        raise FileNotFoundError(f"EDM network pickle not found: {file}; expected {expected}")
+        if os.fspath(path).startswith(PACKAGE_PREFIX):
+            raise FileNotFoundError(f"{path} not found: {file.name} is missing from the installed package in {file.parent}; reinstall dode-lightning")
+        raise FileNotFoundError(f"EDM network pickle {file.name} not found in {file.parent}/; expected {expected}")
     net, digest = load_edm_network(file, key=key)
     schedule = EDM(max(0.002, float(net.sigma_min)), min(80.0, float(net.sigma_max)))
     image_shape = (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
