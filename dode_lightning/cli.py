@@ -28,6 +28,8 @@ __all__ = ["train_main", "HELD_OUT_SEED", "CheckedTrainerCLI", "CalibrationCLI",
 
 # Held-out seeds for the exact-model report start far from any calibration batch.
 HELD_OUT_SEED = 1_000_000
+# Hyperparameters HParams shows first: it displays only the first five columns until others are ticked.
+KEY_HPARAMS = ("solver", "nfe", "teacher", "target_mode", "fit")
 TRAINER_DEFAULTS: dict[str, Any] = {
     "max_epochs": -1,
     "log_every_n_steps": 1,
@@ -196,8 +198,9 @@ def misaligned_warning(fit: StageFit, data: TeacherTargets) -> str:
     )
 
 
-def exact_report(module: DODECalibration, data: TeacherTargets, held_out: int = 200) -> str:
-    """RMSE to the exact ODE endpoint of base student, D-student and teacher (built-in exact model only)."""
+def exact_report(module: DODECalibration, data: TeacherTargets, held_out: int = 200) -> tuple[str, dict[str, float]]:
+    """RMSE to the exact ODE endpoint of base student, D-student and teacher (built-in exact model only): the
+    console's table, and the held-out figures as TensorBoard metrics (the D / base ratio first, the headline)."""
     from .distill import build_teacher
 
     mixture, student = module.denoiser, module.student
@@ -220,17 +223,44 @@ def exact_report(module: DODECalibration, data: TeacherTargets, held_out: int = 
             base, d_ode, teach = errors
             rows.append(f"| {name} ({len(noise)}) | {base:.5f} | {d_ode:.5f} ({d_ode / base:.2f}×) | {teach:.5f} |")
     header = "| seeds | base student | D-student | teacher |\n|---|---|---|---|"
-    return "RMSE to the exact probability-flow ODE endpoint:\n" + header + "\n" + "\n".join(rows)
+    metrics = {"exact_rmse/held_out_d_over_base": d_ode / base, "exact_rmse/held_out_base": base, "exact_rmse/held_out_d": d_ode, "exact_rmse/held_out_teacher": teach}
+    return "RMSE to the exact probability-flow ODE endpoint:\n" + header + "\n" + "\n".join(rows), metrics
 
 
-def log_summary(logger: Any, table: str, hparams: dict[str, Any], fit: StageFit) -> None:
-    """The console's per-stage table as TensorBoard text, and the run's hyperparameters with its total losses."""
+def summary_metrics(module: DODECalibration, fit: StageFit, exact: dict[str, float]) -> dict[str, float]:
+    """The run's figures for HParams, headline first (it shows the first five metric columns): the held-out exact
+    RMSE (built-in model), the RMSE of the finished students to the teacher's endpoint, and the total losses."""
+    metrics = dict(exact)
+    if module.teacher_rmse:
+        base, d_ode = module.teacher_rmse["base"], module.teacher_rmse["d"]
+        if not exact:
+            metrics["teacher_rmse/d_over_base"] = d_ode / base if base > 0 else float("nan")
+        metrics.update({"teacher_rmse/base": base, "teacher_rmse/d": d_ode})
+    metrics.update({"summary/loss_base": float(fit.loss_base.sum()), "summary/loss_d": float(fit.loss_fit.sum())})
+    return metrics
+
+
+def log_summary(logger: Any, table: str, hparams: dict[str, Any], fit: StageFit, module: DODECalibration, metrics: dict[str, float]) -> None:
+    """TensorBoard's first screen of a run: λ and loss per stage as one chart each (x = stage k, also as custom
+    scalars), the console's per-stage table as text, HParams with the key hyperparameters first, and the metrics."""
     from pytorch_lightning.loggers import TensorBoardLogger
 
     if not isinstance(logger, TensorBoardLogger):
         return
-    logger.experiment.add_text("summary/stages", table, global_step=0)
-    logger.log_hyperparams(hparams, {"summary/loss_base": float(fit.loss_base.sum()), "summary/loss_d": float(fit.loss_fit.sum())})
+    writer = logger.experiment
+    lambdas = own_direction(fit.lambdas)
+    for k, free in enumerate(module.student.lambda_fitted):
+        if free:
+            writer.add_scalar("lambda/per_stage", float(lambdas[k]), k)
+            writer.add_scalar("loss/per_stage_base", float(fit.loss_base[k]), k)
+            writer.add_scalar("loss/per_stage_d", float(fit.loss_fit[k]), k)
+    layout = {"D-ODE: per stage (x = stage k)": {"λ_k": ["Multiline", [r"^lambda/per_stage$"]], "loss_k, base and D": ["Multiline", [r"^loss/per_stage_(base|d)$"]]}}
+    if module.fit_method != "closed_form":
+        layout["Adam fit (x = step)"] = {"λ of every stage": ["Multiline", [r"^lambda/stage_\d+$"]], "loss of every stage": ["Multiline", [r"^loss/stage_\d+$"]]}
+    writer.add_custom_scalars(layout)
+    writer.add_text("summary/stages", table, global_step=0)
+    ordered = {**{key: hparams[key] for key in KEY_HPARAMS if key in hparams}, **hparams}
+    logger.log_hyperparams(ordered, metrics)
     logger.save()
 
 
@@ -283,14 +313,16 @@ def train_main(args: list[str] | None = None) -> int:
     print(f"\n{heading}\n{table}")
     if fit.misaligned():
         print(misaligned_warning(fit, data), file=sys.stderr)
-    hparams = {key: value for key, value in metadata.items() if isinstance(value, (str, int, float, bool))}
-    log_summary(trainer.logger, f"{heading}, teacher {metadata['teacher']}\n\n{table}", hparams, fit)
     if module.comparison:
         print("\nclosed form vs Adam:\n" + _comparison_table(module.comparison, module))
     calibrated = time.perf_counter() - started
     report = module.loaded.source == "gmm_digits" and cli.config.exact_report
+    exact: dict[str, float] = {}
     if report:
-        print("\n" + exact_report(module, data))
+        text, exact = exact_report(module, data)
+        print("\n" + text)
+    hparams = {key: value for key, value in metadata.items() if isinstance(value, (str, int, float, bool))}
+    log_summary(trainer.logger, f"{heading}, teacher {metadata['teacher']}\n\n{table}", hparams, fit, module, summary_metrics(module, fit, exact))
     teacher = "cache hit" if data.cache_hit else f"{data.teacher_seconds:.2f} s"
     other = calibrated - data.teacher_seconds - fit_seconds
     report_time = f"; exact-model report {time.perf_counter() - started - calibrated:.2f} s" if report else ""

@@ -33,6 +33,7 @@ from .distill import (
     fit_closed_form,
     global_stream_noise,
     holdout_mask,
+    rmse,
     seeded_noise,
     stagewise_losses,
     teacher_targets,
@@ -199,6 +200,7 @@ class DODECalibration(pl.LightningModule):
         self.closed_form: StageFit | None = None
         self.timings: dict[str, float] = {}
         self.comparison: dict[str, Any] = {}
+        self.teacher_rmse: dict[str, float] = {}
         self.fit_bar: tqdm | None = None
 
     def metadata(self) -> dict[str, Any]:
@@ -248,7 +250,6 @@ class DODECalibration(pl.LightningModule):
             self.closed_form = self.run_closed_form(noise, labels, targets)
             with torch.no_grad():
                 self.lambdas.copy_(self.closed_form.lambdas)
-            self._log_stage_values(self.closed_form.loss_fit)
             self.fit_bar.update(1)
             self.trainer.should_stop = True
             return
@@ -264,15 +265,18 @@ class DODECalibration(pl.LightningModule):
         optimizer.step()
         self.adam_iterations += 1
         self.timings["adam"] = self.timings.get("adam", 0.0) + time.perf_counter() - start
+        total = losses.sum().detach()
         self._log_stage_values(losses.detach())
-        self.log("loss/total", losses.sum().detach(), on_step=True, batch_size=len(noise))
+        self.log("loss/total", total, on_step=True, batch_size=len(noise))
         self.fit_bar.update(1)
-        self.fit_bar.set_postfix(loss=f"{float(losses.sum()):.3e}", refresh=False)
+        self.fit_bar.set_postfix(loss=f"{float(total):.3e}", refresh=False)
         if self.adam_iterations >= self.hparams.adam_steps:
             self.trainer.should_stop = True
 
     def _log_stage_values(self, losses: Tensor) -> None:
-        values = {}
+        """λ and loss of every stage at this Adam step (the closed form's one step is in the end-of-fit summary).
+        `step` sets the x-axis, so Lightning adds no `epoch` scalar."""
+        values = {"step": float(self.adam_iterations)}
         for k, free in enumerate(self.student.lambda_fitted):
             if free:
                 values[f"lambda/stage_{k:02d}"] = own_direction(self.scaled_lambdas().detach())[k].float()
@@ -316,6 +320,8 @@ class DODECalibration(pl.LightningModule):
         with torch.no_grad():
             base = self.student.sample(self.denoiser, noise, class_labels=labels)
             d_student = self.student.sample(self.denoiser, noise, self.applied_lambdas(), labels)
+        # RMSE of the finished students to the teacher's endpoint on these seeds (latents, before any decoding).
+        self.teacher_rmse = {"base": rmse(base, targets[-1]), "d": rmse(d_student, targets[-1]), "seeds": len(noise)}
         decoder = self.loaded.decoder
         for tag, images in (("teacher", targets[-1]), ("base_student", base), ("d_student", d_student)):
             if decoder is not None:  # latent model: the VAE decodes 16 of them, 4 per call (after the fit, images only)
