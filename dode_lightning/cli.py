@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .atomic import writable_folder_error
 from .checkpoints import CheckpointError, config_relative
-from .cli_common import forget_run_version, one_line, tensorboard_command, unique_version
+from .cli_common import Interrupted, forget_run_version, one_line, run_until_stopped, signals_deferred, tensorboard_command, unique_version
 from .distill import StageFit, rmse, seeded_noise
 from .grids import GRIDS
 from .lambda_file import LambdaFileError, check_lambdas, save_lambdas
@@ -265,10 +265,33 @@ def log_summary(logger: Any, table: str, hparams: dict[str, Any], fit: StageFit,
 
 
 def train_main(args: list[str] | None = None) -> int:
-    """`python train.py --config configs/x.yaml [--model.nfe 5 …]`; returns the exit code."""
+    """`python train.py --config configs/x.yaml [--model.nfe 5 …]`; returns the exit code.
+
+    SIGINT and SIGTERM stop the run wherever it is, with one line and exit code 130 / 143. The λ file is written
+    atomically once the fit is done, so a run stopped earlier writes none and leaves an existing file at the output
+    path as it was (the line says that it is an earlier run's); a run that did not finish removes its TensorBoard run
+    folder, so the rerun takes the same name.
+    """
+    forget_run_version()
+    progress: dict[str, Any] = {}
+    return run_until_stopped(lambda: _calibrate(args, progress), lambda stop: _stopped(stop, progress), lambda code: bool(progress.get("saved")))
+
+
+def _stopped(stop: Interrupted, progress: dict[str, Any]) -> str:
+    output: Path | None = progress.get("output")
+    if progress.get("saved"):
+        return f"stopped by {stop.name} after the λ file was written: {output} is complete (the report was cut short)"
+    earlier = f" ({output} there now is an earlier run's)" if output is not None and output.exists() else ""
+    data: TeacherTargets | None = progress.get("data")
+    cached = " (the teacher targets are cached: it skips the teacher)" if data is not None and data.data is not None else ""
+    return f"stopped by {stop.name}; no λ file written{earlier}; rerun the same command to calibrate{cached}"
+
+
+def _calibrate(args: list[str] | None, progress: dict[str, Any]) -> int:
+    """train.py's run; records the datamodule (`data`), the λ file's path (`output`) and whether it is written
+    (`saved`) in `progress`."""
     started = time.perf_counter()
     silence_lightning_noise()
-    forget_run_version()
     try:
         cli = CalibrationCLI(
             DODECalibration,
@@ -283,8 +306,9 @@ def train_main(args: list[str] | None = None) -> int:
             parser_kwargs={"exit_on_error": False},
         )
         module, data, trainer = cli.model, cli.datamodule, cli.trainer
+        progress["data"] = data
         limit_threads_for_builtin(module.loaded, trainer.strategy.root_device)
-        output = _output_path(module, trainer)
+        output = progress["output"] = _output_path(module, trainer)
         _check_writable(output)
         trainer.fit(module, datamodule=data)
     except argparse.ArgumentError as err:
@@ -306,7 +330,9 @@ def train_main(args: list[str] | None = None) -> int:
         "target_sigmas": module.student.target_sigmas,
         "lambda_fitted": torch.tensor(module.student.lambda_fitted),
     }
-    save_lambdas(output, tensors, metadata)
+    with signals_deferred():
+        save_lambdas(output, tensors, metadata)
+        progress["saved"] = True
     fit_seconds = module.timings.get("closed_form", 0.0) + module.timings.get("adam", 0.0)
     heading = f"{module.setup_spec.name}, NFE {module.student.nfe}, fit {module.fit_method}, targets {data.target_mode}, C = {data.scale}, |B| = {data.batch_size}"
     table = _stage_table(module, fit)

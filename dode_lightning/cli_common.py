@@ -1,13 +1,33 @@
-"""Small pieces both command lines share: one-line messages, run names that DDP processes agree on, the TensorBoard
-command. No Lightning import: sample.py's light commands (--help, fid, export-scheduler, …) use it."""
+"""Small pieces both command lines share: one-line messages, run folders that DDP processes agree on and that an
+unfinished run takes away again, SIGINT/SIGTERM as one exception, the TensorBoard command. No Lightning import:
+sample.py's light commands (--help, fid, export-scheduler, …) use it."""
 from __future__ import annotations
 
 import os
 import shlex
+import shutil
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
+from typing import Any, Callable, Iterator
 
-__all__ = ["one_line", "unique_version", "forget_run_version", "tensorboard_command", "RUN_VERSION_ENV"]
+from tqdm import tqdm
+
+__all__ = [
+    "one_line",
+    "unique_version",
+    "forget_run_version",
+    "release_run_folders",
+    "is_launched_rank",
+    "tensorboard_command",
+    "RUN_VERSION_ENV",
+    "Interrupted",
+    "stop_on_interrupt",
+    "run_until_stopped",
+    "signals_deferred",
+]
 
 # Set by the launching process once it has named the run, so the DDP processes it starts log under the same name.
 RUN_VERSION_ENV = "DODE_RUN_VERSION"
@@ -24,23 +44,124 @@ def tensorboard_command(logdir: str | Path) -> str:
     return f"{shlex.quote(sys.executable)} -m tensorboard.main --logdir {shlex.quote(str(logdir))}"
 
 
-def _is_launched_rank() -> bool:
+def is_launched_rank() -> bool:
+    """Whether this process is a DDP process Lightning launched (not the one the user started)."""
     return any(int(os.environ.get(var, "0") or 0) > 0 for var in ("LOCAL_RANK", "NODE_RANK", "RANK"))
+
+
+# Run folders this process created (`unique_version`) and has not kept yet: an unfinished run removes them.
+_CLAIMED: list[Path] = []
 
 
 def forget_run_version() -> None:
     """Drop a name an earlier run in this process chose (a launched DDP process keeps its launcher's)."""
-    if not _is_launched_rank():
+    _CLAIMED.clear()
+    if not is_launched_rank():
         os.environ.pop(RUN_VERSION_ENV, None)
 
 
 def unique_version(root: Path, base: str) -> str:
-    """`base`, or `base_2`, `base_3`, … if `root` already holds it; a launched DDP process takes its launcher's."""
-    if _is_launched_rank() and os.environ.get(RUN_VERSION_ENV):
+    """`base`, or `base_2`, `base_3`, … if `root` already holds it; a launched DDP process takes its launcher's.
+
+    The folder `root/<version>` is created here, atomically (mkdir fails if it exists), so two runs started
+    together never share one; `release_run_folders` removes it again if the run does not finish.
+    """
+    if is_launched_rank() and os.environ.get(RUN_VERSION_ENV):
         return os.environ[RUN_VERSION_ENV]
+    root.mkdir(parents=True, exist_ok=True)
     version, count = base, 1
-    while (root / version).exists():
-        count += 1
-        version = f"{base}_{count}"
+    while True:
+        try:
+            (root / version).mkdir()
+            break
+        except FileExistsError:
+            count += 1
+            version = f"{base}_{count}"
+    _CLAIMED.append(root / version)
     os.environ[RUN_VERSION_ENV] = version
     return version
+
+
+def release_run_folders() -> None:
+    """Remove the run folders this process created for a run that did not finish (a failed, refused or interrupted
+    run leaves no TensorBoard run behind, and the next run takes its name)."""
+    while _CLAIMED:
+        shutil.rmtree(_CLAIMED.pop(), ignore_errors=True)
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived. A BaseException like KeyboardInterrupt, so no `except Exception` swallows it; raised
+    wherever the main thread is, which is safe because every file is written atomically (whole or not at all)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        """130 for SIGINT, 143 for SIGTERM: the shell's code of a process the signal ended."""
+        return 128 + self.signum
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# `signals_deferred`'s state: whether a block is running, and the signal that arrived in it.
+_deferral: dict[str, Any] = {"active": False}
+
+
+@contextmanager
+def stop_on_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM alike raise `Interrupted` in the main thread; further ones are ignored while the run cleans
+    up. Lightning adds its SIGTERM notifier in front of this handler during fit/predict (it forwards the signal to the
+    DDP processes it launched) and restores it afterwards."""
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        for number in _STOP_SIGNALS:
+            signal.signal(number, signal.SIG_IGN)
+        if _deferral["active"]:
+            _deferral["pending"] = signum
+            return
+        raise Interrupted(signum)
+
+    previous = {number: signal.signal(number, stop) for number in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Inside `stop_on_interrupt`: a SIGINT/SIGTERM arriving in the block stops the run only after it (a write and the
+    note that it happened stay together)."""
+    _deferral["active"] = True
+    try:
+        yield
+    finally:
+        _deferral["active"] = False
+    pending = _deferral.pop("pending", None)
+    if pending is not None:
+        raise Interrupted(pending)
+
+
+def run_until_stopped(run: Callable[[], int], stopped: Callable[[Interrupted], str], finished: Callable[[int], bool]) -> int:
+    """`run()`'s exit code; on SIGINT/SIGTERM the line `error: <stopped(signal)>` (from the launching process only)
+    and 130 / 143. Run folders this process created are removed unless `finished(exit code)`."""
+    code = 1
+    with stop_on_interrupt():
+        try:
+            code = run()
+        except Interrupted as stop:
+            code = stop.exit_code
+            for bar in list(getattr(tqdm, "_instances", ())):  # an open progress bar would end mid-line
+                bar.close()
+            if not is_launched_rank():
+                print(f"error: {stopped(stop)}", file=sys.stderr)
+        finally:
+            if not finished(code):
+                release_run_folders()
+    return code

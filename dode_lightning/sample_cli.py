@@ -9,7 +9,6 @@ sections: `--trainer.devices 2 --model.nfe 5`. `sample.py fid` scores an existin
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import tempfile
 import time
@@ -22,7 +21,7 @@ import yaml
 
 from .atomic import atomic_path
 from .checkpoints import CheckpointError, config_relative
-from .cli_common import forget_run_version, one_line, tensorboard_command, unique_version
+from .cli_common import Interrupted, forget_run_version, one_line, run_until_stopped, tensorboard_command, unique_version
 from .errors import ConfigError
 from .fid import (
     BUILTIN_IMAGE_SHAPE,
@@ -49,6 +48,8 @@ from .quiet import silence_lightning_noise
 
 if TYPE_CHECKING:  # Lightning is imported only by the commands that sample (start-up time of the others)
     from pytorch_lightning.loggers import TensorBoardLogger
+
+    from .sampling import SampleWriter
 
     from .sampling import DODESampler
 
@@ -251,6 +252,8 @@ def _sampling_logger(config: dict[str, Any], module: DODESampler) -> TensorBoard
     (save_dir from the config's logger, default runs); none when the config turns logging off."""
     from pytorch_lightning.loggers import TensorBoardLogger
 
+    from .sampling import SampleWriter
+
     logger = (config.get("trainer") or {}).get("logger", True)
     if logger in (False, None):
         return None
@@ -275,16 +278,33 @@ def _manifest(args: argparse.Namespace, config: dict[str, Any], module: DODESamp
 
 
 def sample_main(argv: list[str] | None = None) -> int:
-    """`python sample.py --config x.yaml --lambdas <file|none> --seeds 0-49999 --outdir DIR [...]`; the exit code."""
+    """`python sample.py --config x.yaml --lambdas <file|none> --seeds 0-49999 --outdir DIR [...]`; the exit code.
+
+    SIGINT and SIGTERM stop any command at once, with one line and exit code 130 / 143: every file is written
+    atomically, so what is on disk is whole and a rerun of the same command resumes; an FID run's unfinished
+    TensorBoard run folder is removed.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["fid-ref"]:
-        return fid_ref_main(argv[1:])
-    if argv[:1] == ["export-scheduler"]:
-        return export_scheduler_main(argv[1:])
-    if argv[:1] == ["fid"]:
-        return fid_main(argv[1:])
-    silence_lightning_noise()
+    commands = {"fid-ref": fid_ref_main, "export-scheduler": export_scheduler_main, "fid": fid_main}
     forget_run_version()
+    progress: dict[str, Any] = {}
+
+    def run() -> int:
+        return commands[argv[0]](argv[1:]) if argv[:1] and argv[0] in commands else _sample(argv, progress)
+
+    return run_until_stopped(run, lambda stop: _stopped(stop, progress), lambda code: code == 0)
+
+
+def _stopped(stop: Interrupted, progress: dict[str, Any]) -> str:
+    writer: SampleWriter | None = progress.get("writer")
+    if writer is None:
+        return f"stopped by {stop.name} before anything was written; rerun the same command"
+    return f"stopped by {stop.name} after {writer.written} new image(s); every file is whole: rerun the same command to finish {writer.store.outdir}"
+
+
+def _sample(argv: list[str], progress: dict[str, Any]) -> int:
+    """sample.py's sampling run; records its `SampleWriter` (`writer`) in `progress`."""
+    silence_lightning_noise()
     started = time.perf_counter()
     try:
         args, rest = _parser().parse_known_args(argv)
@@ -296,7 +316,6 @@ def sample_main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump({"trainer": config.get("trainer") or {}, "model": model_args, "data": data_section}, sort_keys=False, allow_unicode=True), end="")
             return 0
         # Sampling proper: Lightning from here on.
-        from pytorch_lightning.utilities.exceptions import SIGTERMException
 
         from .cli import CheckedTrainerCLI
         from .lightning import limit_threads_for_builtin
@@ -353,6 +372,7 @@ def sample_main(argv: list[str] | None = None) -> int:
         return _fail(f"{one_line(str(err))}; see python sample.py --help")
     except _EXPECTED as err:
         return _fail(str(err))
+    progress["writer"] = writer
     for callback in callbacks:
         trainer.callbacks.append(callback)
     try:
@@ -360,9 +380,6 @@ def sample_main(argv: list[str] | None = None) -> int:
         grid = write_grid(store, seeds, module.image_shape) if trainer.global_rank == 0 else None  # while the folder is still locked
     except ConfigError as err:
         return _fail(str(err))
-    except SIGTERMException:
-        print(f"error: stopped by SIGTERM after {writer.written} new image(s); rerun the same command to finish {outdir}", file=sys.stderr)
-        return 128 + signal.SIGTERM
     except OSError as err:
         # Disk full, a quota, a folder that vanished: what was written is whole (atomic writes) and a rerun resumes.
         reason = f"{err.strerror or type(err).__name__}{f': {err.filename}' if err.filename else ''}"

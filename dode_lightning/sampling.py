@@ -33,7 +33,6 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 from pytorch_lightning.callbacks import BasePredictionWriter, Callback
-from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -626,8 +625,6 @@ class SampleWriter(BasePredictionWriter):
             seeds = prediction.seeds[keep].tolist()
             self.store.write(seeds, prediction.images[keep].cpu().numpy(), prediction.labels[keep].tolist())
             self.written += len(seeds)
-        if trainer.received_sigterm:  # predict's loop ignores SIGTERM; stop between whole batches, resumable
-            raise SIGTERMException
 
 
 class PredictTimer(Callback):

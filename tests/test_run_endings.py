@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -16,13 +20,17 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+import dode_lightning.cli as cli
+import dode_lightning.lightning as lightning
 import dode_lightning.sampling as sampling
 from dode_lightning.checkpoints import CheckpointError, load_denoiser
-from dode_lightning.lambda_file import LambdaFileError, check_metadata, save_lambdas
+from dode_lightning.cli_common import forget_run_version, release_run_folders, unique_version
+from dode_lightning.lambda_file import LambdaFileError, check_metadata, load_lambdas, save_lambdas
 from dode_lightning.lightning import build_student
 from dode_lightning.sample_cli import sample_main
 from dode_lightning.sampling import ImageStore
-from tests.test_run_hardening import _args, _files, _one_error_line, in_tmp, train  # noqa: F401 (fixtures)
+from tests.conftest import wait_for_pngs
+from tests.test_run_hardening import CONFIG, ROOT, _args, _files, _one_error_line, in_tmp, train  # noqa: F401 (fixtures)
 
 # --- 13: λ-file metadata of the wrong JSON type --------------------------------------------------------------------------
 
@@ -218,3 +226,123 @@ def test_fid_of_a_folder_with_mixed_image_sizes_is_one_line(in_tmp, capsys, size
     assert sample_main(_fid(folder)) == 2
     line = _one_error_line(capsys)
     assert "images of different sizes" in line and "other.png" in line
+
+
+# --- 11: SIGINT and SIGTERM in train.py and sample.py ------------------------------------------------------------------------
+
+_TENSORBOARD = json.dumps({"class_path": "pytorch_lightning.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "cal"}})
+
+
+def _run_folders(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
+def _signal_during(monkeypatch, owner: object, name: str, signum: int, after: bool = False) -> None:
+    """Make `owner.name` send `signum` to this process before (or after) doing its work, as a user's kill would."""
+    real = getattr(owner, name)
+
+    def interrupted(*args, **kwargs):
+        if not after:
+            os.kill(os.getpid(), signum)
+        result = real(*args, **kwargs)
+        if after:
+            os.kill(os.getpid(), signum)
+        return result
+
+    monkeypatch.setattr(owner, name, interrupted)
+
+
+@pytest.mark.parametrize("phase,signum", [("teacher_targets", signal.SIGINT), ("fit_closed_form", signal.SIGTERM), ("teacher_targets", signal.SIGTERM)])
+def test_interrupted_calibration_writes_nothing_and_leaves_no_run(train, tmp_path, capsys, monkeypatch, phase, signum):
+    earlier = tmp_path / "l.safetensors"
+    earlier.write_bytes(b"an earlier run's lambda file")
+    _signal_during(monkeypatch, lightning, phase, signum)
+    assert train("--trainer.logger", _TENSORBOARD) == 128 + signum
+    line = _one_error_line(capsys)
+    name = signal.Signals(signum).name
+    assert line.startswith(f"error: stopped by {name}; no λ file written ({earlier} there now is an earlier run's); rerun the same command")
+    assert ("the teacher targets are cached" in line) == (phase == "fit_closed_form")
+    assert earlier.read_bytes() == b"an earlier run's lambda file"
+    assert _run_folders(tmp_path / "runs" / "cal") == []
+    monkeypatch.undo()
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    monkeypatch.chdir(tmp_path)
+    assert train("--trainer.logger", _TENSORBOARD) == 0
+    assert _run_folders(tmp_path / "runs" / "cal") == ["heun_nfe5_aligned_closed_form"]  # not _2
+
+
+def test_interrupt_after_the_lambda_file_keeps_it_and_the_run(train, tmp_path, capsys, monkeypatch):
+    _signal_during(monkeypatch, cli, "save_lambdas", signal.SIGINT, after=True)
+    assert train("--trainer.logger", _TENSORBOARD) == 130
+    assert f"after the λ file was written: {tmp_path / 'l.safetensors'} is complete" in _one_error_line(capsys)
+    load_lambdas(tmp_path / "l.safetensors")
+    assert _run_folders(tmp_path / "runs" / "cal") == ["heun_nfe5_aligned_closed_form"]
+
+
+def test_run_folders_are_claimed_atomically_and_released(tmp_path):
+    forget_run_version()
+    assert unique_version(tmp_path, "run") == "run" and (tmp_path / "run").is_dir()
+    forget_run_version()  # a second run started before the first wrote anything gets its own folder
+    assert unique_version(tmp_path, "run") == "run_2"
+    release_run_folders()
+    assert _run_folders(tmp_path) == ["run"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_sampling_is_one_line_and_resumes(in_tmp, capsys, monkeypatch, signum):
+    outdir = in_tmp / "out"
+    args = _args(outdir, "0-7", "--batch-size", "2", "--fid-ref", "exact", "--fid-ref-count", "50")
+    _signal_during(monkeypatch, sampling.SampleWriter, "write_on_batch_end", signum, after=True)
+    assert sample_main(args) == 128 + signum
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: stopped by {signal.Signals(signum).name} after 2 new image(s)") and str(outdir) in line
+    assert len(list(outdir.rglob("0*.png"))) == 2 and not list(outdir.rglob("*.tmp"))
+    assert _run_folders(in_tmp / "runs" / "sampling") == []  # the FID run's TensorBoard folder is gone
+    monkeypatch.undo()
+    monkeypatch.chdir(in_tmp)
+    assert sample_main(args) == 0
+    assert "6 generated" in capsys.readouterr().out
+    assert _run_folders(in_tmp / "runs" / "sampling") == ["heun_nfe9_base"]
+
+
+def _command(script: str, *args: str) -> list[str]:
+    return [sys.executable, str(ROOT / script), *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _wait_for_text(process: subprocess.Popen, path: Path, text: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in (path.read_text(errors="replace") if path.exists() else ""):
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigint_stops_real_train_and_sample_processes(tmp_path):
+    """Real processes and a real SIGINT (the in-process tests above deliver it with os.kill): train.py during its
+    teacher, then sample.py mid-run; two identical train.py runs started together log into two run folders."""
+    config = tmp_path / "c.yaml"
+    config.write_text(CONFIG.read_text().replace("runs/cache", str(tmp_path / "cache")).replace("save_dir: runs", f"save_dir: {tmp_path / 'runs'}"))
+    train = _command("train.py", "--config", str(config), "--exact_report", "false", "--model.output", str(tmp_path / "l.safetensors"))
+    log = tmp_path / "train.err"
+    with open(log, "w") as err:
+        process = subprocess.Popen([*train, "--data.batch_size", "20000"], cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
+        _wait_for_text(process, log, "teacher (")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 130
+    assert log.read_text().strip().splitlines()[-1].startswith("error: stopped by SIGINT; no λ file written; rerun the same command")
+    assert not (tmp_path / "l.safetensors").exists() and _run_folders(tmp_path / "runs" / "gmm_digits") == []
+    together = [subprocess.Popen(train, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+    assert [p.wait(timeout=600) for p in together] == [0, 0]
+    assert _run_folders(tmp_path / "runs" / "gmm_digits") == ["heun_nfe9_aligned_closed_form", "heun_nfe9_aligned_closed_form_2"]
+    outdir = tmp_path / "out"
+    process = subprocess.Popen(_command("sample.py", *_args(outdir, "0-299", "--batch-size", "1")), cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_pngs(process, outdir, 4)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert stderr.strip().splitlines()[-1].startswith("error: stopped by SIGINT after")
