@@ -17,7 +17,7 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-from dode_lightning.denoisers import Denoiser
+from dode_lightning.denoisers import Denoiser, ve_form
 from dode_lightning.distill import evaluate_lambdas, stagewise_losses
 from dode_lightning.gmm import GaussianMixture
 from dode_lightning.schedules import Schedule, make_schedule
@@ -228,7 +228,7 @@ class ExactStates:
         key = (sigma_start, sigma_end)
         if key not in self.cache:
             start = time.perf_counter()
-            x = solver.init_state(self.noise) / float(solver.scales[0])
+            x = ve_form(solver.init_state(self.noise), solver.sigmas[0], solver.scales[0])
             parts = [self.mixture.exact_endpoint(chunk, sigma_start, sigma_end=sigma_end) for chunk in torch.split(x, self.chunk)]
             self.cache[key] = torch.cat(parts)
             self.seconds += time.perf_counter() - start

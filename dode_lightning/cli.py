@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .atomic import writable_folder_error
 from .checkpoints import CheckpointError, config_relative
 from .cli_common import Interrupted, forget_run_version, one_line, run_until_stopped, signals_deferred, tensorboard_command, unique_version
+from .denoisers import ve_form
 from .distill import StageFit, rmse, seeded_noise
 from .grids import GRIDS
 from .lambda_file import LambdaFileError, check_lambdas, save_lambdas
@@ -213,7 +214,7 @@ def exact_report(module: DODECalibration, data: TeacherTargets, held_out: int = 
     batches = {"calibration": data.calibration_noise(shape, label_dim), "held-out": seeded_noise(held_out_seeds, shape, label_dim)}
     with tqdm(total=8, desc="exact-model report") as bar:
         for name, (noise, labels) in batches.items():
-            start = student.init_state(noise) / float(student.scales[0])
+            start = ve_form(student.init_state(noise), student.sigmas[0], student.scales[0])
             exact = mixture.exact_endpoint(start, float(student.sigmas[0]), labels)
             bar.update(1)
             errors = []
@@ -342,7 +343,7 @@ def _calibrate(args: list[str] | None, progress: dict[str, Any]) -> int:
     if module.comparison:
         print("\nclosed form vs Adam:\n" + _comparison_table(module.comparison, module))
     calibrated = time.perf_counter() - started
-    report = module.loaded.source == "gmm_digits" and cli.config.exact_report
+    report = module.loaded.source in ("gmm_digits", "gmm_digits_flow") and cli.config.exact_report
     exact: dict[str, float] = {}
     if report:
         text, exact = exact_report(module, data)

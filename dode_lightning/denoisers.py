@@ -1,7 +1,8 @@
 """The one denoiser interface (k-diffusion / EDM contract) and adapters to it.
 
 A denoiser is any callable `denoiser(x, sigma, class_labels=None) -> x0_hat` where `x` is the state in VE form
-(x = x₀ + σ·n, unit scale), `sigma` is a scalar or a per-sample tensor, and the result is the estimate of x₀.
+(x = x₀ + σ·n, unit scale; at σ = ∞ its finite stand-in, see `ve_form`), `sigma` is a scalar or a per-sample
+tensor, and the result is the estimate of x₀.
 Solvers for scaled (VP) states divide by s before calling and multiply back themselves.
 
 A denoiser that wraps an ε-network may also offer `eps_and_denoised(x, sigma, class_labels) -> (ε̂, x̂₀)` from the
@@ -25,6 +26,7 @@ __all__ = [
     "x0_from_eps",
     "eps_from_v",
     "broadcast_sigma",
+    "ve_form",
     "eps_and_denoised",
     "DiscreteEpsDenoiser",
     "CountingDenoiser",
@@ -42,6 +44,16 @@ def broadcast_sigma(sigma: Tensor | float, x: Tensor) -> Tensor:
     if sigma.ndim == 0:
         return sigma
     return sigma.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def ve_form(x: Tensor, sigma: Tensor, scale: Tensor) -> Tensor:
+    """The VE-form state x/s a denoiser is called with, for a scaled state x = s·x_VE at noise level σ (0-d).
+
+    At σ = ∞ (flow matching's t = 1; s = 0, β = 1) x_VE is infinite; a denoiser is then called with its finite
+    stand-in lim x_VE/σ = n, which is the scaled state x itself. Only flow denoisers (`flow.VelocityDenoiser`)
+    evaluate there.
+    """
+    return x if bool(torch.isinf(sigma)) else x / scale
 
 
 def eps_from_x0(x: Tensor, sigma: Tensor | float, x0: Tensor) -> Tensor:

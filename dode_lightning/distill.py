@@ -56,7 +56,7 @@ class SolverSetup:
         if nfe > MAX_NFE:
             raise ValueError(f"NFE {nfe} is more than {MAX_NFE}; D-ODE solvers are few-step samplers (the paper uses NFE 3–25)")
         if grid is None:
-            grid, defaults = SOLVERS[name].default_grid(schedule)
+            grid, defaults = SOLVERS[name].grid_for(schedule)
             grid_kwargs = {**defaults, **grid_kwargs}
         return cls(name, nfe, schedule, grid, dict(grid_kwargs))
 
@@ -191,9 +191,10 @@ def build_teacher(
         segments = [b - a for a, b in zip(at_knot, at_knot[1:])]
     else:
         raise ValueError(f"unknown target mode {mode!r}; choose 'aligned' or 'paper'")
-    vp_states = bool((student.scales != 1).any())
-    scales = setup.schedule.scale(sigmas) if vp_states else None
-    solver = cls.teacher(sigmas, scales, student.unit_prior, segments)
+    scaled_states = bool((student.scales != 1).any())  # VP or flow states: the teacher integrates the same form
+    scales = setup.schedule.scale(sigmas) if scaled_states else None
+    noise_scales = setup.schedule.noise_scale(sigmas) if scaled_states else None  # β = 1 at σ = ∞ (flow)
+    solver = cls.teacher(sigmas, scales, student.unit_prior, segments, noise_scales)
     # Targets are the teacher's finished states, never a predictor or an inner node of a multi-evaluation step.
     slots = solver.state_slots()
     missing = [f"{float(s):.4g}" for s in wanted if float(s) not in slots]

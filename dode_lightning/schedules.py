@@ -61,9 +61,13 @@ class Schedule(ABC):
         return torch.ones_like(sigma)
 
     def noise_scale(self, sigma: Tensor | float) -> Tensor:
-        """β(σ) = s(σ)·σ, the weight of the unit noise in the scaled state s·(x₀ + σn)."""
+        """β(σ) = s(σ)·σ, the weight of the unit noise in the scaled state s·(x₀ + σn) (→ 1 as σ → ∞ on VP
+        schedules, where s → 0)."""
         sigma = _f64(sigma)
-        return self.scale(sigma) * sigma
+        noise = self.scale(sigma) * sigma
+        if self.variance_preserving:
+            return torch.where(torch.isinf(sigma), torch.ones_like(sigma), noise)
+        return noise
 
     def prior(self, noise: Tensor, sigma_max: float) -> Tensor:
         """Initial state for unit Gaussian `noise`: VP uses it as is (the official convention), VE/EDM scale by σ_max."""

@@ -8,7 +8,9 @@ import torch
 from dode_lightning.checkpoints import load_denoiser
 from dode_lightning.gmm import GaussianMixture
 from dode_lightning.grids import check_flow_times, flow_times, make_sigmas
+from dode_lightning.lambda_file import LambdaFileError
 from dode_lightning.schedules import EDM, FlowMatching, dynamic_shift_mu, flow_time_shift
+from dode_lightning.solvers import SOLVERS, make_solver
 from tests.conftest import unit_noise
 
 
@@ -112,3 +114,60 @@ def test_gmm_digits_flow_source_records_the_shift():
     assert eps1.isfinite().all() and denoised1.isfinite().all()
     with pytest.raises(ValueError, match="either a static shift"):
         load_denoiser("gmm_digits_flow", shift=3.0, mu=0.8)
+
+
+SOLVER_NFES = {"heun": (9, 65)}  # odd NFE (2N − 1)
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_every_solver_runs_from_t1_and_converges_to_the_exact_endpoint(name):
+    loaded = load_denoiser("gmm_digits_flow", shift=3.0)
+    labels = torch.arange(6) % 10  # one component each: the exact endpoint is the closed form
+    noise = unit_noise(6, seed=21)
+    exact = loaded.denoiser.exact_endpoint(noise, math.inf, labels)
+    if name.startswith("dpm_solver_") and not name.startswith("dpm_solver_pp"):
+        with pytest.raises(ValueError, match="cannot start at σ = ∞"):
+            make_solver(name, 8, loaded.schedule)
+        return
+    errors = []
+    for nfe in SOLVER_NFES.get(name, (8, 64)):
+        solver = make_solver(name, nfe, loaded.schedule)
+        assert math.isinf(float(solver.sigmas[0])) and float(solver.noise_scales[0]) == 1
+        assert not solver.lambda_fitted[0]  # no Δ_0 from σ = ∞
+        x = solver.sample(loaded.denoiser, noise, None, labels)
+        errors.append(float((x - exact).norm() / exact.norm()))
+    assert all(math.isfinite(e) for e in errors), errors
+    assert errors[1] < 0.45 * errors[0] and errors[1] < 0.05, errors
+
+
+@pytest.mark.parametrize("name, reference", [("euler", "FlowMatchEulerDiscreteScheduler"), ("heun", "FlowMatchHeunDiscreteScheduler")])
+def test_euler_and_heun_are_diffusers_flow_schedulers(name, reference):
+    """Heun's flow form (trapezoid in t on x_t) is diffusers' FlowMatchHeunDiscreteScheduler; Euler is FlowMatchEuler."""
+    import diffusers
+
+    loaded = load_denoiser("gmm_digits_flow", shift=3.0)
+    steps, noise = 6, unit_noise(4, seed=22)
+    scheduler = getattr(diffusers, reference)(shift=3.0)
+    scheduler.set_timesteps(steps)
+    x = noise.float()
+    for timestep in scheduler.timesteps:
+        t = torch.full((4,), float(timestep) / 1000, dtype=torch.float64)
+        x = scheduler.step(loaded.denoiser.velocity_model(x.double(), t, None).float(), timestep, x).prev_sample
+    solver = make_solver(name, steps if name == "euler" else 2 * steps - 1, loaded.schedule)
+    ours = solver.sample(loaded.denoiser, noise)
+    assert float((ours - x.double()).norm() / x.norm()) < 1e-5
+
+
+def test_flow_lambda_file_refuses_another_shift_and_another_model(tmp_path):
+    from dode_lightning.lambda_file import load_lambdas, save_lambdas
+    from dode_lightning.lightning import build_student
+
+    fitted = build_student({"source": "gmm_digits_flow", "shift": 3.0}, "euler", 8)
+    path = save_lambdas(tmp_path / "lambdas.safetensors", {"lambdas": torch.zeros(8, dtype=torch.float64)}, fitted.metadata())
+    load_lambdas(path, expect=fitted.metadata())
+    other = build_student({"source": "gmm_digits_flow", "shift": 2.5}, "euler", 8)
+    with pytest.raises(LambdaFileError, match=r"time_shift=\{'shift': 3.0\} \(this run: \{'shift': 2.5\}\)"):
+        load_lambdas(path, expect=other.metadata())
+    edm = build_student({"source": "gmm_digits"}, "euler", 8)
+    with pytest.raises(LambdaFileError, match="schedule="):
+        load_lambdas(path, expect=edm.metadata())

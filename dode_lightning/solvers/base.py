@@ -53,6 +53,14 @@ class Solver(ABC):
         return ("uniform_torch" if hasattr(schedule, "num_timesteps") else "karras"), {}
 
     @classmethod
+    def grid_for(cls, schedule: Schedule) -> tuple[str, dict[str, float | bool]]:
+        """The grid used when none is named: the schedule's own (flow matching: the pipelines' shifted time grid
+        from t = 1), else this solver's `default_grid`."""
+        if schedule.own_grid is not None:
+            return schedule.own_grid, {}
+        return cls.default_grid(schedule)
+
+    @classmethod
     @abstractmethod
     def steps_for_nfe(cls, nfe: int) -> int:
         """Number of grid points (before any terminal 0) that gives this NFE; raises NFEError if none does."""
@@ -77,10 +85,18 @@ class Solver(ABC):
         """The solver's generator of `Evaluate`s and `Stage`s from state x at sigmas[0]."""
 
     @classmethod
-    def teacher(cls, sigmas: Tensor, scales: Tensor | None, unit_prior: bool, segments: list[int]) -> "Solver":
+    def teacher(
+        cls, sigmas: Tensor, scales: Tensor | None, unit_prior: bool, segments: list[int], noise_scales: Tensor | None = None
+    ) -> "Solver":
         """This solver as a teacher on `sigmas` whose state must be complete after each of `segments` (interval
         counts between the student's knots). Default: the plain solver (every grid point ends a step)."""
-        return cls(sigmas, scales, unit_prior=unit_prior)
+        return cls(sigmas, scales, unit_prior=unit_prior, noise_scales=noise_scales)
+
+    @property
+    def from_infinity(self) -> bool:
+        """Whether the grid starts at σ = ∞ (flow matching's t = 1), where x_T = β_0·n carries no x₀ and no
+        previous output exists: the noise side's d̂_{−1} := x_T gives no Δ_0 there (λ_0 ≡ 0)."""
+        return bool(torch.isinf(self.sigmas[0]))
 
     @property
     def num_stages(self) -> int:
@@ -160,7 +176,7 @@ class OneStagePerStep(Solver):
 
     @property
     def lambda_fitted(self) -> list[bool]:
-        return [self.first_lambda_fitted or k > 0 for k in range(self.nfe)]
+        return [(self.first_lambda_fitted and not self.from_infinity) or k > 0 for k in range(self.nfe)]
 
 
 SOLVERS: dict[str, type[Solver]] = {}
@@ -180,17 +196,15 @@ def make_solver(
 ) -> Solver:
     """Build a solver by name for a given NFE on a grid of the schedule.
 
-    Defaults: the EDM schedule and the schedule's `own_grid` if it has one, else the solver's `default_grid` (whose keywords apply only to that default grid;
+    Defaults: the EDM schedule and the solver's `grid_for` the schedule (whose keywords apply only to that default grid;
     explicit `grid_kwargs` win).
     """
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(sorted(SOLVERS))}")
     cls = SOLVERS[name]
     schedule = EDM() if schedule is None else schedule
-    if grid is None and schedule.own_grid is not None:
-        grid = schedule.own_grid  # flow matching: the pipelines' shifted time grid from t = 1
     if grid is None:
-        grid, defaults = cls.default_grid(schedule)
+        grid, defaults = cls.grid_for(schedule)
         grid_kwargs = {**defaults, **grid_kwargs}
     sigmas = make_sigmas(grid, cls.steps_for_nfe(nfe), schedule, **grid_kwargs)
     return cls.from_grid(sigmas, schedule)

@@ -99,7 +99,7 @@ def deis_stages(
     """
     depth = max(len(c) for c in coefficients)
     history: list[Tensor] = []
-    eps_tilde_prev = x
+    eps_tilde_prev = None if bool(torch.isinf(sigmas[0])) else x  # from σ = ∞: no Δ_0 (λ_0 ≡ 0)
     for k in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[k], sigmas[k + 1]
         eps, denoised = yield Evaluate(x, sigma, scales[k], eps=True)
@@ -109,8 +109,8 @@ def deis_stages(
         base = sum((c * (e - eps) for c, e in zip(kappa[1:], history[1:])), ddim)
         combined = sum(c * e for c, e in zip(kappa, history))
         coeff = scales[k + 1] * (sigma_next - sigma)
-        x = yield Stage(base, combined - coeff * eps_tilde_prev, coeff, sigma, sigma_next)
-        eps_tilde_prev = combined / coeff
+        x = yield Stage(base, None if eps_tilde_prev is None else combined - coeff * eps_tilde_prev, coeff, sigma, sigma_next)
+        eps_tilde_prev = eps if bool(torch.isinf(coeff)) else combined / coeff  # the step from σ = ∞ is DDIM (q_0 = 0)
     return x
 
 

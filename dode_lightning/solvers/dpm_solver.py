@@ -103,6 +103,11 @@ class DPMSolver(OneStagePerStep):
         noise_scales: Tensor | None = None,
     ) -> None:
         super().__init__(sigmas, scales, unit_prior, noise_scales)
+        if self.from_infinity:
+            raise ValueError(
+                f"{self.name} cannot start at σ = ∞ (flow matching's t = 1): its ε-form step from there has an infinite "
+                "log-SNR step h; use dpm_solver_pp_2m, unipc_2 or euler, or a grid with a finite sigma_max"
+            )
         self.orders = singlestep_orders(len(self.sigmas) - 1, self.order) if orders is None else list(orders)
         if sum(self.orders) != len(self.sigmas) - 1 or not all(1 <= q <= self.order for q in self.orders):
             raise ValueError(f"{self.name}: orders {self.orders} do not cover {len(self.sigmas) - 1} intervals with order ≤ {self.order}")
@@ -114,9 +119,12 @@ class DPMSolver(OneStagePerStep):
             )
 
     @classmethod
-    def teacher(cls, sigmas: Tensor, scales: Tensor | None, unit_prior: bool, segments: list[int]) -> "DPMSolver":
+    def teacher(
+        cls, sigmas: Tensor, scales: Tensor | None, unit_prior: bool, segments: list[int], noise_scales: Tensor | None = None
+    ) -> "DPMSolver":
         """Outer steps that never straddle a student knot: the official order rule within each segment."""
-        return cls(sigmas, scales, unit_prior, orders=[q for n in segments for q in singlestep_orders(n, cls.order)])
+        orders = [q for n in segments for q in singlestep_orders(n, cls.order)]
+        return cls(sigmas, scales, unit_prior, orders=orders, noise_scales=noise_scales)
 
     @property
     def step_ends(self) -> list[bool]:

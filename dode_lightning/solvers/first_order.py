@@ -25,7 +25,7 @@ def ddim_stages(
     """
     if prediction not in ("noise", "data"):
         raise ValueError(f"prediction must be 'noise' or 'data', got {prediction!r}")
-    d_prev = x if prediction == "noise" else None
+    d_prev = x if prediction == "noise" and not bool(torch.isinf(sigmas[0])) else None  # no Δ_0 from σ = ∞
     for k in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[k], sigmas[k + 1]
         eps, denoised = yield Evaluate(x, sigma, scales[k], eps=True)
@@ -40,33 +40,43 @@ def ddim_stages(
     return x
 
 
-def heun_stages(x: Tensor, sigmas: Tensor, scales: Tensor | None = None) -> StageGenerator:
+def heun_stages(x: Tensor, sigmas: Tensor, scales: Tensor | None = None, noise_scales: Tensor | None = None, flow: bool = False) -> StageGenerator:
     """EDM Algorithm 2 (S_churn = 0) on the VE-form ODE; 2N − 1 stages, the last step Euler (method.md §3.7).
 
     Predictor stage 2i: Δ = p_i(D_i − D′_i) with p_i = 1 − t_{i+1}/t_i, D′_i the previous corrector evaluation
     (λ_0 ≡ 0). Corrector stage 2i+1 is evaluated at the λ-corrected predictor: Δ = c_i(D′_{i+1} − D_i),
     c_i = (t_i − t_{i+1})/(2t_{i+1}). With `scales` (a teacher for a VP-state student) states are s·x_VE: the
     same integration, read and written in the student's scaled form.
+
+    `flow`: the same trapezoid in flow coordinates instead, the time τ = β/(α + β) = σ/(1 + σ) and the state
+    y = x/(α + β) = x_VE/(1 + σ), whose ODE dy/dτ = (y − D)/τ has the VE form (= diffusers'
+    FlowMatchHeunDiscreteScheduler on a flow model, where y = x_t and τ = t). The VE form is undefined from σ = ∞;
+    the flow form starts there with τ = 1 (α = 0, β = 1, y = x).
     """
     sc = torch.ones_like(sigmas) if scales is None else scales
+    if flow:
+        mult = sc + noise_scales  # α + β = s(1 + σ), 1 at σ = ∞
+        times = noise_scales / mult
+    else:
+        mult, times = sc, sigmas
     d_corrector = None
     for i in range(len(sigmas) - 1):
-        t, t_next = sigmas[i], sigmas[i + 1]
-        x_ve = x / sc[i]
-        denoised = yield Evaluate(x, t, sc[i])
-        slope = (x_ve - denoised) / t
+        t, t_next = times[i], times[i + 1]
+        y = x / mult[i]
+        denoised = yield Evaluate(x, sigmas[i], sc[i])
+        slope = (y - denoised) / t
         predictor_coeff = 1.0 - t_next / t
-        delta = None if d_corrector is None else sc[i + 1] * predictor_coeff * (denoised - d_corrector)
-        stage = Stage(sc[i + 1] * (x_ve + (t_next - t) * slope), delta, sc[i + 1] * predictor_coeff, t, t_next)
+        delta = None if d_corrector is None else mult[i + 1] * predictor_coeff * (denoised - d_corrector)
+        stage = Stage(mult[i + 1] * (y + (t_next - t) * slope), delta, mult[i + 1] * predictor_coeff, sigmas[i], sigmas[i + 1])
         x_pred = yield stage
-        if bool(t_next == 0):
+        if bool(sigmas[i + 1] == 0):
             return x_pred
-        x_pred_ve = x_pred / sc[i + 1]
-        d_corrector = yield Evaluate(x_pred, t_next, sc[i + 1])
-        slope_next = (x_pred_ve - d_corrector) / t_next
-        corrector_coeff = sc[i + 1] * (t - t_next) / (2 * t_next)
-        base = sc[i + 1] * (x_ve + (t_next - t) * (0.5 * slope + 0.5 * slope_next))
-        x = yield Stage(base, corrector_coeff * (d_corrector - denoised), corrector_coeff, t_next, t_next)
+        y_pred = x_pred / mult[i + 1]
+        d_corrector = yield Evaluate(x_pred, sigmas[i + 1], sc[i + 1])
+        slope_next = (y_pred - d_corrector) / t_next
+        corrector_coeff = mult[i + 1] * (t - t_next) / (2 * t_next)
+        base = mult[i + 1] * (y + (t_next - t) * (0.5 * slope + 0.5 * slope_next))
+        x = yield Stage(base, corrector_coeff * (d_corrector - denoised), corrector_coeff, sigmas[i + 1], sigmas[i + 1])
     return x
 
 
@@ -99,13 +109,16 @@ class Euler(_DDIM):
 
 @register_solver
 class Heun(Solver):
-    """EDM Heun (Algorithm 2, S_churn = 0), D-EDM (method.md §3.7); integrates the VE-form ODE on any grid."""
+    """EDM Heun (Algorithm 2, S_churn = 0), D-EDM (method.md §3.7); integrates the VE-form ODE on any grid that
+    starts at a finite σ, and the flow-form ODE (`heun_stages` with `flow`) on grids from σ = ∞ (flow matching)."""
 
     name = "heun"
     prediction = "data"
 
     @classmethod
     def from_grid(cls, sigmas: Tensor, schedule: Schedule) -> "Heun":
+        if bool(torch.isinf(sigmas[0])):  # flow matching from t = 1: the schedule's own states x_t
+            return cls(sigmas, schedule.scale(sigmas), noise_scales=schedule.noise_scale(sigmas))
         return cls(sigmas)
 
     @classmethod
@@ -133,4 +146,4 @@ class Heun(Solver):
         return [k % 2 == 1 or (k == self.nfe - 1 and bool(self.sigmas[-1] == 0)) for k in range(self.nfe)]
 
     def stages(self, x: Tensor) -> StageGenerator:
-        return heun_stages(x, self.sigmas, self.scales)
+        return heun_stages(x, self.sigmas, self.scales, self.noise_scales, flow=bool(torch.isinf(self.sigmas[0])))

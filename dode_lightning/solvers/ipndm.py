@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from ..schedules import Schedule
@@ -30,7 +31,7 @@ def ipndm_stages(x: Tensor, sigmas: Tensor, scales: Tensor, noise_scales: Tensor
     if not 1 <= order <= len(IPNDM_WEIGHTS):
         raise ValueError(f"iPNDM order must be 1…{len(IPNDM_WEIGHTS)}, got {order}")
     history: list[Tensor] = []
-    eps_tilde_prev = x
+    eps_tilde_prev = None if bool(torch.isinf(sigmas[0])) else x  # from σ = ∞: no Δ_0 (λ_0 ≡ 0)
     for k in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[k], sigmas[k + 1]
         eps, denoised = yield Evaluate(x, sigma, scales[k], eps=True)
@@ -39,7 +40,8 @@ def ipndm_stages(x: Tensor, sigmas: Tensor, scales: Tensor, noise_scales: Tensor
         denoised_tilde = denoised if len(history) == 1 else denoised - sigma * (eps_tilde - eps)
         coeff = scales[k + 1] * (sigma_next - sigma)
         base = scales[k + 1] * denoised_tilde + noise_scales[k + 1] * eps_tilde
-        x = yield Stage(base, coeff * (eps_tilde - eps_tilde_prev), coeff, sigma, sigma_next)
+        delta = None if eps_tilde_prev is None else coeff * (eps_tilde - eps_tilde_prev)
+        x = yield Stage(base, delta, coeff, sigma, sigma_next)
         eps_tilde_prev = eps_tilde
     return x
 

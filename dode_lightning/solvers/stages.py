@@ -19,7 +19,7 @@ from typing import Callable, Generator, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..denoisers import Denoiser, eps_and_denoised
+from ..denoisers import Denoiser, eps_and_denoised, ve_form
 
 __all__ = ["Evaluate", "Stage", "StageGenerator", "StageCorrector", "LambdaLayout", "answer", "run_stages", "LambdaRule"]
 
@@ -154,9 +154,10 @@ class LambdaLayout:
 def answer(denoiser: Denoiser, request: Evaluate, class_labels: Tensor | None = None) -> Answer:
     """The denoiser's answer to an `Evaluate`: x̂₀, or (ε̂, x̂₀) from the same evaluation when `request.eps`.
 
-    The denoiser works on VE-form states, x_VE = x/s; the results are in the state's dtype.
+    The denoiser works on VE-form states, x_VE = x/s (at σ = ∞, flow matching's t = 1: `ve_form`'s stand-in);
+    the results are in the state's dtype.
     """
-    x_ve = request.x / request.scale
+    x_ve = ve_form(request.x, request.sigma, request.scale)
     if request.eps:
         return eps_and_denoised(denoiser, x_ve, request.sigma, class_labels)
     return denoiser(x_ve, request.sigma, class_labels).to(request.x.dtype)

@@ -83,7 +83,10 @@ def unipc_stages(x: Tensor, sigmas: Tensor, scales: Tensor, noise_scales: Tensor
         if bool(sigmas[t] == 0):
             return scales[t] * m0, torch.zeros_like(sigmas[t])  # first order into σ = 0: the data prediction itself
         h = logsnr[t] - logsnr[s]
-        earlier = [s - i for i in range(1, order)]
+        # An output at σ = ∞ (flow matching's first) is infinitely far in log-SNR: its weight in the polynomial
+        # vanishes (r → ∞), so it drops out and the step's order falls by one.
+        earlier = [s - i for i in range(1, order) if bool(torch.isfinite(logsnr[s - i]))]
+        order = len(earlier) + 1
         rks = [(logsnr[j] - logsnr[s]) / h for j in earlier]
         rhos, b_h = unipc_coefficients(rks, h, order, corrector=m_new is not None)
         residual = sum((rho * (outputs[j] - m0) / r for rho, j, r in zip(rhos, earlier, rks)), torch.zeros_like(m0))
