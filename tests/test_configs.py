@@ -26,12 +26,12 @@ def _train(tmp_path, config, *extra):
 def test_every_config_is_listed():
     assert {c.name for c in CONFIGS} == {
         "gmm_digits.yaml", "edm_digits_net.yaml", "edm_ffhq.yaml", "edm_cifar10.yaml", "edm_imagenet64.yaml", "ddpm_cifar10.yaml",
-        "sd_latent.yaml",
+        "sd_latent.yaml", "gmm_digits_flow.yaml",
     }
 
 
 # Configs whose model ships with the package (built in, or a file in the repository).
-OFFLINE = ("gmm_digits.yaml", "edm_digits_net.yaml")
+OFFLINE = ("gmm_digits.yaml", "gmm_digits_flow.yaml", "edm_digits_net.yaml")
 
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c.name not in OFFLINE], ids=lambda c: c.name)

@@ -171,3 +171,47 @@ def test_flow_lambda_file_refuses_another_shift_and_another_model(tmp_path):
     edm = build_student({"source": "gmm_digits"}, "euler", 8)
     with pytest.raises(LambdaFileError, match="schedule="):
         load_lambdas(path, expect=edm.metadata())
+
+
+def _run(tmp_path, script, *args):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, str(root / script), *args], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+
+
+def _calibrate_flow_config(tmp_path, *extra):
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "gmm_digits_flow.yaml"
+    result = _run(
+        tmp_path, "train.py", "--config", str(config), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+        "--data.cache_dir", str(tmp_path / "cache"), "--model.output", str(tmp_path / "l.safetensors"), *extra,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return config, result
+
+
+def test_flow_config_calibrates_and_its_lambda_file_refuses_another_shift(tmp_path):
+    from dode_lightning.lambda_file import load_lambdas
+
+    config, _ = _calibrate_flow_config(tmp_path, "--data.batch_size", "8", "--exact_report", "false")
+    tensors, meta = load_lambdas(tmp_path / "l.safetensors")
+    assert meta["time_shift"] == {"shift": 3.0} and meta["grid"] == "flow" and meta["solver"] == "euler"
+    assert float(tensors["lambdas"][0]) == 0 and tensors["lambdas"].isfinite().all()
+    shifted = tmp_path / "shift25.yaml"
+    shifted.write_text(config.read_text().replace("shift: 3.0", "shift: 2.5"))
+    result = _run(tmp_path, "sample.py", "--config", str(shifted), "--lambdas", str(tmp_path / "l.safetensors"), "--seeds", "0-3", "--outdir", str(tmp_path / "out"))
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: ") and "time_shift" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_flow_config_prints_the_exact_endpoint_table(tmp_path):
+    _, result = _calibrate_flow_config(tmp_path)
+    assert "RMSE to the exact probability-flow ODE endpoint" in result.stdout
+    held_out = next(line for line in result.stdout.splitlines() if line.startswith("| held-out"))
+    base, d_ode = (float(cell.split()[0]) for cell in held_out.split("|")[2:4])
+    assert d_ode < 0.8 * base
