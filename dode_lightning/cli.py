@@ -215,7 +215,7 @@ def exact_report(module: DODECalibration, data: TeacherTargets, held_out: int = 
     with tqdm(total=8, desc="exact-model report") as bar:
         for name, (noise, labels) in batches.items():
             start = ve_form(student.init_state(noise), student.sigmas[0], student.scales[0])
-            exact = mixture.exact_endpoint(start, float(student.sigmas[0]), labels)
+            exact = mixture.exact_endpoint(start, float(student.sigmas[0]), labels, sigma_end=float(student.sigmas[-1]))
             bar.update(1)
             errors = []
             for lam, solver in ((None, student), (lambdas, student), (None, teacher)):
@@ -327,7 +327,8 @@ def _calibrate(args: list[str] | None, progress: dict[str, Any]) -> int:
     tensors = {
         "lambdas": module.lambdas.detach().cpu(),
         "coeffs": fit.coeffs,
-        "sigmas": fit.sigmas,
+        "sigmas": module.student.sigmas,
+        "eval_sigmas": fit.sigmas,
         "target_sigmas": module.student.target_sigmas,
         "lambda_fitted": torch.tensor(module.student.lambda_fitted),
     }

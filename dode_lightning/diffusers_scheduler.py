@@ -37,7 +37,7 @@ from torch import Tensor
 from .checkpoints.diffusers_folder import betas_from_scheduler_config
 from .denoisers import DiscreteEpsDenoiser, broadcast_sigma
 from .distill import SolverSetup
-from .lambda_file import load_lambdas
+from .lambda_file import lambda_metadata, load_lambdas
 from .lambda_file import schedule_id as describe_schedule
 from .scheduler_config import (
     EDM_PREDICTION_TYPES,
@@ -552,12 +552,11 @@ def export_scheduler(lambda_file: str | os.PathLike, pipeline: str | os.PathLike
     table and the network's prediction type; a table of another hash is refused. `integer_timesteps` must be what
     the calibration's denoiser used (its `integer_timesteps` option). Save the result with `save_pretrained`.
     """
-    tensors, meta = load_lambdas(lambda_file)
+    meta = lambda_metadata(lambda_file)
     schedule_wanted = str(meta.get("schedule", ""))
     if not schedule_wanted.startswith("VPDiscrete"):
         raise SchedulerConfigError(f"{lambda_file} was fitted on the schedule {schedule_wanted or '?'}; DODEScheduler runs discrete VP (diffusers DDPM-type) models only")
     base = _scheduler_config(pipeline)
-    lambdas = tensors["lambdas"]
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
     init = {k: base[k] for k in keys if k in base}
     schedule = VPDiscrete(betas_from_scheduler_config(init))
@@ -566,8 +565,10 @@ def export_scheduler(lambda_file: str | os.PathLike, pipeline: str | os.PathLike
     fitted_prediction, folder_prediction = meta.get("prediction_type", "epsilon"), init.get("prediction_type", "epsilon")
     if fitted_prediction != folder_prediction:
         raise SchedulerConfigError(f"{pipeline} has prediction_type {folder_prediction!r}, but {lambda_file} was fitted on a {fitted_prediction!r} network; give the calibrated pipeline folder")
+    tensors, meta = load_lambdas(lambda_file, schedule=schedule)  # its σ list becomes the config's diffusers `sigmas`
+    lambdas = tensors["lambdas"]
     try:
-        setup = SolverSetup.resolve(meta["solver"], int(meta["nfe"]), schedule, meta.get("grid"), **(meta.get("grid_kwargs") or {}))
+        setup = SolverSetup.resolve(meta["solver"], int(meta["nfe"]), schedule, meta.get("grid"), tensors["sigmas"], **(meta.get("grid_kwargs") or {}))
         solver = setup.build()
     except (KeyError, NFEError, ValueError, TypeError) as err:
         raise SchedulerConfigError(f"{lambda_file}: cannot rebuild its solver ({err})") from None

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import torch
 from torch import Tensor
 
 from .denoisers import Denoiser, NoGradDenoiser
-from .grids import make_sigmas
+from .grids import GRIDS, check_sigmas, make_sigmas
 from .schedules import Schedule
-from .solvers import SOLVERS, LambdaLayout, Solver, Stage, StageCorrector, run_stages
+from .solvers import SOLVERS, LambdaLayout, Solver, Stage, StageCorrector, run_stages, solver_on
 
 __all__ = [
     "SEED_LIMIT",
@@ -41,16 +41,23 @@ Reduce = Callable[[Tensor], Tensor]
 
 @dataclass(frozen=True)
 class SolverSetup:
-    """Everything that determines a student solver: name, NFE, schedule and grid."""
+    """Everything that determines a student solver: name, NFE, schedule and grid.
+
+    `sigmas`: given step boundaries (a λ file's, or placed by `teacher_dp`); then `grid` only names how they were
+    chosen and `grid_kwargs` records the settings of that choice.
+    """
 
     name: str
     nfe: int
     schedule: Schedule
     grid: str
     grid_kwargs: dict
+    sigmas: Tensor | None = field(default=None, compare=False)
 
     @classmethod
-    def resolve(cls, name: str, nfe: int, schedule: Schedule, grid: str | None = None, **grid_kwargs: float) -> "SolverSetup":
+    def resolve(
+        cls, name: str, nfe: int, schedule: Schedule, grid: str | None = None, sigmas: Tensor | None = None, **grid_kwargs: float
+    ) -> "SolverSetup":
         if name not in SOLVERS:
             raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(sorted(SOLVERS))}")
         if nfe > MAX_NFE:
@@ -58,12 +65,18 @@ class SolverSetup:
         if grid is None:
             grid, defaults = SOLVERS[name].grid_for(schedule)
             grid_kwargs = {**defaults, **grid_kwargs}
-        return cls(name, nfe, schedule, grid, dict(grid_kwargs))
+        return cls(name, nfe, schedule, grid, dict(grid_kwargs), None if sigmas is None else check_sigmas(sigmas))
 
     def build(self) -> Solver:
         cls = SOLVERS[self.name]
+        if self.sigmas is not None:
+            return solver_on(cls, self.sigmas, self.schedule, self.nfe)
         sigmas = make_sigmas(self.grid, cls.steps_for_nfe(self.nfe), self.schedule, **self.grid_kwargs)
         return cls.from_grid(sigmas, self.schedule)
+
+    def on(self, sigmas: Tensor, grid: str, **grid_kwargs: Any) -> "SolverSetup":
+        """The same solver on other step boundaries (a learned grid named `grid`, chosen with `grid_kwargs`)."""
+        return SolverSetup(self.name, self.nfe, self.schedule, grid, dict(grid_kwargs), check_sigmas(sigmas))
 
 
 # Student NFE and teacher steps beyond these are mistakes (a typo'd 10¹² would try to allocate the grid).
@@ -129,12 +142,12 @@ def _refine(sigmas: Tensor, setup: SolverSetup, factors: list[int]) -> Tensor:
     """
     schedule, grid = setup.schedule, setup.grid
     rho = float(setup.grid_kwargs.get("rho", 7.0))
-    if grid == "karras":
-        forward, inverse = (lambda s: s ** (1 / rho)), (lambda u: u**rho)
-    elif grid == "logsnr_uniform":
+    if grid == "logsnr_uniform":
         forward, inverse = torch.log, torch.exp
-    else:  # time-uniform, quadratic and the integer grids are refined in the schedule's time t
+    elif grid in GRIDS and grid != "karras":  # time-uniform, quadratic and the integer grids: the schedule's time t
         forward, inverse = schedule.sigma_inv, schedule.sigma
+    else:  # Karras, and given or learned σ: the Karras coordinate σ^{1/ρ} (dense where the ODE is stiff)
+        forward, inverse = (lambda s: s ** (1 / rho)), (lambda u: u**rho)
     integer = grid in ("uniform_torch", "uniform", "quad", "linspace_int")
     points = [sigmas[:1]]
     for j in range(len(sigmas) - 1):
@@ -171,6 +184,8 @@ def build_teacher(
     cls = SOLVERS[name]
     num_stages = student.num_stages
     if mode == "paper":
+        if setup.sigmas is not None:
+            raise ValueError(f"paper targets need a named grid, the student runs on given σ (grid {setup.grid}); use target_mode aligned")
         grid = setup.grid
         num_timesteps = getattr(setup.schedule, "num_timesteps", None)
         if setup.name.startswith("dpm_solver_") and not setup.name.startswith("dpm_solver_pp") and num_timesteps:

@@ -26,6 +26,9 @@ __all__ = [
     "flow_times",
     "check_flow_times",
     "make_sigmas",
+    "check_sigmas",
+    "GRIDS",
+    "LEARNED_GRIDS",
 ]
 
 
@@ -124,6 +127,8 @@ _INTEGER_GRIDS = {
     "linspace_int": linspace_int_timesteps,
 }
 GRIDS = ("karras", "time_uniform", "time_quadratic", "logsnr_uniform", *_INTEGER_GRIDS, *FLOW_GRIDS)
+# Grids whose σ calibration places (train.py); they exist only as the σ list of a λ file.
+LEARNED_GRIDS = ("teacher_dp",)
 
 
 def make_sigmas(
@@ -175,3 +180,26 @@ def make_sigmas(
     else:
         raise ValueError(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)}")
     return append_zero(sigmas) if terminal_zero else sigmas
+
+
+def check_sigmas(sigmas: Tensor) -> Tensor:
+    """A given σ list as float64 (keeps autograd): 1-D, at least two values ≥ 0, strictly decreasing, finite except
+    σ_0 = ∞ (flow matching's t = 1).
+
+    Raises ValueError naming the first offending entry (the callers add what to do).
+    """
+    sigmas = torch.as_tensor(sigmas)
+    if not sigmas.is_floating_point() or sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError(f"a σ list must be a 1-D float tensor of at least 2 values, got dtype {str(sigmas.dtype).replace('torch.', '')} and shape {tuple(sigmas.shape)}")
+    sigmas = sigmas.to(torch.float64)
+    values = sigmas.detach()
+    start_at_infinity = (torch.arange(len(values)) == 0) & (values == math.inf)
+    bad = ((~values.isfinite() & ~start_at_infinity) | (values < 0)).nonzero()
+    if len(bad):
+        k = int(bad[0])
+        raise ValueError(f"σ_{k} = {float(values[k]):.6g} is not a finite value ≥ 0")
+    rising = (values[1:] >= values[:-1]).nonzero()
+    if len(rising):
+        k = int(rising[0])
+        raise ValueError(f"the σ list is not strictly decreasing: σ_{k} = {float(values[k]):.6g}, σ_{k + 1} = {float(values[k + 1]):.6g}")
+    return sigmas

@@ -18,24 +18,32 @@ from torch import Tensor
 
 from .atomic import atomic_path
 from .checkpoints.errors import one_line, quoted
-from .schedules import Schedule
-from .solvers import LambdaLayout
+from .distill import SolverSetup
+from .grids import check_sigmas
+from .schedules import EDM, VE, FlowMatching, Schedule, VPContinuous, VPDiscrete, cosine_betas, linear_betas
+from .solvers import SOLVERS, LambdaLayout, NFEError
 
 __all__ = [
     "save_lambdas",
     "load_lambdas",
+    "lambda_metadata",
     "lambdas_to_apply",
     "check_lambdas",
     "check_metadata",
+    "check_grid",
     "schedule_id",
     "fitted_settings",
     "lambda_file_in",
+    "schedule_from_id",
     "LambdaFileError",
     "MATCH_KEYS",
     "LAMBDA_LIMIT",
 ]
 
-FORMAT = "dode-lightning/lambdas/1"
+# Format 2 holds the student's grid as the float64 tensor `sigmas` (σ_0 … σ_N, descending); format 1 files held
+# only the evaluation σ there (now `eval_sigmas`), and their grid is rebuilt from the metadata on loading.
+FORMAT = "dode-lightning/lambdas/2"
+FORMAT_1 = "dode-lightning/lambdas/1"
 # Fields that must agree between a λ file and the run that uses it.
 # `guidance_scale` (float) is recorded for text-conditional pipelines: λ fitted for one guided denoiser;
 # `time_shift` for flow-matching models: λ fitted on one shifted time grid.
@@ -117,36 +125,35 @@ def check_lambdas(lambdas: Tensor, origin: str, remedy: str = "refit with train.
 
 
 def save_lambdas(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> Path:
-    """Write `tensors` (must include `lambdas`, checked by `check_lambdas`) and metadata atomically."""
+    """Write `tensors` (must include `lambdas` and the grid `sigmas`, checked as on loading) and metadata atomically."""
     path = Path(path)
     check_lambdas(tensors["lambdas"], "the fit")
+    tensors = {**tensors, "sigmas": tensors["sigmas"].detach().to(torch.float64)}
+    check_grid(tensors["sigmas"], tensors["lambdas"], metadata, "the fit")
     meta = {"format": FORMAT, "metadata": json.dumps(metadata, sort_keys=True)}
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        # clone: views of one tensor (σ and σ[1:]) cannot be saved side by side
+        save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, str(tmp), metadata=meta)
     return path
 
 
-def load_lambdas(path: str | Path, expect: dict[str, Any] | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read a λ file; with `expect`, refuse it unless every MATCH_KEYS field present in `expect` agrees."""
-    path = Path(path)
-    if not path.is_file():
-        raise LambdaFileError(f"λ file {path} does not exist: run train.py first or pass the path it printed")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise LambdaFileError(f"{path} is not a readable λ file ({err}); refit with train.py") from None
-    if header.get("format") != FORMAT or "lambdas" not in tensors:
-        raise LambdaFileError(f"{path} is not a dode-lightning λ file (format {one_line(repr(header.get('format')), 60)})")
-    try:
-        metadata = json.loads(header["metadata"])
-    except (KeyError, ValueError, RecursionError):
-        metadata = None
-    if not isinstance(metadata, dict):
-        raise LambdaFileError(f"{path} has no readable metadata (a JSON object under 'metadata'); refit with train.py")
-    check_metadata(metadata, str(path))
-    check_lambdas(tensors["lambdas"], str(path))
+def load_lambdas(
+    path: str | Path, expect: dict[str, Any] | None = None, schedule: Schedule | None = None
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a λ file; with `expect`, refuse it unless every MATCH_KEYS field present in `expect` agrees.
+
+    The tensors always hold the grid `sigmas` (float64, descending) the λ were fitted on, checked against the λ; an
+    older file's grid is rebuilt from its metadata on `schedule` (default: the schedule its metadata describes).
+    """
+    tensors, metadata, version = _read(Path(path))
+    if version == FORMAT_1:
+        if "sigmas" in tensors:
+            tensors["eval_sigmas"] = tensors.pop("sigmas")
+        tensors["sigmas"] = _rebuilt_grid(path, metadata, schedule)
+    elif "sigmas" not in tensors:
+        raise LambdaFileError(f"{path} holds no σ list (tensor 'sigmas'); refit with train.py")
+    check_grid(tensors["sigmas"], tensors["lambdas"], metadata, str(path))
+    tensors["sigmas"] = tensors["sigmas"].to(torch.float64)
     if expect:
         wrong = [
             f"{key}={one_line(repr(metadata.get(key)), 80)} (this run: {expect[key]!r})"
@@ -156,6 +163,34 @@ def load_lambdas(path: str | Path, expect: dict[str, Any] | None = None) -> tupl
         if wrong:
             raise LambdaFileError(f"{path} was fitted for another configuration: {'; '.join(wrong)}; refit with train.py")
     return tensors, metadata
+
+
+def lambda_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of a λ file (checked as by `load_lambdas`, except its σ list)."""
+    return _read(Path(path))[1]
+
+
+def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, Any], str]:
+    """Tensors, metadata and format of a readable λ file with valid λ."""
+    if not path.is_file():
+        raise LambdaFileError(f"λ file {path} does not exist: run train.py first or pass the path it printed")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise LambdaFileError(f"{path} is not a readable λ file ({err}); refit with train.py") from None
+    if header.get("format") not in (FORMAT, FORMAT_1) or "lambdas" not in tensors:
+        raise LambdaFileError(f"{path} is not a dode-lightning λ file (format {one_line(repr(header.get('format')), 60)})")
+    try:
+        metadata = json.loads(header["metadata"])
+    except (KeyError, ValueError, RecursionError):
+        metadata = None
+    if not isinstance(metadata, dict):
+        raise LambdaFileError(f"{path} has no readable metadata (a JSON object under 'metadata'); refit with train.py")
+    check_metadata(metadata, str(path))
+    check_lambdas(tensors["lambdas"], str(path))
+    return tensors, metadata, header["format"]
 
 
 def lambdas_to_apply(
@@ -175,13 +210,60 @@ def lambdas_to_apply(
         raise LambdaFileError(f"{path}: {err}; refit with train.py") from None
 
 
+def check_grid(sigmas: Tensor, lambdas: Tensor, metadata: dict[str, Any], origin: str) -> None:
+    """Refuse a σ list that is not strictly decreasing or does not give the λ's stage count for the file's solver."""
+    try:
+        cls = SOLVERS[str(metadata.get("solver"))]
+    except KeyError:
+        raise LambdaFileError(f"{origin} names the unknown solver {one_line(repr(metadata.get('solver')), 40)}; refit with train.py") from None
+    try:
+        solver = cls(check_sigmas(sigmas))
+    except (NFEError, ValueError) as err:
+        raise LambdaFileError(f"{origin}: its σ list is unusable ({err}); refit with train.py") from None
+    if solver.num_stages != len(lambdas):
+        raise LambdaFileError(f"{origin}: its {len(sigmas)} σ give {cls.name} {solver.num_stages} stages, but it holds λ for {len(lambdas)}; refit with train.py")
+    if "nfe" in metadata and metadata["nfe"] != solver.nfe:
+        raise LambdaFileError(f"{origin}: its σ give {cls.name} NFE {solver.nfe}, its metadata says nfe {one_line(repr(metadata['nfe']), 20)}; refit with train.py")
+
+
+def schedule_from_id(text: str) -> Schedule | None:
+    """The schedule `schedule_id` describes, where its fields determine it (discrete β tables: the linear and cosine
+    tables of that length); None otherwise."""
+    name, brace, fields = str(text).partition("{")
+    try:
+        values = json.loads(brace + fields)
+        candidates = {
+            "EDM": lambda: [EDM(values["t_min"], values["t_max"])],
+            "VE": lambda: [VE(values["t_min"] ** 0.5, values["t_max"] ** 0.5)],
+            "VPContinuous": lambda: [VPContinuous(values["beta_d"], values["beta_min"], values["t_min"])],
+            "VPDiscrete": lambda: [VPDiscrete(betas(int(values["num_timesteps"]))) for betas in (linear_betas, cosine_betas)],
+            "FlowMatching": lambda: [FlowMatching(values["shift"], values.get("mu"), values["time_shift_type"], values["num_train_timesteps"])],
+        }[name]()
+    except (KeyError, ValueError, TypeError, RecursionError):
+        return None
+    return next((schedule for schedule in candidates if schedule_id(schedule) == text), None)
+
+
+def _rebuilt_grid(path: Path, metadata: dict[str, Any], schedule: Schedule | None) -> Tensor:
+    """The grid an older (format 1) λ file was fitted on, from its solver, NFE and grid settings."""
+    if schedule is None or schedule_id(schedule) != metadata.get("schedule"):
+        schedule = schedule_from_id(metadata.get("schedule", ""))
+    if schedule is None:
+        raise LambdaFileError(f"{path} is an older λ file without its σ list, and its schedule {one_line(repr(metadata.get('schedule')), 60)} cannot be rebuilt; refit with train.py")
+    try:
+        setup = SolverSetup.resolve(str(metadata["solver"]), int(metadata["nfe"]), schedule, metadata.get("grid"), **dict(metadata.get("grid_kwargs") or {}))
+        return setup.build().sigmas
+    except (KeyError, NFEError, ValueError, TypeError) as err:
+        raise LambdaFileError(f"{path} is an older λ file without its σ list, and its grid cannot be rebuilt ({one_line(str(err), 100)}); refit with train.py") from None
+
+
 def _normalise(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True))
 
 
 def fitted_settings(path: str | Path) -> dict[str, Any]:
-    """Solver, NFE, grid and grid settings a λ file was fitted for (a sampler built from them matches it)."""
-    _, meta = load_lambdas(path)
+    """Solver, NFE, grid and grid settings a λ file was fitted for (with its σ list they rebuild its student)."""
+    meta = lambda_metadata(path)
     missing = [key for key in ("solver", "nfe", "grid", "grid_kwargs") if key not in meta]
     if missing:
         raise LambdaFileError(f"{path} lacks {', '.join(missing)} in its metadata; refit with train.py")

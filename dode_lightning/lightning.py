@@ -11,7 +11,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -39,7 +39,9 @@ from .distill import (
     teacher_targets,
 )
 from .figures import lambda_figure
+from .grids import LEARNED_GRIDS
 from .lambda_file import schedule_id
+from .schedules import Schedule
 from .solvers import LambdaLayout, NFEError, Solver
 
 __all__ = ["DODECalibration", "TeacherTargets", "ConfigError", "BuiltStudent", "build_student", "limit_threads_for_builtin", "image_grid"]
@@ -92,11 +94,15 @@ def build_student(
     rho: float | None = None,
     state_dtype: str = "float64",
     grid_kwargs: dict[str, Any] | None = None,
+    terminal_zero: bool | None = None,
+    sigmas: Tensor | Callable[[Schedule], Tensor] | None = None,
 ) -> BuiltStudent:
     """Load the denoiser (default: the built-in exact model) and build the student; bad settings → ConfigError.
 
     `grid_kwargs`: the complete grid settings as a λ file records them (with an explicit `grid`); sigma_min,
-    sigma_max and rho given as well override them.
+    sigma_max, rho and terminal_zero given as well override them. `sigmas`: the step boundaries themselves (a λ
+    file's), or a function of the denoiser's schedule that gives them; `grid` and `grid_kwargs` then only record
+    how they were chosen.
     """
     denoiser = denoiser or {"source": "gmm_digits"}
     if not isinstance(denoiser, dict) or "source" not in denoiser:
@@ -108,9 +114,14 @@ def build_student(
     except ValueError as err:  # unknown source or option, a path where none is taken: the config's fault
         raise ConfigError(f"denoiser section: {err}") from None
     loaded.denoiser.eval().requires_grad_(False)
-    grid_kwargs = {**(grid_kwargs or {}), **{k: v for k, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)) if v is not None}}
+    overrides = (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho), ("terminal_zero", terminal_zero))
+    grid_kwargs = {**(grid_kwargs or {}), **{k: v for k, v in overrides if v is not None}}
+    if callable(sigmas):
+        sigmas = sigmas(loaded.schedule)
+    if sigmas is None and grid in LEARNED_GRIDS:
+        raise ConfigError(f"grid {grid!r} is placed by calibration (train.py); sample it with the λ file train.py wrote")
     try:
-        setup = SolverSetup.resolve(solver, nfe, loaded.schedule, grid, **grid_kwargs)
+        setup = SolverSetup.resolve(solver, nfe, loaded.schedule, grid, sigmas, **grid_kwargs)
         student: Solver = setup.build()
     except (NFEError, ValueError) as err:
         raise ConfigError(str(err)) from None
@@ -135,6 +146,8 @@ class DODECalibration(pl.LightningModule):
         sigma_min: smallest σ of the grid (default: the solver's default).
         sigma_max: largest σ of the grid (default: the solver's default).
         rho: Karras grid exponent (default 7).
+        terminal_zero: whether the grid's last step goes to σ = 0 (default, the paper's N points + 0) or the grid
+            ends at sigma_min (false: N + 1 points, the last state is the one at sigma_min).
         fit: `closed_form` (the paper's sequential least squares), `adam` (gradient fit of the same per-stage
             objective), or `compare` (both; the closed-form λ are kept).
         adam_lr: Adam learning rate (λ in units of each stage's natural scale).
@@ -158,6 +171,7 @@ class DODECalibration(pl.LightningModule):
         sigma_min: float | None = None,
         sigma_max: float | None = None,
         rho: float | None = None,
+        terminal_zero: bool | None = None,
         fit: Literal["closed_form", "adam", "compare"] = "closed_form",
         adam_lr: float = 0.1,
         adam_steps: int = 300,
@@ -181,7 +195,7 @@ class DODECalibration(pl.LightningModule):
             self.layout = LambdaLayout(history, lambda_groups)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        self.built = build_student(denoiser, solver, nfe, grid, sigma_min, sigma_max, rho, state_dtype)
+        self.built = build_student(denoiser, solver, nfe, grid, sigma_min, sigma_max, rho, state_dtype, terminal_zero=terminal_zero)
         self.loaded, self.setup_spec, self.student = self.built.loaded, self.built.setup, self.built.solver
         if not any(self.student.lambda_fitted):
             raise ConfigError(

@@ -62,11 +62,11 @@ SAMPLING_TRAINER_DEFAULTS: dict[str, Any] = {
 # TensorBoard runs of sample.py go under <save_dir>/SAMPLING_RUNS, apart from the calibration runs, and only with FID.
 SAMPLING_RUNS = "sampling"
 # Model keys a λ file fixes (it was fitted for exactly these).
-_FITTED_KEYS = ("solver", "nfe", "grid", "sigma_min", "sigma_max", "rho")
+_FITTED_KEYS = ("solver", "nfe", "grid", "sigma_min", "sigma_max", "rho", "terminal_zero")
 # The `model` keys DODESampler takes from the config (its arguments but lambdas, class_conditional, eval_batch), and
 # those DODECalibration takes besides, which do not change how a seed is sampled. Written out so that --help and
 # --print_config need no Lightning import; tests/test_startup.py checks them against both signatures.
-SAMPLER_KEYS = ("denoiser", "solver", "nfe", "grid", "sigma_min", "sigma_max", "rho", "state_dtype")
+SAMPLER_KEYS = ("denoiser", "solver", "nfe", "grid", "sigma_min", "sigma_max", "rho", "terminal_zero", "state_dtype")
 CALIBRATION_ONLY_KEYS = ("fit", "adam_lr", "adam_steps", "output", "history", "lambda_groups", "guard")
 # A few Trainer arguments named in --help (any other works too).
 _TRAINER_EXAMPLES = "accelerator, strategy, devices, num_nodes, precision, logger, callbacks, default_root_dir"

@@ -499,6 +499,7 @@ class DODESampler(pl.LightningModule):
         sigma_min: float | None = None,
         sigma_max: float | None = None,
         rho: float | None = None,
+        terminal_zero: bool | None = None,
         state_dtype: Literal["float32", "float64"] = "float64",
         lambdas: str | None = None,
         class_conditional: bool | None = None,
@@ -510,9 +511,12 @@ class DODESampler(pl.LightningModule):
         use_file = lambdas is not None and str(lambdas).lower() != "none"
         if use_file:
             fitted = fitted_settings(lambdas)
-            self.built = build_student(denoiser, fitted["solver"], fitted["nfe"], fitted["grid"], state_dtype=state_dtype, grid_kwargs=fitted["grid_kwargs"])
+            self.built = build_student(
+                denoiser, fitted["solver"], fitted["nfe"], fitted["grid"], state_dtype=state_dtype, grid_kwargs=fitted["grid_kwargs"],
+                sigmas=lambda schedule: load_lambdas(lambdas, schedule=schedule)[0]["sigmas"],
+            )
         else:
-            self.built = build_student(denoiser, solver, nfe, grid, sigma_min, sigma_max, rho, state_dtype)
+            self.built = build_student(denoiser, solver, nfe, grid, sigma_min, sigma_max, rho, state_dtype, terminal_zero=terminal_zero)
         self.eval_batch = eval_batch
         self.denoiser = FixedBatch(self.built.loaded.denoiser, eval_batch)
         self.decoder = self.built.loaded.decoder
@@ -521,7 +525,7 @@ class DODESampler(pl.LightningModule):
         fitted_conditional = None
         lam = None
         if use_file:
-            tensors, meta = load_lambdas(lambdas, expect=self.built.metadata())
+            tensors, meta = load_lambdas(lambdas, expect=self.built.metadata(), schedule=self.built.setup.schedule)
             lam = lambdas_to_apply(lambdas, tensors, meta, self.student.num_stages, self.built.loaded.image_shape)
             self.lambda_file = {"path": str(Path(lambdas).resolve()), "sha256": file_sha256(lambdas), "metadata": meta}
             fitted_conditional = meta.get("class_conditional")

@@ -20,7 +20,7 @@ from dode_lightning.distill import (
 from dode_lightning.lambda_file import LambdaFileError, load_lambdas, save_lambdas
 from dode_lightning.lightning import DODECalibration, TeacherTargets
 from dode_lightning.schedules import EDM, make_schedule
-from dode_lightning.solvers import Stage, run_stages
+from dode_lightning.solvers import Stage, make_solver, run_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,7 +147,7 @@ def test_seeded_noise_depends_only_on_the_seed():
 
 def test_lambda_file_round_trip_and_mismatch(tmp_path):
     meta = {"solver": "heun", "nfe": 9, "grid": "karras", "grid_kwargs": {}, "schedule": "EDM{}", "denoiser": "gmm_digits", "seeds": [0, 99]}
-    path = save_lambdas(tmp_path / "l.safetensors", {"lambdas": torch.arange(9.0, dtype=torch.float64)}, meta)
+    path = save_lambdas(tmp_path / "l.safetensors", {"lambdas": torch.arange(9.0, dtype=torch.float64), "sigmas": make_solver("heun", 9).sigmas}, meta)
     tensors, loaded = load_lambdas(path, expect={"solver": "heun", "nfe": 9, "denoiser": "gmm_digits"})
     assert torch.equal(tensors["lambdas"], torch.arange(9.0, dtype=torch.float64)) and loaded == meta
     with pytest.raises(LambdaFileError, match=r"nfe=9 \(this run: 5\)"):

@@ -22,7 +22,7 @@ from dode_lightning.lambda_file import load_lambdas, save_lambdas
 from dode_lightning.lambda_file import schedule_id as describe_schedule
 from dode_lightning.sample_cli import export_scheduler_main, sample_main
 from dode_lightning.sampling import ImageStore, to_uint8
-from dode_lightning.solvers import SOLVERS, LambdaLayout
+from dode_lightning.solvers import SOLVERS, LambdaLayout, make_solver
 from tests.conftest import fixture_path, unit_noise
 
 diffusers = pytest.importorskip("diffusers")
@@ -298,7 +298,7 @@ def test_cli_bad_input_is_one_line_and_creates_nothing(tmp_path, folder, capsys)
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1 and "train.py" in err
     assert not out.exists()
-    edm = save_lambdas(tmp_path / "edm.safetensors", {"lambdas": torch.zeros(3)}, {"solver": "heun", "nfe": 3, "schedule": 'EDM{"t_max": 80.0}'})
+    edm = save_lambdas(tmp_path / "edm.safetensors", {"lambdas": torch.zeros(3), "sigmas": make_solver("heun", 3).sigmas}, {"solver": "heun", "nfe": 3, "schedule": 'EDM{"t_max": 80.0}'})
     for lambdas, pipeline, message in [(edm, folder, "discrete VP"), (edm, tmp_path, "discrete VP")]:
         assert export_scheduler_main(["--lambdas", str(lambdas), "--pipeline", str(pipeline), "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()

@@ -5,7 +5,7 @@ import torch
 from dode_lightning.distill import SolverSetup, build_teacher, fit_closed_form, holdout_mask, rmse, seeded_noise, teacher_targets
 from dode_lightning.lambda_file import LambdaFileError, lambdas_to_apply, load_lambdas, save_lambdas
 from dode_lightning.schedules import EDM
-from dode_lightning.solvers import LambdaLayout, StageCorrector, run_stages
+from dode_lightning.solvers import LambdaLayout, StageCorrector, make_solver, run_stages
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_guard_drops_a_stage_whose_lambda_hurts_held_out_samples(digits, problem
 
 def test_lambda_file_records_the_layout_and_refuses_a_mismatch(tmp_path):
     lambdas = torch.randn(5, 2, 4, dtype=torch.float64)
-    path = save_lambdas(tmp_path / "l.safetensors", {"lambdas": lambdas}, {"history": 2, "lambda_groups": "blocks:2"})
+    path = save_lambdas(tmp_path / "l.safetensors", {"lambdas": lambdas, "sigmas": make_solver("euler", 5).sigmas}, {"solver": "euler", "history": 2, "lambda_groups": "blocks:2"})
     tensors, meta = load_lambdas(path)
     applied = lambdas_to_apply(path, tensors, meta, 5, (1, 8, 8))
     assert applied.shape == (5, 2, 1, 8, 8) and float(applied[3, 1, 0, 7, 7]) == float(lambdas[3, 1, 3])

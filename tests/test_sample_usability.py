@@ -198,7 +198,7 @@ def _lambda_file(path: Path, nfe: int) -> Path:
     teacher, indices = build_teacher(built.solver, built.setup, 4, "aligned")
     noise, _ = seeded_noise(range(20), built.loaded.image_shape)
     fit = fit_closed_form(built.solver, built.loaded.denoiser, noise, teacher_targets(teacher, indices, built.loaded.denoiser, noise))
-    return save_lambdas(path, {"lambdas": fit.lambdas}, {**built.metadata(), "class_conditional": False})
+    return save_lambdas(path, {"lambdas": fit.lambdas, "sigmas": built.solver.sigmas}, {**built.metadata(), "class_conditional": False})
 
 
 def test_solver_nfe_and_grid_come_from_the_lambda_file(tmp_path, capsys):

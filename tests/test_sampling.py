@@ -185,7 +185,7 @@ def _lambda_file(path: Path, nfe: int) -> Path:
     teacher, indices = build_teacher(student, setup, 4, "aligned")
     noise, _ = seeded_noise(range(20), built.loaded.image_shape)
     fit = fit_closed_form(student, mixture, noise, teacher_targets(teacher, indices, mixture, noise))
-    return save_lambdas(path, {"lambdas": fit.lambdas}, {**built.metadata(), "class_conditional": False})
+    return save_lambdas(path, {"lambdas": fit.lambdas, "sigmas": student.sigmas}, {**built.metadata(), "class_conditional": False})
 
 
 def test_lambda_file_changes_the_samples_and_is_recorded(tmp_path, monkeypatch):

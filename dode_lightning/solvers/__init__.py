@@ -1,5 +1,5 @@
 """Solvers as stage generators (plain tensor code, no Lightning)."""
-from .base import SOLVERS, NFEError, OneStagePerStep, Solver, make_solver, register_solver
+from .base import SOLVERS, NFEError, OneStagePerStep, Solver, make_solver, register_solver, solver_on
 from .deis import DEIS, DEIS1, DEIS2, DEIS3, deis_coefficients, deis_stages
 from .dpm_solver import DPMSolver, DPMSolver2, DPMSolver3, dpm_solver_stages, singlestep_orders
 from .dpm_solver_pp import DPMSolverPP, DPMSolverPP2M, DPMSolverPP3M, dpm_solver_pp_stages, multistep_orders
@@ -14,6 +14,7 @@ __all__ = [
     "Solver",
     "OneStagePerStep",
     "make_solver",
+    "solver_on",
     "register_solver",
     "DDIM",
     "Euler",

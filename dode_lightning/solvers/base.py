@@ -8,11 +8,11 @@ import torch
 from torch import Tensor
 
 from ..denoisers import Denoiser
-from ..grids import make_sigmas
+from ..grids import check_sigmas, make_sigmas
 from ..schedules import EDM, Schedule
 from .stages import LambdaRule, Stage, StageGenerator, run_stages
 
-__all__ = ["Solver", "OneStagePerStep", "SOLVERS", "register_solver", "make_solver", "NFEError"]
+__all__ = ["Solver", "OneStagePerStep", "SOLVERS", "register_solver", "make_solver", "solver_on", "NFEError"]
 
 
 class NFEError(ValueError):
@@ -192,19 +192,31 @@ def make_solver(
     nfe: int,
     schedule: Schedule | None = None,
     grid: str | None = None,
+    sigmas: Tensor | None = None,
     **grid_kwargs: float,
 ) -> Solver:
-    """Build a solver by name for a given NFE on a grid of the schedule.
+    """Build a solver by name for a given NFE on a grid of the schedule, or on given step boundaries `sigmas`.
 
     Defaults: the EDM schedule and the solver's `grid_for` the schedule (whose keywords apply only to that default grid;
-    explicit `grid_kwargs` win).
+    explicit `grid_kwargs` win). `sigmas` (descending, e.g. a λ file's fitted grid) replaces the grid; it must
+    give this NFE.
     """
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(sorted(SOLVERS))}")
     cls = SOLVERS[name]
     schedule = EDM() if schedule is None else schedule
+    if sigmas is not None:
+        return solver_on(cls, check_sigmas(sigmas), schedule, nfe)
     if grid is None:
         grid, defaults = cls.grid_for(schedule)
         grid_kwargs = {**defaults, **grid_kwargs}
     sigmas = make_sigmas(grid, cls.steps_for_nfe(nfe), schedule, **grid_kwargs)
     return cls.from_grid(sigmas, schedule)
+
+
+def solver_on(cls: type[Solver], sigmas: Tensor, schedule: Schedule, nfe: int | None = None) -> Solver:
+    """Solver `cls` on the given step boundaries; with `nfe`, refuse boundaries that give another NFE."""
+    solver = cls.from_grid(sigmas, schedule)
+    if nfe is not None and solver.nfe != nfe:
+        raise NFEError(f"{cls.name} on these {len(sigmas)} σ takes NFE {solver.nfe}, not {nfe}")
+    return solver
