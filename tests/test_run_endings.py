@@ -29,6 +29,7 @@ from dode_lightning.lambda_file import LambdaFileError, check_metadata, load_lam
 from dode_lightning.lightning import build_student
 from dode_lightning.sample_cli import sample_main
 from dode_lightning.sampling import ImageStore
+from dode_lightning.solvers import make_solver
 from tests.conftest import wait_for_pngs
 from tests.test_run_hardening import CONFIG, ROOT, _args, _files, _one_error_line, in_tmp, train  # noqa: F401 (fixtures)
 
@@ -92,7 +93,7 @@ def test_export_scheduler_reads_the_pipeline_config_with_the_loaders_limits(tmp_
     pytest.importorskip("diffusers")
     from dode_lightning.sample_cli import export_scheduler_main
 
-    lambdas = save_lambdas(tmp_path / "l.safetensors", {"lambdas": torch.zeros(4)}, {"solver": "ddim", "nfe": 4, "schedule": "VPDiscrete{}"})
+    lambdas = save_lambdas(tmp_path / "l.safetensors", {"lambdas": torch.zeros(4), "sigmas": make_solver("ddim", 4).sigmas}, {"solver": "ddim", "nfe": 4, "schedule": "VPDiscrete{}"})
     (tmp_path / "pipe" / "scheduler").mkdir(parents=True)
     (tmp_path / "pipe" / "scheduler" / "scheduler_config.json").write_text(content)
     out = tmp_path / "out"

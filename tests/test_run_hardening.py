@@ -26,6 +26,7 @@ from dode_lightning.lambda_file import LambdaFileError, load_lambdas, save_lambd
 from dode_lightning.lightning import ConfigError, build_student
 from dode_lightning.sample_cli import sample_main
 from dode_lightning.sampling import GRID_FILE, ImageStore, parse_seeds
+from dode_lightning.solvers import make_solver
 from tests.conftest import wait_for_pngs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -254,7 +255,7 @@ def test_lambda_file_follows_the_umask(tmp_path):
     """safetensors recreates the temporary with 0600; the λ file still gets 0644 under umask 022, like the others."""
     previous = os.umask(0o022)
     try:
-        path = save_lambdas(tmp_path / "l.safetensors", {"lambdas": torch.zeros(3, dtype=torch.float64)}, {"solver": "euler"})
+        path = save_lambdas(tmp_path / "l.safetensors", {"lambdas": torch.zeros(3, dtype=torch.float64), "sigmas": make_solver("euler", 3).sigmas}, {"solver": "euler"})
     finally:
         os.umask(previous)
     assert path.stat().st_mode & 0o777 == 0o644
