@@ -13,6 +13,7 @@ import torch
 
 from dode_lightning.lambda_file import LAMBDA_LIMIT, save_lambdas
 from dode_lightning.lambda_file import schedule_id as describe_schedule
+from dode_lightning.solvers import make_solver
 
 diffusers = pytest.importorskip("diffusers")
 from dode_lightning import DODEScheduler, export_scheduler  # noqa: E402
@@ -274,7 +275,7 @@ def test_export_refuses_a_prediction_type_mismatch(tmp_path):
     folder = tmp_path / "pipe"
     diffusers.DDIMScheduler(**SD, prediction_type="epsilon").save_pretrained(folder / "scheduler")
     schedule = DODEScheduler(**SD).schedule
-    lambdas = save_lambdas(tmp_path / "v.safetensors", {"lambdas": torch.zeros(4, dtype=torch.float64)},
+    lambdas = save_lambdas(tmp_path / "v.safetensors", {"lambdas": torch.zeros(4, dtype=torch.float64), "sigmas": make_solver("ddim", 4, schedule).sigmas},
                            {"solver": "ddim", "nfe": 4, "schedule": describe_schedule(schedule), "prediction_type": "v_prediction"})
     with pytest.raises(SchedulerConfigError, match="prediction_type 'epsilon', but .* 'v_prediction'") as err:
         export_scheduler(lambdas, folder)
