@@ -163,7 +163,7 @@ def test_flow_lambda_file_refuses_another_shift_and_another_model(tmp_path):
     from dode_lightning.lightning import build_student
 
     fitted = build_student({"source": "gmm_digits_flow", "shift": 3.0}, "euler", 8)
-    path = save_lambdas(tmp_path / "lambdas.safetensors", {"lambdas": torch.zeros(8, dtype=torch.float64)}, fitted.metadata())
+    path = save_lambdas(tmp_path / "lambdas.safetensors", {"lambdas": torch.zeros(8, dtype=torch.float64), "sigmas": fitted.solver.sigmas}, fitted.metadata())
     load_lambdas(path, expect=fitted.metadata())
     other = build_student({"source": "gmm_digits_flow", "shift": 2.5}, "euler", 8)
     with pytest.raises(LambdaFileError, match=r"time_shift=\{'shift': 3.0\} \(this run: \{'shift': 2.5\}\)"):

@@ -40,7 +40,7 @@ def _lambda_file(folder: Path) -> Path:
     from dode_lightning.lightning import build_student
 
     built = build_student({"source": "gmm_digits"}, "euler", 4)
-    return save_lambdas(folder / "lambdas.safetensors", {"lambdas": torch.zeros(built.solver.num_stages, dtype=torch.float64)}, built.metadata())
+    return save_lambdas(folder / "lambdas.safetensors", {"lambdas": torch.zeros(built.solver.num_stages, dtype=torch.float64), "sigmas": built.solver.sigmas}, built.metadata())
 
 
 @pytest.fixture(scope="module")
