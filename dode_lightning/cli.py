@@ -224,7 +224,7 @@ def exact_report(module: DODECalibration, data: TeacherTargets, held_out: int = 
             base, d_ode, teach = errors
             rows.append(f"| {name} ({len(noise)}) | {base:.5f} | {d_ode:.5f} ({d_ode / base:.2f}×) | {teach:.5f} |")
     header = "| seeds | base student | D-student | teacher |\n|---|---|---|---|"
-    metrics = {"exact_rmse/held_out_d_over_base": d_ode / base, "exact_rmse/held_out_base": base, "exact_rmse/held_out_d": d_ode, "exact_rmse/held_out_teacher": teach}
+    metrics = {"rmse_exact/held_out_d_over_base": d_ode / base, "rmse_exact/held_out_base": base, "rmse_exact/held_out_d": d_ode, "rmse_exact/held_out_teacher": teach}
     return "RMSE to the exact probability-flow ODE endpoint:\n" + header + "\n" + "\n".join(rows), metrics
 
 
@@ -235,15 +235,16 @@ def summary_metrics(module: DODECalibration, fit: StageFit, exact: dict[str, flo
     if module.teacher_rmse:
         base, d_ode = module.teacher_rmse["base"], module.teacher_rmse["d"]
         if not exact:
-            metrics["teacher_rmse/d_over_base"] = d_ode / base if base > 0 else float("nan")
-        metrics.update({"teacher_rmse/base": base, "teacher_rmse/d": d_ode})
+            metrics["rmse_teacher/d_over_base"] = d_ode / base if base > 0 else float("nan")
+        metrics.update({"rmse_teacher/base": base, "rmse_teacher/d": d_ode})
     metrics.update({"summary/loss_base": float(fit.loss_base.sum()), "summary/loss_d": float(fit.loss_fit.sum())})
     return metrics
 
 
 def log_summary(logger: Any, table: str, hparams: dict[str, Any], fit: StageFit, module: DODECalibration, metrics: dict[str, float]) -> None:
     """TensorBoard's first screen of a run: λ and loss per stage as one chart each (x = stage k, also as custom
-    scalars), the console's per-stage table as text, HParams with the key hyperparameters first, and the metrics."""
+    scalars), the console's per-stage table as text, HParams with the key hyperparameters first, and the metrics.
+    Tag groups sort alphabetically on the Time Series page: lambda, loss, then rmse_* and summary (single points)."""
     from pytorch_lightning.loggers import TensorBoardLogger
 
     if not isinstance(logger, TensorBoardLogger):
@@ -260,9 +261,28 @@ def log_summary(logger: Any, table: str, hparams: dict[str, Any], fit: StageFit,
         layout["Adam fit (x = step)"] = {"λ of every stage": ["Multiline", [r"^lambda/stage_\d+$"]], "loss of every stage": ["Multiline", [r"^loss/stage_\d+$"]]}
     writer.add_custom_scalars(layout)
     writer.add_text("summary/stages", table, global_step=0)
-    ordered = {**{key: hparams[key] for key in KEY_HPARAMS if key in hparams}, **hparams}
-    logger.log_hyperparams(ordered, metrics)
+    logger.log_hyperparams(hparams)  # hparams.yaml; the HParams summaries follow
+    logger.log_metrics(metrics, step=0)
+    for summary in hparams_summaries(hparams, metrics):
+        writer._get_file_writer().add_summary(summary, 0)
     logger.save()
+
+
+def hparams_summaries(hparams: dict[str, Any], metrics: dict[str, float]) -> list[Any]:
+    """The HParams plugin's experiment, session-start and session-end summaries, the key hyperparameters marked.
+
+    TensorBoard sorts the columns by (`differs` first, name) and displays the first five until others are ticked;
+    marking KEY_HPARAMS as `differs` makes them those five. Metrics keep their order (headline first)."""
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+    from torch.utils.tensorboard.summary import hparams as hparams_protos
+
+    experiment, start, end = hparams_protos(hparams, metrics)
+    metadata = experiment.value[0].metadata.plugin_data
+    data = HParamsPluginData.FromString(metadata.content)
+    for info in data.experiment.hparam_infos:
+        info.differs = info.name in KEY_HPARAMS
+    metadata.content = data.SerializeToString()
+    return [experiment, start, end]
 
 
 def train_main(args: list[str] | None = None) -> int:

@@ -47,6 +47,7 @@ def test_lambda_per_stage_is_one_chart_and_there_is_no_epoch_scalar(closed_form)
     _, events = closed_form
     scalars = events.Tags()["scalars"]
     assert "epoch" not in scalars and not any(re.fullmatch(r"(lambda|loss)/stage_\d+", tag) for tag in scalars)
+    assert sorted({tag.split("/")[0] for tag in scalars})[:2] == ["lambda", "loss"]  # the first groups on Time Series
     per_stage = events.Scalars("lambda/per_stage")
     assert [point.step for point in per_stage] == [1, 2, 3]  # Euler NFE 4: stage 0 has no λ
     assert len(events.Scalars("loss/per_stage_base")) == len(events.Scalars("loss/per_stage_d")) == 3
@@ -62,14 +63,15 @@ def test_hparams_show_the_key_settings_first_and_the_headline_ratio(closed_form)
     console, events = closed_form
     content = events.SummaryMetadata("_hparams_/experiment").plugin_data.content
     info = plugin_data_pb2.HParamsPluginData.FromString(content).experiment
-    assert [h.name for h in info.hparam_infos][:5] == list(KEY_HPARAMS)  # HParams displays the first five columns
+    # HParams sorts by (differs first, name) and displays the first five columns: the key ones are marked.
+    assert sorted(h.name for h in info.hparam_infos if h.differs) == sorted(KEY_HPARAMS)
     metrics = [m.name.tag for m in info.metric_infos]
-    assert metrics[:4] == ["exact_rmse/held_out_d_over_base", "exact_rmse/held_out_base", "exact_rmse/held_out_d", "exact_rmse/held_out_teacher"]
-    assert {"teacher_rmse/base", "teacher_rmse/d", "summary/loss_base", "summary/loss_d"} <= set(metrics)
+    assert metrics[:4] == ["rmse_exact/held_out_d_over_base", "rmse_exact/held_out_base", "rmse_exact/held_out_d", "rmse_exact/held_out_teacher"]
+    assert {"rmse_teacher/base", "rmse_teacher/d", "summary/loss_base", "summary/loss_d"} <= set(metrics)
     # The headline is the console's held-out ratio.
     row = next(line for line in console.splitlines() if line.startswith("| held-out"))
     base, d_ode = (float(cell.split()[0]) for cell in row.split("|")[2:4])
-    (ratio,) = events.Scalars("exact_rmse/held_out_d_over_base")
+    (ratio,) = events.Scalars("rmse_exact/held_out_d_over_base")
     assert ratio.value == pytest.approx(d_ode / base, rel=1e-3)
 
 
@@ -77,7 +79,7 @@ def test_adam_steps_are_logged_without_epoch(tmp_path):
     _, events = _train(tmp_path, "adam")
     scalars = events.Tags()["scalars"]
     assert "epoch" not in scalars and [p.step for p in events.Scalars("lambda/stage_01")] == [1, 2, 3]
-    assert "teacher_rmse/d_over_base" in scalars
+    assert "rmse_teacher/d_over_base" in scalars
 
 
 def test_tensorboard_hint_works_without_an_activated_venv(closed_form):
