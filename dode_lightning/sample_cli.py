@@ -319,7 +319,7 @@ def _sample(argv: list[str], progress: dict[str, Any]) -> int:
 
         from .cli import CheckedTrainerCLI
         from .lightning import limit_threads_for_builtin
-        from .sampling import DODESampler, FIDCallback, ImageStore, PredictTimer, SampleWriter, SeedData, format_seeds, parse_seeds, read_manifest, write_grid
+        from .sampling import DODESampler, FIDCallback, ImageStore, PredictTimer, RankWatchdog, SampleWriter, SeedData, format_seeds, parse_seeds, read_manifest, write_grid
 
         seeds = parse_seeds(args.seeds)
         outdir = Path(args.outdir)
@@ -373,6 +373,7 @@ def _sample(argv: list[str], progress: dict[str, Any]) -> int:
     except _EXPECTED as err:
         return _fail(str(err))
     progress["writer"] = writer
+    callbacks.append(RankWatchdog())  # last, so that it watches through the other callbacks' collectives at the end
     for callback in callbacks:
         trainer.callbacks.append(callback)
     try:

@@ -20,7 +20,11 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
+import signal
+import sys
+import threading
 import time
 import warnings
 import zipfile
@@ -66,6 +70,8 @@ __all__ = [
     "SampleWriter",
     "SampleBatch",
     "PredictTimer",
+    "RankWatchdog",
+    "rank_failure_check",
     "write_grid",
     "fitted_settings",
     "FIDCallback",
@@ -629,6 +635,92 @@ class SampleWriter(BasePredictionWriter):
             seeds = prediction.seeds[keep].tolist()
             self.store.write(seeds, prediction.images[keep].cpu().numpy(), prediction.labels[keep].tolist())
             self.written += len(seeds)
+
+
+class RankWatchdog(Callback):
+    """Under DDP: when another rank dies mid-run (killed, crashed, or ended on an error of its own), this process
+    prints one line naming it and ends within `interval` seconds (exit code 1); the rerun resumes.
+
+    Why a thread that polls processes: the survivors are inside, or heading into, a gloo collective that fails only at
+    its timeout (30 minutes by default, and a shorter one would also fire on a slow but healthy rank), and until then
+    they keep sampling, a launched rank even without the folder lock once rank 0 is gone. A signal handler cannot
+    stop them (Python runs it between bytecodes of the main thread, not inside a collective), and an abort file would
+    not be written by a rank killed with SIGKILL. The process table covers every case: rank 0, which launched the
+    others, polls their exit codes; a launched rank sees that its parent is gone (it is re-parented). Every file is
+    written atomically, so ending the process from the thread (`os._exit`) leaves only whole files and hidden
+    temporaries that the rerun deletes. `stop` receives the message (default: print it and `os._exit(1)`).
+    """
+
+    def __init__(self, interval: float = 0.05, stop: Callable[[str], None] | None = None) -> None:
+        self.interval = interval
+        self.stop = stop or _print_and_exit
+        self.finished = threading.Event()
+        self.check: Callable[[], str | None] | None = None
+        self.rank = 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.check, self.rank = rank_failure_check(trainer), trainer.global_rank
+        if self.check is not None:
+            self.finished.clear()
+            threading.Thread(target=self._watch, daemon=True, name="dode-rank-watchdog").start()
+
+    def _watch(self) -> None:
+        while not self.finished.wait(self.interval) and not self._stop_on_failure():
+            pass
+
+    def _stop_on_failure(self) -> bool:
+        failure = self.check()
+        if failure is not None:
+            self.stop(f"{failure}, so rank {self.rank} stopped too; every file written is whole: rerun the same command to resume")
+        return failure is not None
+
+    def on_predict_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # Also checked before each batch by the main thread itself, which a busy machine may run long before the thread.
+        if self.check is not None:
+            self._stop_on_failure()
+
+    # The watch ends with predict (other ranks then exit on their own) or with this rank's own error or interrupt.
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.finished.set()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.finished.set()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.finished.set()
+
+
+def rank_failure_check(trainer: pl.Trainer) -> Callable[[], str | None] | None:
+    """A function describing the first dead rank this process can see (None while all live); None without DDP or
+    where this process sees none (a rank 0 that launched no process)."""
+    from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    if trainer.world_size < 2:
+        return None
+    launcher = trainer.strategy.launcher
+    first = trainer.node_rank * trainer.num_devices  # the node's rank 0, which launched the node's other ranks
+    if trainer.local_rank > 0:
+        parent = os.getppid()
+        name = f"rank {first} (pid {parent})" if isinstance(launcher, _SubprocessScriptLauncher) else f"the launching process (pid {parent})"
+        return lambda: f"{name} ended" if os.getppid() != parent else None
+    children = list(getattr(launcher, "procs", None) or [])
+    if not children:
+        return None
+
+    def check() -> str | None:
+        for local_rank, process in enumerate(children, 1):
+            code = process.poll()
+            if code:
+                how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"ended with exit code {code}"
+                return f"rank {first + local_rank} (pid {process.pid}) {how}"
+        return None
+
+    return check
+
+
+def _print_and_exit(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 class PredictTimer(Callback):
