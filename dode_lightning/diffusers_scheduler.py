@@ -41,11 +41,13 @@ from .lambda_file import lambda_metadata, load_lambdas
 from .lambda_file import schedule_id as describe_schedule
 from .scheduler_config import (
     EDM_PREDICTION_TYPES,
+    FLOW_PIPELINE_KEYS,
     Parameterization,
     ReferenceGrid,
     SchedulerConfigError,
     check_config_fields,
     check_model_output,
+    check_flow_times_argument,
     check_sigmas_argument,
     check_steps_argument,
     check_timesteps_argument,
@@ -55,7 +57,7 @@ from .scheduler_config import (
     read_scheduler_config,
     reference_grid,
 )
-from .schedules import EDM, Schedule, VPDiscrete
+from .schedules import EDM, FlowMatching, Schedule, VPDiscrete, flow_time
 from .solvers import SOLVERS, LambdaLayout, NFEError, Solver, StageCorrector, run_stages
 
 __all__ = ["DODEScheduler", "SchedulerConfigError", "SolverRun", "export_scheduler", "evaluation_sigmas"]
@@ -179,6 +181,9 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         if kind == "edm" and prediction_type not in EDM_PREDICTION_TYPES:
             raise SchedulerConfigError(f"prediction_type is {prediction_type!r}; allowed with an EDM config: {', '.join(EDM_PREDICTION_TYPES)}")
         self.parameterization = Parameterization(kind, prediction_type, 0.5 if sigma_data is None else float(sigma_data))
+        if kind == "flow":  # the SD3/FLUX pipelines read these from scheduler.config to compute μ
+            self.register_to_config(**{key: value for key, value in (base_config or {}).items() if key in FLOW_PIPELINE_KEYS})
+        self._mu: float | None = None
         self.schedule = self._schedule(kind)
         if schedule_id is not None and schedule_id != describe_schedule(self.schedule):
             raise SchedulerConfigError(f"the β table of this config is not the one the λ were fitted on ({schedule_id}); export the scheduler again from the calibrated pipeline")
@@ -212,6 +217,8 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         if kind == "edm":
             options = {**(self.config.base_config or {}), **(self.config.grid_kwargs or {})}
             return EDM(float(options.get("sigma_min", 0.002)), float(options.get("sigma_max", 80.0)))
+        if kind == "flow":
+            return self._flow_schedule(self._mu)
         config = self.config
         try:
             betas = betas_from_scheduler_config(
@@ -222,12 +229,26 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
             raise SchedulerConfigError(f"β table: {err}") from None
         return VPDiscrete(betas)
 
+    def _flow_schedule(self, mu: float | None) -> FlowMatching:
+        """The flow schedule of a FlowMatch config: its static shift, or the dynamic shift at `mu` (from
+        set_timesteps, or stored by export_scheduler)."""
+        options = self.config.base_config or {}
+        dynamic = bool(options.get("use_dynamic_shifting"))
+        mu = options.get("mu") if mu is None else mu
+        try:
+            return FlowMatching(
+                1.0 if dynamic else options.get("shift", 1.0), mu if dynamic else None, options.get("time_shift_type", "exponential"), int(self.config.num_train_timesteps)
+            )
+        except ValueError as err:
+            raise SchedulerConfigError(str(err)) from None
+
     def _solver_on(self, sigmas: list[float] | Tensor) -> Solver:
         try:
             grid = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1)
         except (TypeError, ValueError, RuntimeError):
             raise SchedulerConfigError(f"sigmas must be a list of numbers, got {str(sigmas)[:80]}") from None
-        if len(grid) < 2 or not bool(torch.isfinite(grid).all()) or bool((grid[:-1] <= grid[1:]).any()) or float(grid[-1]) < 0:
+        flow_start = self.parameterization.kind == "flow" and len(grid) > 0 and bool(torch.isposinf(grid[0]))  # t = 1
+        if len(grid) < 2 or not bool(torch.isfinite(grid[1:] if flow_start else grid).all()) or bool((grid[:-1] <= grid[1:]).any()) or float(grid[-1]) < 0:
             raise SchedulerConfigError(f"sigmas must be ≥ 2 finite, non-negative, strictly descending values, got {_short(grid)}")
         try:
             return self.solver_class.from_grid(grid, self.schedule)
@@ -292,6 +313,7 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         device: str | torch.device | None = None,
         timesteps: list[int] | Tensor | None = None,
         sigmas: list[float] | Tensor | None = None,
+        mu: float | None = None,
     ) -> None:
         """Build the solver for this run and the timesteps the pipeline loops over (one per network evaluation).
 
@@ -299,9 +321,14 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         the replaced scheduler's (`base_scheduler`, from `from_config`), else the package's `grid`. `timesteps=`
         (descending model timesteps; σ = 0 appended) or `sigmas=` (descending VE noise levels in diffusers' form,
         ending in 0; a list not ending in 0 gets it appended) give a custom grid instead. With λ only the calibrated
-        grid is accepted.
+        grid is accepted. Flow-matching configs take what the SD3/FLUX pipelines pass: `sigmas=` as flow times t
+        (descending from 1, unshifted, as FlowMatchEulerDiscreteScheduler takes them) and `mu=` for a dynamic shift.
         """
         kind = self.parameterization.kind
+        if kind == "flow":
+            self._set_mu(mu)
+        elif mu is not None:
+            raise SchedulerConfigError("set_timesteps got mu=, which only flow-matching (FlowMatch*) configs take")
         steps = check_steps_argument(num_inference_steps, self.config.num_train_timesteps if kind == "vp" else None)
         if timesteps is not None and sigmas is not None:
             raise SchedulerConfigError("set_timesteps got timesteps= and sigmas=; pass one of them")
@@ -313,6 +340,9 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
                 raise SchedulerConfigError("timesteps= needs a DDPM-type (β table) config; pass sigmas= to an EDM scheduler")
             checked = check_timesteps_argument(timesteps, self.config.num_train_timesteps)
             custom, request = _append_zero(self.schedule.sigma(checked)), {"timesteps": checked.tolist()}
+        elif sigmas is not None and kind == "flow":
+            request = {"sigmas": check_flow_times_argument(sigmas).tolist()}
+            custom = self._reference(None, request).sigmas
         elif sigmas is not None:
             custom = check_sigmas_argument(sigmas)
             custom = custom if float(custom[-1]) == 0 else _append_zero(custom)
@@ -333,7 +363,9 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = model_time.to(torch.long if integral else fractional_dtype).to(device)
         self.sigmas = torch.tensor(self._evaluations + [float(solver.sigmas[-1])], dtype=torch.float64)
         sigma_0 = float(solver.sigmas[0])
-        if reference is not None:  # the replaced scheduler's starting state, in this scheduler's latents
+        if kind == "flow":  # x_1 = ε: the pipeline's latents start as unit noise
+            self.init_noise_sigma = 1.0
+        elif reference is not None:  # the replaced scheduler's starting state, in this scheduler's latents
             self.init_noise_sigma = reference.start_scale * self.parameterization.latent_scale(sigma_0)
         else:
             self.init_noise_sigma = float(solver.init_state(torch.ones(1, dtype=torch.float64))) * self._vp_ratio(sigma_0)
@@ -343,6 +375,8 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         (VP, as `DiscreteEpsDenoiser` computes it) or c_noise = ¼ log σ (EDM)."""
         if self.parameterization.kind == "edm":
             time = self.parameterization.edm_time(sigmas)
+        elif self.parameterization.kind == "flow":  # t·T from float32 t, as the flow pipelines and `GuidedVelocityModel`
+            time = (flow_time(sigmas).to(torch.float32) * self.config.num_train_timesteps).to(torch.float64)
         else:
             time = DiscreteEpsDenoiser(None, self.schedule, integer_timesteps=self.config.integer_timesteps).timestep(sigmas)
         if reference is not None:
@@ -384,7 +418,28 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         if self.config.base_scheduler is None or self.config.grid is not None:
             return None
         shared = {key: self.config[key] for key in SHARED_WITH_BASE if self.config[key] is not None}
+        if self.parameterization.kind == "flow" and self._mu is not None:
+            custom = {**(custom or {}), "mu": self._mu}
         return reference_grid(self.config.base_scheduler, {**(self.config.base_config or {}), **shared}, steps, self.schedule, custom)
+
+    def _set_mu(self, mu: float | None) -> None:
+        """The dynamic shift of this run (flow configs with use_dynamic_shifting need it, as diffusers'); the schedule
+        is rebuilt with it, and λ fitted at another shift are refused."""
+        dynamic = bool((self.config.base_config or {}).get("use_dynamic_shifting"))
+        if dynamic and mu is None and (self.config.base_config or {}).get("mu") is None:
+            raise SchedulerConfigError("this flow config shifts its grid by image size (use_dynamic_shifting): pass mu= to set_timesteps, as the FLUX pipeline does")
+        if mu is not None and (isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu)):
+            raise SchedulerConfigError(f"mu must be a finite number, got {str(mu)[:40]}")
+        self._mu = float(mu) if dynamic and mu is not None else None
+        self.schedule = self._flow_schedule(self._mu)
+        fitted = self.config.schedule_id
+        if fitted is not None and fitted != describe_schedule(self.schedule):
+            raise SchedulerConfigError(f"the λ of this scheduler were fitted on {fitted}, this run's shift gives {describe_schedule(self.schedule)}; calibrate for this image size (mu)")
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Runs start at the first timestep (the flow pipelines call this with 0); img2img offsets are refused."""
+        if begin_index != 0:
+            raise SchedulerConfigError("DODEScheduler runs start at the first timestep (begin_index 0); img2img is not supported")
 
     def _default_solver(self, steps: int) -> Solver:
         nfe = 2 * steps - 1 if self.config.solver == "heun" else steps
@@ -403,7 +458,7 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
 
     def scale_model_input(self, sample: Tensor, timestep: int | Tensor | None = None) -> Tensor:
         """The network input at the current evaluation: the latents themselves (VP), c_in(σ)·latents (EDM)."""
-        if self.parameterization.kind == "vp":
+        if self.parameterization.kind in ("vp", "flow"):
             return sample
         if self.solver is None or self._step_index >= len(self._evaluations):
             raise SchedulerConfigError("scale_model_input called outside a run; call set_timesteps and loop over scheduler.timesteps")
@@ -545,6 +600,42 @@ def _scheduler_config(pipeline: str | os.PathLike) -> dict[str, Any]:
     raise FileNotFoundError(f"no scheduler config in {path}: give the diffusers pipeline folder the λ were fitted on (it holds scheduler/scheduler_config.json)")
 
 
+def _export_flow(lambda_file: str | os.PathLike, tensors: dict[str, Tensor], meta: dict[str, Any], base: dict[str, Any], pipeline: str | os.PathLike) -> DODEScheduler:
+    """`export_scheduler` for a λ file fitted on a flow-matching (SD3/FLUX) pipeline: its FlowMatch config with the
+    fitted shift (μ of the calibrated image size stored for dynamic shifting), the stored σ from t = 1 and the λ."""
+    if not str(base.get("_class_name", "")).startswith("FlowMatch"):
+        raise SchedulerConfigError(f"{lambda_file} was fitted on a flow-matching model, but {pipeline} has a {base.get('_class_name')} scheduler; give the calibrated SD3/FLUX pipeline folder")
+    options = foreign_config(base, {}, set(inspect.signature(DODEScheduler.__init__).parameters))
+    options.pop("solver", None)  # the λ file's solver, not the replaced scheduler's
+    shift = meta.get("time_shift") or {}
+    if "mu" in shift:
+        options["base_config"] = {**options["base_config"], "mu": shift["mu"]}
+    probe = DODEScheduler(num_train_timesteps=int(base.get("num_train_timesteps", 1000)), **options)
+    if describe_schedule(probe.schedule) != meta.get("schedule"):
+        raise SchedulerConfigError(f"{pipeline}: its time shift is not the one {lambda_file} was fitted at ({meta.get('time_shift')}); give the calibrated pipeline folder")
+    lambdas = tensors["lambdas"].to(torch.float64)
+    try:
+        setup = SolverSetup.resolve(meta["solver"], int(meta["nfe"]), probe.schedule, meta.get("grid"), **(meta.get("grid_kwargs") or {}))
+        solver = setup.build()
+    except (KeyError, NFEError, ValueError, TypeError) as err:
+        raise SchedulerConfigError(f"{lambda_file}: cannot rebuild its solver ({err})") from None
+    return DODEScheduler(
+        num_train_timesteps=int(base.get("num_train_timesteps", 1000)),
+        solver=setup.name,
+        nfe=solver.nfe,
+        sigmas=solver.sigmas.tolist(),
+        lambdas=lambdas.tolist(),
+        history=int(meta.get("history", 1)),
+        lambda_groups=str(meta.get("lambda_groups", "none")),
+        state_dtype=str(meta.get("state_dtype", "float64")),
+        guidance_scale=meta.get("guidance_scale"),
+        schedule_id=meta.get("schedule"),
+        calibration=meta,
+        grid_digest=grid_digest(solver.sigmas, lambdas),
+        **options,
+    )
+
+
 def export_scheduler(lambda_file: str | os.PathLike, pipeline: str | os.PathLike, integer_timesteps: bool = False) -> DODEScheduler:
     """A `DODEScheduler` running the calibrated D-solver of `lambda_file` in the pipeline folder it was fitted on.
 
@@ -554,6 +645,8 @@ def export_scheduler(lambda_file: str | os.PathLike, pipeline: str | os.PathLike
     """
     meta = lambda_metadata(lambda_file)
     schedule_wanted = str(meta.get("schedule", ""))
+    if schedule_wanted.startswith("FlowMatching"):
+        return _export_flow(lambda_file, tensors, meta, _scheduler_config(pipeline), pipeline)
     if not schedule_wanted.startswith("VPDiscrete"):
         raise SchedulerConfigError(f"{lambda_file} was fitted on the schedule {schedule_wanted or '?'}; DODEScheduler runs discrete VP (diffusers DDPM-type) models only")
     base = _scheduler_config(pipeline)

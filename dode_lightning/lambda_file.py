@@ -103,7 +103,8 @@ def check_metadata(metadata: dict[str, Any], origin: str) -> None:
 
 def schedule_id(schedule: Schedule) -> str:
     """A short, stable description of a schedule (class and parameters; discrete β tables by hash)."""
-    fields = {k: v for k, v in sorted(vars(schedule).items()) if isinstance(v, (int, float, str))}
+    # `own_grid` (a flow schedule's default grid) is not the schedule: the λ file records the grid itself.
+    fields = {k: v for k, v in sorted(vars(schedule).items()) if isinstance(v, (int, float, str)) and k != "own_grid"}
     betas = getattr(schedule, "betas", None)
     if betas is not None:
         fields["betas_sha256"] = hashlib.sha256(betas.numpy().tobytes()).hexdigest()[:16]

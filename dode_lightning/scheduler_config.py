@@ -31,7 +31,7 @@ from .checkpoints.diffusers_folder import _read_json
 from .checkpoints.errors import CheckpointError
 from .denoisers import eps_from_v, eps_from_x0, x0_from_eps
 from .lambda_file import LAMBDA_LIMIT
-from .schedules import Schedule
+from .schedules import FlowMatching, Schedule, flow_time
 
 __all__ = [
     "SchedulerConfigError",
@@ -47,6 +47,7 @@ __all__ = [
     "check_steps_argument",
     "check_timesteps_argument",
     "check_sigmas_argument",
+    "check_flow_times_argument",
     "check_model_output",
 ]
 
@@ -61,18 +62,17 @@ class SchedulerConfigError(ValueError):
 
 # --- the kind of model a config describes ----------------------------------------------------------------------------
 
-# Kinds DODEScheduler does not run yet, by the scheduler class that describes them; `flow` is the flow-matching
-# issue's hook (a flow schedule in `Parameterization` and "flow" in SUPPORTED_KINDS).
-SUPPORTED_KINDS = ("vp", "edm")
+# Kinds DODEScheduler runs, and those it refuses, by the scheduler class that describes them.
+SUPPORTED_KINDS = ("vp", "edm", "flow")
 REFUSED_KINDS = {
-    "flow": "flow-matching models (FlowMatch* schedulers) are not supported by DODEScheduler yet",
     "ve": "score-SDE VE models (ScoreSdeVeScheduler) are not supported by DODEScheduler; use an EDM or DDPM-type config",
     "sde": "continuous score-SDE VP models (ScoreSdeVpScheduler) are not supported by DODEScheduler; use a DDPM-type config",
 }
 
 
 def classify_config(base_scheduler: str | None, sigma_data: float | None = None) -> str:
-    """The kind of model: "vp" (DDPM-type β table), "edm" (σ-space, EDM preconditioning), or a refused kind.
+    """The kind of model: "vp" (DDPM-type β table), "edm" (σ-space, EDM preconditioning), "flow" (flow matching,
+    FlowMatchEuler/Heun configs: velocity networks on x_t = (1 − t)·x₀ + t·ε), or a refused kind.
 
     `base_scheduler` is the diffusers class the config came from (None: a DODEScheduler config of its own, EDM iff
     it holds `sigma_data`). Raises SchedulerConfigError for kinds DODEScheduler does not run.
@@ -170,7 +170,12 @@ def read_scheduler_config(path: str | os.PathLike) -> dict[str, Any]:
 # Options of the replaced scheduler that its grid cannot honour here: ᾱ_T = 0 puts σ_0 at infinity.
 UNSUPPORTED_OPTIONS = {
     "rescale_betas_zero_snr": "zero terminal SNR (ᾱ_T = 0, σ_max = ∞) is not supported by DODEScheduler; use the config without rescale_betas_zero_snr",
+    "stochastic_sampling": "stochastic flow sampling is not an ODE solver; DODEScheduler needs stochastic_sampling false",
+    "invert_sigmas": "inverted flow sigmas (t from 0 to 1) are not supported by DODEScheduler; use the config without invert_sigmas",
 }
+# Flow-matching options the pipelines read from `scheduler.config` (SD3/FLUX compute μ from them): kept at the top
+# level of a DODEScheduler's config as well as in `base_config`.
+FLOW_PIPELINE_KEYS = ("shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len", "time_shift_type")
 
 
 def _diffusers_scheduler_class(name: str) -> type | None:
@@ -235,8 +240,10 @@ def equivalent_solver(name: str, options: Mapping[str, Any]) -> str | None:
     """The package's solver that is the replaced scheduler's method (None: keep DODEScheduler's default, DDIM, which
     is also Euler's method: the ODE step x/s ← x/s + (σ' − σ)·ε̂ of DDIM and Euler is the same)."""
     order = options.get("solver_order")
-    if name == "HeunDiscreteScheduler":
+    if name in ("HeunDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"):
         return "heun"
+    if name == "FlowMatchEulerDiscreteScheduler":
+        return "euler"
     if name in ("DPMSolverMultistepScheduler", "EDMDPMSolverMultistepScheduler") and options.get("algorithm_type") == "dpmsolver++" and order in (2, 3):
         return f"dpm_solver_pp_{order}m"
     if name == "UniPCMultistepScheduler" and options.get("solver_type") == "bh2" and options.get("predict_x0") and order in (2, 3):
@@ -279,6 +286,11 @@ def reference_grid(
         raise SchedulerConfigError(f"{base_scheduler} cannot make {asked} from this config ({str(err).splitlines()[0][:120]})") from None
     timesteps = torch.unique_consecutive(torch.as_tensor(reference.timesteps).to(torch.float64).cpu())
     sigmas = getattr(reference, "sigmas", None)
+    if isinstance(sigmas, Tensor) and isinstance(schedule, FlowMatching):  # flow times t → σ = t/(1 − t), t = 1 → ∞
+        sigmas = schedule.sigma(torch.unique_consecutive(sigmas.to(torch.float64).cpu()))
+        if len(timesteps) != len(sigmas) - 1:
+            raise SchedulerConfigError(f"{base_scheduler} made {len(timesteps)} timesteps for {len(sigmas)} noise levels; DODEScheduler cannot follow its grid")
+        return ReferenceGrid(sigmas, timesteps, 1.0)
     if isinstance(sigmas, Tensor):
         sigmas = torch.unique_consecutive(sigmas.to(torch.float64).cpu())
     else:
@@ -303,7 +315,9 @@ class Parameterization:
 
     VP (DDPM-type): latent = s(σ)·x with s = 1/√(1+σ²); the model sees the latent at its DDPM timestep and returns
     ε, v or x₀. EDM (diffusers' EDM schedulers, Karras et al. 2022 Table 1): latent = x; the model sees c_in·x at
-    c_noise = ¼ log σ and returns F with D(x) = c_skip·x + c_out·F (c_out < 0 for v-prediction).
+    c_noise = ¼ log σ and returns F with D(x) = c_skip·x + c_out·F (c_out < 0 for v-prediction). Flow matching:
+    latent = x_t = x/(1 + σ) (t = σ/(1 + σ); at σ = ∞ the latent is the noise itself); the model sees the latent at
+    timestep t·num_train_timesteps and returns the velocity v = ε − x₀ (prediction_type is not used).
     """
 
     kind: str
@@ -312,11 +326,13 @@ class Parameterization:
 
     def latent_scale(self, sigma: float) -> float:
         """Pipeline latent / VE state at noise level σ."""
+        if self.kind == "flow":
+            return 1.0 / (1.0 + sigma)
         return 1.0 / math.sqrt(1.0 + sigma * sigma) if self.kind == "vp" else 1.0
 
     def input_scale(self, sigma: float) -> float:
-        """What `scale_model_input` multiplies the latent by: 1 (VP), c_in = 1/√(σ² + σ_data²) (EDM)."""
-        return 1.0 if self.kind == "vp" else 1.0 / math.sqrt(sigma * sigma + self.sigma_data**2)
+        """What `scale_model_input` multiplies the latent by: 1 (VP, flow), c_in = 1/√(σ² + σ_data²) (EDM)."""
+        return 1.0 / math.sqrt(sigma * sigma + self.sigma_data**2) if self.kind == "edm" else 1.0
 
     def edm_time(self, sigmas: Tensor) -> Tensor:
         """c_noise = ¼ log σ, the timestep diffusers' EDM schedulers pass to the network."""
@@ -325,6 +341,10 @@ class Parameterization:
     def eps_and_denoised(self, x: Tensor, sigma: float, output: Tensor, latent: Tensor) -> tuple[Tensor, Tensor]:
         """(ε̂, x̂₀) at VE state x from the network output at `latent` (ε exact for VP ε-networks)."""
         output = output.to(x.device)
+        if self.kind == "flow":  # x̂₀ = x_t − t·v, ε̂ = x_t + (1 − t)·v at the latent x_t (finite at t = 1)
+            t = float(flow_time(sigma))
+            v, x_t = output.to(x.dtype), latent.to(x.device, x.dtype)
+            return x_t + (1 - t) * v, x_t - t * v
         if self.kind == "edm":
             sign = 1.0 if self.prediction_type == "epsilon" else -1.0
             variance = sigma * sigma + self.sigma_data**2
@@ -381,6 +401,15 @@ def check_sigmas_argument(sigmas: Any) -> Tensor:
     if bool((s[:-1] <= s[1:]).any()) or float(s.min()) < 0:
         raise SchedulerConfigError(f"sigmas holds {_short(s)}; allowed: {allowed}")
     return s
+
+
+def check_flow_times_argument(sigmas: Any) -> Tensor:
+    """sigmas= of a flow config: flow times in (0, 1], strictly descending, starting at 1 (diffusers appends t = 0)."""
+    allowed = "flow times strictly descending from 1 within (0, 1] (FlowMatch form; t = 0 is appended)"
+    t = _numbers("sigmas", sigmas, allowed)
+    if float(t[0]) != 1.0 or bool((t[:-1] <= t[1:]).any()) or float(t.min()) <= 0:
+        raise SchedulerConfigError(f"sigmas holds {_short(t)}; allowed: {allowed}")
+    return t
 
 
 def check_model_output(model_output: Any, sample: Tensor) -> None:
