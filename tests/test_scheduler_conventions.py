@@ -92,7 +92,7 @@ def test_ddim_swap_uses_ddims_timesteps_not_the_packages():
 @pytest.mark.parametrize(
     "config,message",
     [
-        (lambda: diffusers.FlowMatchEulerDiscreteScheduler().config, "flow-matching"),
+        (lambda: diffusers.FlowMatchEulerDiscreteScheduler(stochastic_sampling=True).config, "stochastic flow sampling"),
         (lambda: diffusers.ScoreSdeVeScheduler().config, "score-SDE VE"),
         (lambda: diffusers.DDIMScheduler(rescale_betas_zero_snr=True).config, "zero terminal SNR"),
         (lambda: diffusers.EulerDiscreteScheduler(rescale_betas_zero_snr=True).config, "zero terminal SNR"),
