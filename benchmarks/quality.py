@@ -44,7 +44,7 @@ from dode_lightning.distill import (
     teacher_targets,
 )
 from dode_lightning.gmm import GaussianMixture, digits_mixture
-from dode_lightning.grid_fit import distilled_final_state, fit_grid, teacher_endpoint
+from dode_lightning.joint_fit import JointFit, JointSettings
 from dode_lightning.schedules import EDM
 from dode_lightning.solvers import SOLVERS, LambdaLayout, NFEError, Solver
 
@@ -397,16 +397,16 @@ FITTED_NFES = [4, 5, 6, 8, 10]
 FITTED_FAMILIES = ["euler", "ipndm", "dpm_solver_pp_3m", "deis_3"]
 # Fitted from both Karras grids (their endpoints stay); each family counts on the better of the two per column.
 FITTED_FROM = ["Karras+0", "Karras N+1"]
-# `--joint`: from the base-fitted Karras N+1 grid, refit with D h-all λ fitted on every trial grid (teacher C = 4
-# inside the loop, 20 runs per free point), then the usual C = SCALE λ on the result.
-JOINT_FROM, JOINT_SCALE, JOINT_RUNS = "Karras N+1", 4, 20
+# Joint-fit iterations (L-BFGS) for the σ-only fit and, with `--joint`, for σ and the D h-all λ together.
+FIT_ITERATIONS = 30
 
 
 def fitted_grids(measure: Measure, calib: Tensor, nfes: list[int], families: list[str], joint: bool) -> dict:
     """Per family, NFE and start grid: base on the Karras grid, on the fitted grid, and D h-all on each.
 
-    The grid is fitted to the unipc_3 teacher's endpoint (C = SCALE) on the calibration batch; the λ then get the
-    usual `aligned` targets from the same teacher on the fitted grid.
+    The grid is fitted (`JointFit` with λ off, σ^{1/ρ} coordinate) to the unipc_3 teacher's endpoint (C = SCALE) on
+    the calibration batch; the λ then get the usual `aligned` targets from the same teacher on the fitted grid;
+    `joint` adds the joint fit of σ and those λ from there.
     """
     grids = {label: (grid, kwargs) for label, grid, kwargs in GRIDS}
     rows: dict[tuple[str, str, int], dict] = {}
@@ -418,28 +418,31 @@ def fitted_grids(measure: Measure, calib: Tensor, nfes: list[int], families: lis
                     continue
                 student = setup.build()
                 start = time.perf_counter()
-                endpoint = teacher_endpoint(student, setup, measure.mixture, calib, SCALE, PEER_TEACHER)
-                fit = fit_grid(name, student.sigmas, EDM(), measure.mixture, calib, endpoint)
+                teacher, indices = build_teacher(student, setup, SCALE, "aligned", PEER_TEACHER)
+                endpoint = teacher_targets(teacher, indices[-1:], measure.mixture, calib)[0]
+                zero = torch.zeros(student.num_stages, dtype=torch.float64)
+                steps_only = JointSettings(coordinate="karras", fit_lambdas=False)
+                fit = JointFit(name, student.sigmas, EDM(), measure.mixture, calib, endpoint, zero, LambdaLayout(), steps_only).fit(FIT_ITERATIONS)
                 seconds = time.perf_counter() - start
                 fitted = SOLVERS[name].from_grid(fit.sigmas, EDM())
                 row = {"base": measure(student, fd=False)[0], "fitted": measure(fitted, fd=False)[0], "seconds": seconds,
-                       "evaluations": fit.evaluations, "sigmas": fit.sigmas}
-                solvers = [("d", student), ("fitted_d", fitted)]
-                if joint and label == JOINT_FROM:
-                    final_state = distilled_final_state(setup, measure.mixture, calib, JOINT_SCALE)
-                    joint_start = time.perf_counter()
-                    refit = fit_grid(name, fit.sigmas, EDM(), measure.mixture, calib, endpoint, max_evaluations=JOINT_RUNS * (nfe - 1), final_state=final_state)
-                    row["joint_seconds"] = time.perf_counter() - joint_start
-                    solvers.append(("joint_d", SOLVERS[name].from_grid(refit.sigmas, EDM())))
-                for tag, solver in solvers:
+                       "evaluations": fit.forward_runs, "sigmas": fit.sigmas}
+                for tag, solver in (("d", student), ("fitted_d", fitted)):
                     teacher, indices = build_teacher(solver, setup, SCALE, "aligned", PEER_TEACHER)
+                    targets = teacher_targets(teacher, indices, measure.mixture, calib)
                     layout = LambdaLayout(solver.num_stages)
-                    lambdas = fit_closed_form(solver, measure.mixture, calib, teacher_targets(teacher, indices, measure.mixture, calib), layout=layout).lambdas
-                    row[tag] = measure(solver, layout.expand(lambdas, calib.shape[1:]), fd=False)[0]
+                    closed = fit_closed_form(solver, measure.mixture, calib, targets, layout=layout)
+                    row[tag] = measure(solver, layout.expand(closed.lambdas, calib.shape[1:]), fd=False)[0]
+                if joint:
+                    joint_start = time.perf_counter()
+                    both = JointFit(name, fitted.sigmas, EDM(), measure.mixture, calib, targets[-1], closed.lambdas, layout, lambda_scale=closed.natural_scales())
+                    result = both.fit(FIT_ITERATIONS)
+                    row["joint_seconds"] = time.perf_counter() - joint_start
+                    row["joint_d"] = measure(SOLVERS[name].from_grid(result.sigmas, EDM()), layout.expand(result.lambdas, calib.shape[1:]), fd=False)[0]
                 rows[(name, label, nfe)] = row
-                joint_note = f", joint grid + D h-all {row['joint_d']:.4f} ({row['joint_seconds']:.1f} s)" if "joint_d" in row else ""
+                joint_note = f", joint σ + D h-all {row['joint_d']:.4f} ({row['joint_seconds']:.1f} s)" if "joint_d" in row else ""
                 print(f"{name} {label} NFE {nfe}: base {row['base']:.4f} fitted {row['fitted']:.4f} D h-all {row['d']:.4f} "
-                      f"fitted + D h-all {row['fitted_d']:.4f} ({seconds:.1f} s, {fit.evaluations} runs){joint_note}", flush=True)
+                      f"fitted + D h-all {row['fitted_d']:.4f} ({seconds:.1f} s, {fit.forward_runs} runs){joint_note}", flush=True)
     return rows
 
 
@@ -447,7 +450,7 @@ def fitted_tables(peers: dict, rows: dict, nfes: list[int], families: list[str])
     """Best peer vs the best fitted-grid variant per NFE; per family the columns, each on its better start grid."""
     columns = [("base", "base (Karras)"), ("d", "D h-all (Karras)"), ("fitted", "fitted grid"), ("fitted_d", "fitted grid + D h-all")]
     if any("joint_d" in row for row in rows.values()):
-        columns.append(("joint_d", "joint grid + D h-all"))
+        columns.append(("joint_d", "joint σ + D h-all"))
     summary, family_rows = [], []
     for nfe in nfes:
         peer = _best(peers, [(p, g, nfe) for p in PEERS for g, _, _ in GRIDS])
@@ -488,13 +491,13 @@ def fitted_main(args, measure: Measure, calib: Tensor, start: float) -> None:
 `{command}` — {machine()}; {seconds:.0f} s wall.
 
 Exact digits mixture, EDM σ 80 → 0.002, RMSE to the exact ODE state where the run ends on {measure.rmse_count} held-out
-seeds. `dode_lightning.grid_fit`: the interior σ of the student's grid (endpoints and any terminal 0 fixed) are
-fitted by Nelder–Mead (≤ 60 student runs per free point) in u = σ^(1/7), monotone by construction (softmax
-increments), to the final state of a {PEER_TEACHER} teacher at C = {SCALE} on the calibration seeds 0–99; then
-the closed-form `h-all` λ fit (aligned targets from the same teacher) runs on the fitted grid. Each family is
-fitted from the Karras+0 and the Karras N+1 grid and counts on the better one. "joint grid" (`--joint`): the
-fitted {JOINT_FROM} grid refitted with the D h-all λ fitted in closed form on every trial grid (teacher C =
-{JOINT_SCALE} inside the loop, ≤ {JOINT_RUNS} trials per free point), then λ at C = {SCALE}. Peers: as in the section
+seeds. `dode_lightning.joint_fit` with λ off: the σ of the student's grid (σ_max and the end fixed; on a grid
+ending in 0 the last positive σ moves too) are spread by softmax increments in u = σ^(1/7), monotone by
+construction, and fitted by backpropagation through the student ({FIT_ITERATIONS} L-BFGS iterations) to the final
+state of a {PEER_TEACHER} teacher at C = {SCALE} on the calibration seeds 0–99; then the closed-form `h-all` λ fit
+(aligned targets from the same teacher) runs on the fitted grid. Each family is fitted from the Karras+0 and the
+Karras N+1 grid and counts on the better one. "joint σ + D h-all" (`--joint`): from there, σ and the h-all λ
+fitted together end to end ({FIT_ITERATIONS} L-BFGS iterations, `model.fit: joint`). Peers: as in the section
 "D-variants against the best training-free samplers" (best of six grids per NFE).
 
 ### Best peer vs the best fitted-grid variant per NFE (families {", ".join(families)})
@@ -517,7 +520,7 @@ def main() -> None:
     args_parser.add_argument("--adam-steps", type=int, default=300)
     args_parser.add_argument("--peers", action="store_true", help="only the comparison with UniPC, DPM-Solver++, iPNDM, DEIS on their best grids")
     args_parser.add_argument("--fitted-grid", action="store_true", help="only fitted step positions (base and D h-all) against the best peer")
-    args_parser.add_argument("--joint", action="store_true", help="with --fitted-grid: also refit the grid with the D h-all λ fitted on each trial grid")
+    args_parser.add_argument("--joint", action="store_true", help="with --fitted-grid: also the joint fit of σ and the D h-all λ from the fitted grid")
     args = args_parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()

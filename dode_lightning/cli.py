@@ -57,7 +57,7 @@ def parse_error(err: argparse.ArgumentError, program: str) -> str:
     """The one-line message of a jsonargparse/argparse error, with what to do about it."""
     text = one_line(str(err))
     if "optimizer" in text or "lr_scheduler" in text:
-        return f"{text}: λ are fitted by --model.fit (closed_form, adam or compare; Adam settings --model.adam_lr, --model.adam_steps), there is no optimizer or lr_scheduler section"
+        return f"{text}: λ are fitted by --model.fit (closed_form, adam, compare or joint; Adam settings --model.adam_lr, --model.adam_steps; joint settings --model.joint_*), there is no optimizer or lr_scheduler section"
     return f"{text}; see python {program} --help"
 
 
@@ -187,6 +187,18 @@ def _comparison_table(comparison: dict[str, Any], module: DODECalibration) -> st
         f"Adam / closed form = {total_a / total_c:.4f}"
     )
     return "\n".join(lines)
+
+
+def joint_summary(module: DODECalibration) -> str:
+    """The joint fit in two lines: final-state loss before/after (training and held-out rows), cost, fitted σ."""
+    result = module.joint_result
+    held = "" if result.held_start is None else f", held-out {result.held_start:.4e} → {result.held_end:.4e}"
+    kept = "the start (no iterate beat it)" if result.best_iteration == 0 else f"iteration {result.best_iteration}"
+    sigmas = ", ".join(f"{float(s):.4g}" for s in result.sigmas)
+    return (
+        f"joint fit: final-state MSE {result.loss_start:.4e} → {result.loss_end:.4e}{held}; kept {kept} of {result.iterations}; "
+        f"{result.forward_rows} forward + {result.backward_rows} backward sample-runs\nfitted σ: {sigmas}"
+    )
 
 
 def misaligned_warning(fit: StageFit, data: TeacherTargets) -> str:
@@ -355,7 +367,7 @@ def _calibrate(args: list[str] | None, progress: dict[str, Any]) -> int:
     with signals_deferred():
         save_lambdas(output, tensors, metadata)
         progress["saved"] = True
-    fit_seconds = module.timings.get("closed_form", 0.0) + module.timings.get("adam", 0.0)
+    fit_seconds = sum(module.timings.get(key, 0.0) for key in ("closed_form", "adam", "joint"))
     heading = f"{module.setup_spec.name}, NFE {module.student.nfe}, fit {module.fit_method}, targets {data.target_mode}, C = {data.scale}, |B| = {data.batch_size}"
     table = _stage_table(module, fit)
     print(f"\n{heading}\n{table}")
@@ -363,6 +375,8 @@ def _calibrate(args: list[str] | None, progress: dict[str, Any]) -> int:
         print(misaligned_warning(fit, data), file=sys.stderr)
     if module.comparison:
         print("\nclosed form vs Adam:\n" + _comparison_table(module.comparison, module))
+    if module.joint is not None:
+        print("\n" + joint_summary(module))
     calibrated = time.perf_counter() - started
     report = module.loaded.source in ("gmm_digits", "gmm_digits_flow") and cli.config.exact_report
     exact: dict[str, float] = {}

@@ -40,6 +40,7 @@ from .distill import (
 )
 from .figures import lambda_figure
 from .grids import LEARNED_GRIDS
+from .joint_fit import JointFit, JointFitDiverged, JointSettings
 from .lambda_file import schedule_id
 from .schedules import Schedule
 from .solvers import LambdaLayout, NFEError, Solver
@@ -149,7 +150,8 @@ class DODECalibration(pl.LightningModule):
         terminal_zero: whether the grid's last step goes to σ = 0 (default, the paper's N points + 0) or the grid
             ends at sigma_min (false: N + 1 points, the last state is the one at sigma_min).
         fit: `closed_form` (the paper's sequential least squares), `adam` (gradient fit of the same per-stage
-            objective), or `compare` (both; the closed-form λ are kept).
+            objective), `compare` (both; the closed-form λ are kept), or `joint` (step positions and λ together,
+            end to end against the teacher's final state, from the closed form on the configured grid).
         adam_lr: Adam learning rate (λ in units of each stage's natural scale).
         adam_steps: Adam iterations.
         state_dtype: dtype of solver states (EDM side: float64 officially).
@@ -158,8 +160,17 @@ class DODECalibration(pl.LightningModule):
             paper's D-solver; each stage then solves an m×m least-squares system).
         lambda_groups: `none` (one λ per direction), `channel` (one per image channel) or `blocks:N` (one per
             N × N spatial block and channel).
-        guard: fraction of the calibration seeds held out by the never-worse guard (0 = off, closed form only): a
-            stage whose λ does not lower their loss keeps λ = 0.
+        guard: fraction of the calibration seeds held out by the never-worse guard (0 = off; closed form and
+            joint): a stage whose λ does not lower their loss keeps λ = 0; the joint fit keeps its best iterate on them.
+        joint_optimizer: `lbfgs` (full batch, strong Wolfe line search) or `adam`, for fit `joint`.
+        joint_steps: joint-fit iterations.
+        joint_lr: joint-fit learning rate (L-BFGS: initial step length, 1 = the quasi-Newton step).
+        joint_coordinate: where the steps are spread: `log` (log σ, fixed σ_min) or `karras` (σ^{1/ρ}; on a grid
+            ending in 0 the last positive σ moves too).
+        joint_lambdas: fit λ together with the steps (false: steps only, λ stay at the closed form).
+        joint_intermediate: weight of the per-stage errors to the teacher trajectory (0 = final state only).
+        joint_slack: LD3's soft teacher forcing: radius of the ball each calibration latent may move in (0 = off;
+            one process only).
     """
 
     def __init__(
@@ -172,7 +183,7 @@ class DODECalibration(pl.LightningModule):
         sigma_max: float | None = None,
         rho: float | None = None,
         terminal_zero: bool | None = None,
-        fit: Literal["closed_form", "adam", "compare"] = "closed_form",
+        fit: Literal["closed_form", "adam", "compare", "joint"] = "closed_form",
         adam_lr: float = 0.1,
         adam_steps: int = 300,
         state_dtype: Literal["float32", "float64"] = "float64",
@@ -180,11 +191,24 @@ class DODECalibration(pl.LightningModule):
         history: int = 1,
         lambda_groups: str = "none",
         guard: float = 0.0,
+        joint_optimizer: Literal["lbfgs", "adam"] = "lbfgs",
+        joint_steps: int = 30,
+        joint_lr: float = 1.0,
+        joint_coordinate: Literal["log", "karras"] = "log",
+        joint_lambdas: bool = True,
+        joint_intermediate: float = 0.0,
+        joint_slack: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if fit not in ("closed_form", "adam", "compare"):
-            raise ConfigError(f"unknown fit method {fit!r}; choose closed_form, adam or compare")
+        if fit not in ("closed_form", "adam", "compare", "joint"):
+            raise ConfigError(f"unknown fit method {fit!r}; choose closed_form, adam, compare or joint")
+        if joint_steps < 1:
+            raise ConfigError(f"the joint fit needs joint_steps ≥ 1, got {joint_steps}")
+        try:
+            self.joint_settings = JointSettings(joint_optimizer, joint_lr, joint_coordinate, rho or 7.0, joint_lambdas, joint_intermediate, joint_slack)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if adam_steps < 1 or adam_lr <= 0:
             raise ConfigError(f"adam needs adam_steps ≥ 1 and adam_lr > 0, got {adam_steps} and {adam_lr}")
         if not 0.0 <= guard < 1.0:
@@ -216,6 +240,7 @@ class DODECalibration(pl.LightningModule):
         self.comparison: dict[str, Any] = {}
         self.teacher_rmse: dict[str, float] = {}
         self.fit_bar: tqdm | None = None
+        self.joint: JointFit | None = None
 
     def metadata(self) -> dict[str, Any]:
         """What determines the student (also the λ file's identity fields)."""
@@ -251,15 +276,33 @@ class DODECalibration(pl.LightningModule):
         return result
 
     def on_train_start(self) -> None:
-        steps = 1 if self.fit_method == "closed_form" else self.hparams.adam_steps
+        steps = {"closed_form": 1, "joint": self.hparams.joint_steps}.get(self.fit_method, self.hparams.adam_steps)
         self.fit_bar = tqdm(total=steps, desc=f"fit ({self.fit_method})", disable=self.global_rank != 0)
-        if self.fit_method == "compare":
+        if self.fit_method in ("compare", "joint"):
             self.closed_form = self.run_closed_form(*self.trainer.datamodule.full_batch(self.device))
+        if self.fit_method == "joint":
+            self.start_joint()
+
+    def start_joint(self) -> None:
+        """The joint fit from the closed form on the configured grid, against the teacher's final state."""
+        if self.hparams.joint_slack and self.trainer.world_size > 1:
+            raise ConfigError("joint_slack moves each calibration latent and works on one process; set --model.joint_slack 0 or --trainer.devices 1")
+        noise, labels, targets = self.trainer.datamodule.full_batch(self.device)
+        holdout = holdout_mask(self.trainer.datamodule.rank_seeds(), self.hparams.guard) if self.hparams.guard else None
+        start = time.perf_counter()
+        self.joint = JointFit(
+            self.setup_spec.name, self.student.sigmas, self.setup_spec.schedule, self.denoiser, noise, targets[-1], self.closed_form.lambdas,
+            self.layout, self.joint_settings, labels, self.closed_form.natural_scales(), holdout, reduce=self._pool,
+        )
+        self.timings["joint"] = time.perf_counter() - start
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
         noise, labels, targets = batch
         labels = labels if labels.shape[-1] else None
         targets = targets.transpose(0, 1)  # (B, K, …) → (K, B, …)
+        if self.fit_method == "joint":
+            self.joint_step()
+            return
         if self.fit_method == "closed_form":
             self.closed_form = self.run_closed_form(noise, labels, targets)
             with torch.no_grad():
@@ -287,6 +330,38 @@ class DODECalibration(pl.LightningModule):
         if self.adam_iterations >= self.hparams.adam_steps:
             self.trainer.should_stop = True
 
+    def joint_step(self) -> None:
+        """One joint-fit iteration; a diverging fit stops the run in one line (no λ file)."""
+        start = time.perf_counter()
+        try:
+            loss = self.joint.step()
+        except JointFitDiverged as err:
+            raise ConfigError(str(err)) from None
+        self.timings["joint"] += time.perf_counter() - start
+        self._log_joint()
+        self.fit_bar.update(1)
+        self.fit_bar.set_postfix(loss=f"{loss:.3e}", refresh=False)
+        if self.joint.iterations >= self.hparams.joint_steps:
+            self.trainer.should_stop = True
+
+    def _log_joint(self) -> None:
+        """σ_k, λ_k (own direction) and the losses of the current joint iterate."""
+        sigmas, lambdas = self.joint.sigmas().detach(), own_direction(self.joint.lambdas().detach())
+        values = {f"sigma/{k:02d}": sigmas[k].float() for k in range(len(sigmas)) if float(sigmas[k]) > 0}
+        values.update({f"lambda/stage_{k:02d}": lambdas[k].float() for k, free in enumerate(self.student.lambda_fitted) if free})
+        values["loss/final_state"] = torch.tensor(self.joint.last_loss, dtype=torch.float32)
+        self.log_dict(values, on_step=True, on_epoch=False, batch_size=1)
+
+    def finish_joint(self) -> None:
+        """Adopt the best joint iterate: the student on the fitted σ, its λ, and aligned teacher targets there (one more
+        teacher run) so the stage table and the λ file describe the student that was fitted."""
+        result = self.joint.result()
+        self.joint_result = result
+        self.student = type(self.student).from_grid(result.sigmas, self.setup_spec.schedule)
+        with torch.no_grad():
+            self.lambdas.copy_(result.lambdas)
+        self.trainer.datamodule.retarget(self)
+
     def _log_stage_values(self, losses: Tensor) -> None:
         """λ and loss of every stage at this Adam step (the closed form's one step is in the end-of-fit summary).
         `step` sets the x-axis, so Lightning adds no `epoch` scalar."""
@@ -304,9 +379,12 @@ class DODECalibration(pl.LightningModule):
 
     def on_train_end(self) -> None:
         self.fit_bar.close()
-        with torch.no_grad():
-            self.lambdas.copy_(self.scaled_lambdas())
-            self.lambda_scale.fill_(1.0)
+        if self.joint is not None:
+            self.finish_joint()
+        else:
+            with torch.no_grad():
+                self.lambdas.copy_(self.scaled_lambdas())
+                self.lambda_scale.fill_(1.0)
         if self.fit_method == "compare" and self.closed_form is not None:
             self.comparison = {
                 "closed_form": self.closed_form,
@@ -417,8 +495,12 @@ class TeacherTargets(pl.LightningDataModule):
         noise, labels = global_stream_noise(self.seed, self.batch_size, shape, label_dim, dtype)
         return noise[rank::world], None if labels is None else labels[rank::world]
 
+    def teacher_for(self, module: DODECalibration) -> str | None:
+        """The configured teacher; for the joint fit by default UniPC-3, whose final state is the most accurate."""
+        return self.teacher_name or ("unipc_3" if module.fit_method == "joint" else None)
+
     def metadata(self, module: DODECalibration) -> dict[str, Any]:
-        teacher, _ = build_teacher(module.student, module.setup_spec, self.scale, self.target_mode, self.teacher_name, module.layout.history)
+        teacher, _ = build_teacher(module.student, module.setup_spec, self.scale, self.target_mode, self.teacher_for(module), module.layout.history)
         return {
             "teacher": teacher.name,
             "teacher_nfe": teacher.nfe,
@@ -442,7 +524,7 @@ class TeacherTargets(pl.LightningDataModule):
             return
         module: DODECalibration = self.trainer.lightning_module
         try:
-            teacher, indices = build_teacher(module.student, module.setup_spec, self.scale, self.target_mode, self.teacher_name, module.layout.history)
+            teacher, indices = build_teacher(module.student, module.setup_spec, self.scale, self.target_mode, self.teacher_for(module), module.layout.history)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         self.teacher_nfe = teacher.nfe
@@ -474,6 +556,17 @@ class TeacherTargets(pl.LightningDataModule):
         labels = labels if labels is not None else noise.new_zeros(len(noise), 0)
         self.data = TensorDataset(noise, labels, targets.transpose(0, 1).contiguous())
 
+    def retarget(self, module: DODECalibration) -> None:
+        """Aligned targets for the module's student after its steps moved (joint fit): one more teacher run, not cached."""
+        noise, labels, _ = self.data.tensors
+        teacher, indices = build_teacher(module.student, module.setup_spec, self.scale, "aligned", self.teacher_for(module), module.layout.history)
+        start = time.perf_counter()
+        with torch.no_grad():
+            targets = teacher_targets(teacher, indices, module.denoiser, noise.to(module.device), labels.to(module.device) if labels.shape[-1] else None).cpu()
+        self.teacher_seconds += time.perf_counter() - start
+        self.teacher_nfe += teacher.nfe
+        self.data = TensorDataset(noise, labels, targets.transpose(0, 1).contiguous())
+
     def full_batch(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor | None, Tensor]:
         """The rank's whole calibration set: noise (B, …), labels or None, targets (K, B, …)."""
         noise, labels, targets = self.data.tensors
@@ -481,7 +574,7 @@ class TeacherTargets(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         module: DODECalibration = self.trainer.lightning_module
-        if module.fit_method == "closed_form":
+        if module.fit_method in ("closed_form", "joint"):
             return DataLoader(self.data, batch_size=len(self.data), shuffle=False)
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(self.data, batch_size=min(self.adam_batch_size, len(self.data)), shuffle=True, generator=generator, drop_last=True)

@@ -1,0 +1,292 @@
+"""Learned step positions against the learned-schedule peers (issue 18 item 6): GITS, LD3 and the package's joint fit.
+
+Every method calibrates on seeds 0–99 against the same teacher budget and is scored on held-out seeds from
+1,000,000: RMSE of the final state to the reference ODE state where the run ends (the exact model's ODE solution;
+on the learned network its own 128-step Heun ODE), and the median and 99th percentile of the per-seed RMSE.
+Calibration cost: network sample-evaluations (calls × batch rows), forward and backward counted apart, and CPU
+seconds of the whole calibration (teacher included).
+
+Peers, from their papers' descriptions (no code of theirs):
+- GITS (Chen et al., ICML 2024): an iPNDM teacher on a fine Karras ρ = 7 grid (M steps, σ_max → σ_min) run on the
+  calibration batch; the one-step cost c_ij = mean over latents of ‖x_i + (σ_j − σ_i)·d_i − x_j‖₂ (d_i the ODE
+  derivative the teacher evaluated at x_i); dynamic programming picks the N steps from point 0 to M with the least
+  summed cost (the k-th step's cost times coef^k). The base solver (iPNDM, or UniPC-3) then samples on that grid.
+- LD3 (Tong et al., ICLR 2025): the N + 1 step positions as softmax increments in log σ between σ_max and σ_min,
+  learned by backpropagating the base student's final-state L2 error to the teacher's final state, with soft
+  teacher forcing (each training latent may move in a ball of radius 0.001·D/N²); 50 training and 50 validation
+  latents, the best-validation iterate kept; full-batch L-BFGS (the authors' batch-2 RMSprop did not converge here).
+  This is `dode_lightning.joint_fit` with λ off, so the peer and the product share the differentiable student.
+Package rows: the closed-form D `history all` λ on the GITS grid, and the joint fit of σ and those λ from there
+(`model.fit: joint`, L-BFGS, 20 % of the calibration seeds held out by the never-worse guard).
+Usage: PYTHONPATH=. python benchmarks/learned_steps.py [--quick] [--model exact|network] [--nfe 3,4,5,6,8,10] [--out-dir docs]
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from benchmarks.common import CALIBRATION_SEEDS, HELD_OUT_START, SCALE, ExactStates, machine, markdown_table, output_dir, parser
+from dode_lightning.denoisers import Denoiser
+from dode_lightning.distill import SolverSetup, build_teacher, fit_closed_form, holdout_mask, seeded_noise, teacher_targets
+from dode_lightning.grids import karras_sigmas, logsnr_uniform_sigmas
+from dode_lightning.joint_fit import JointFit, JointResult, JointSettings
+from dode_lightning.schedules import EDM
+from dode_lightning.solvers import SOLVERS, LambdaLayout, Solver
+
+NFES = [3, 4, 5, 6, 8, 10]
+SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
+TEACHER = "unipc_3"
+GITS_STEPS, GITS_COEF = 100, 1.0
+GITS_STUDENTS = ["ipndm", "unipc_3"]
+LD3_STUDENTS = ["unipc_3", "ipndm"]
+LD3_ITERATIONS = 30
+JOINT_STUDENTS = ["ipndm", "unipc_3"]
+JOINT_ITERATIONS = 30
+GUARD = 0.2
+
+
+class Counter:
+    """A denoiser that counts sample-evaluations: rows per call, and rows whose output a backward pass will reach
+    (the call's state or σ carries a graph). `record` keeps (x, σ, x̂₀) of every call (GITS reads its teacher's)."""
+
+    def __init__(self, denoiser: Denoiser) -> None:
+        self.denoiser = denoiser
+        self.forward = self.backward = 0
+        self.calls: list[tuple[Tensor, float, Tensor]] | None = None
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+        self.forward += len(x)
+        if torch.is_grad_enabled() and (x.requires_grad or (isinstance(sigma, Tensor) and sigma.requires_grad)):
+            self.backward += len(x)
+        out = self.denoiser(x, sigma, class_labels)
+        if self.calls is not None:
+            self.calls.append((x.detach(), float(sigma), out.detach()))
+        return out
+
+
+@dataclass
+class Calibrated:
+    """A calibrated sampler: its solver (on its grid), λ as the sampler takes them, and what calibration cost."""
+
+    method: str
+    solver: Solver
+    lambdas: Tensor | None
+    forward: int
+    backward: int
+    cpu_seconds: float
+    note: str = ""
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+def gits_grid(counter: Counter, noise: Tensor, nfe: int, steps: int = GITS_STEPS, coef: float = GITS_COEF) -> Tensor:
+    """GITS: the N + 1 knots (σ_max … σ_min) picked from an iPNDM teacher's fine Karras grid by dynamic programming."""
+    fine = karras_sigmas(steps + 1, SIGMA_MIN, SIGMA_MAX)
+    teacher = SOLVERS["ipndm"].from_grid(fine, EDM())
+    counter.calls = []
+    with torch.no_grad():
+        final = teacher.sample(counter, noise)
+    calls, counter.calls = counter.calls, None
+    states = torch.stack([x for x, _, _ in calls] + [final]).flatten(2)  # (M + 1, B, D), VE form (EDM scale 1)
+    slopes = torch.stack([(x - x0) / s for x, s, x0 in calls]).flatten(2)  # (M, B, D): dx/dσ at each fine point
+    # c_ij = mean_b ‖x_i + (σ_j − σ_i)·d_i − x_j‖₂ for i < j.
+    cost = torch.full((steps + 1, steps + 1), math.inf, dtype=torch.float64)
+    for i in range(steps):
+        jumps = states[i] + (fine[i + 1 :] - fine[i]).reshape(-1, 1, 1) * slopes[i] - states[i + 1 :]
+        cost[i, i + 1 :] = jumps.norm(dim=-1).mean(-1)
+    # best[k, j]: least cost of reaching fine point j in k steps; the k-th step's cost weighs coef^(k − 1).
+    best = torch.full((nfe + 1, steps + 1), math.inf, dtype=torch.float64)
+    best[0, 0] = 0.0
+    came = torch.zeros((nfe + 1, steps + 1), dtype=torch.long)
+    for k in range(1, nfe + 1):
+        totals = best[k - 1].reshape(-1, 1) + coef ** (k - 1) * cost
+        best[k], came[k] = totals.min(dim=0)
+    path = [steps]
+    for k in range(nfe, 0, -1):
+        path.append(int(came[k, path[-1]]))
+    return fine[torch.tensor(path[::-1])]
+
+
+def _setup(name: str, nfe: int, grid: str, **kwargs: float) -> SolverSetup:
+    return SolverSetup.resolve(name, nfe, EDM(), grid, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, **kwargs)
+
+
+def teacher_final(counter: Counter, student: Solver, setup: SolverSetup, noise: Tensor) -> Tensor:
+    """The shared teacher's (UniPC-3, C = SCALE) final state at the student's end σ."""
+    teacher, indices = build_teacher(student, setup, SCALE, "aligned", TEACHER)
+    return teacher_targets(teacher, indices[-1:], counter, noise)[0]
+
+
+def run_gits(denoiser: Denoiser, noise: Tensor, nfe: int, held: Callable[[Calibrated], dict]) -> Calibrated:
+    """GITS grid, each base student on it; the better one on the held-out seeds counts (its grid needs no λ)."""
+    counter, start = Counter(denoiser), time.process_time()
+    sigmas = gits_grid(counter, noise, nfe)
+    seconds = time.process_time() - start
+    rows = [Calibrated("GITS", SOLVERS[name].from_grid(sigmas, EDM()), None, counter.forward, 0, seconds, name) for name in GITS_STUDENTS]
+    for row in rows:
+        row.scores = held(row)
+    return min(rows, key=lambda r: r.scores["rmse"])
+
+
+def run_ld3(denoiser: Denoiser, noise: Tensor, nfe: int, held: Callable[[Calibrated], dict]) -> Calibrated:
+    """LD3: log-SNR-uniform N + 1 grid, σ learned end to end with slack, λ off, best validation iterate."""
+    rows = []
+    for name in LD3_STUDENTS:
+        counter, start = Counter(denoiser), time.process_time()
+        setup = _setup(name, nfe, "logsnr_uniform", terminal_zero=False)
+        student = setup.build()
+        target = teacher_final(counter, student, setup, noise)
+        validation = torch.arange(len(noise)) >= len(noise) // 2
+        radius = 0.001 * noise[0].numel() / nfe**2
+        settings = JointSettings(fit_lambdas=False, slack=radius)
+        fit = JointFit(name, student.sigmas, EDM(), counter, noise, target, torch.zeros(student.num_stages, dtype=torch.float64), LambdaLayout(), settings, held=validation)
+        result = fit.fit(LD3_ITERATIONS)
+        row = Calibrated("LD3", SOLVERS[name].from_grid(result.sigmas, EDM()), None, counter.forward, counter.backward, time.process_time() - start, f"{name}, kept it. {result.best_iteration}/{result.iterations}")
+        row.scores = held(row)
+        rows.append(row)
+    return min(rows, key=lambda r: r.scores["rmse"])
+
+
+def run_package(denoiser: Denoiser, noise: Tensor, nfe: int, held: Callable[[Calibrated], dict]) -> list[Calibrated]:
+    """D h-all closed form on the GITS grid, then the joint fit of σ and λ from there (per student; best counts)."""
+    out: dict[str, list[Calibrated]] = {"dp": [], "joint": []}
+    for name in JOINT_STUDENTS:
+        counter, start = Counter(denoiser), time.process_time()
+        sigmas = gits_grid(counter, noise, nfe)
+        setup = _setup(name, nfe, "karras")
+        student = SOLVERS[name].from_grid(sigmas, EDM())
+        layout = LambdaLayout(student.num_stages)
+        teacher, indices = build_teacher(student, setup, SCALE, "aligned", TEACHER)
+        targets = teacher_targets(teacher, indices, counter, noise)
+        guard = holdout_mask(CALIBRATION_SEEDS, GUARD)
+        closed = fit_closed_form(student, counter, noise, targets, layout=layout, holdout=guard)
+        dp = Calibrated("DP grid + D h-all", student, layout.expand(closed.lambdas, noise.shape[1:]), counter.forward, 0, time.process_time() - start, name)
+        fit = JointFit(name, sigmas, EDM(), counter, noise, targets[-1], closed.lambdas, layout, JointSettings(), lambda_scale=closed.natural_scales(), held=guard)
+        result: JointResult = fit.fit(JOINT_ITERATIONS)
+        joint_student = SOLVERS[name].from_grid(result.sigmas, EDM())
+        note = f"{name}, kept it. {result.best_iteration}/{result.iterations}"
+        joint = Calibrated("joint σ + D h-all", joint_student, layout.expand(result.lambdas, noise.shape[1:]), counter.forward, counter.backward, time.process_time() - start, note)
+        for row, key in ((dp, "dp"), (joint, "joint")):
+            row.scores = held(row)
+            out[key].append(row)
+    return [min(rows, key=lambda r: r.scores["rmse"]) for rows in out.values()]
+
+
+class HeldOut:
+    """Per-seed RMSE of a calibrated sampler on held-out latents against the reference states where it ends."""
+
+    def __init__(self, denoiser: Denoiser, reference, noise: Tensor) -> None:
+        self.denoiser, self.noise = denoiser, noise
+        self.exact = ExactStates(reference, noise)
+
+    def __call__(self, row: Calibrated) -> dict[str, float]:
+        with torch.no_grad():
+            out = row.solver.sample(self.denoiser, self.noise, row.lambdas)
+        per_seed = ((out - self.exact(row.solver)).flatten(1) ** 2).mean(1)
+        return {
+            "rmse": math.sqrt(float(per_seed.mean())),
+            "median": math.sqrt(float(per_seed.median())),
+            "p99": math.sqrt(float(torch.quantile(per_seed, 0.99))),
+        }
+
+
+def load_model(model: str) -> tuple[Denoiser, object, int]:
+    """The denoiser, its reference ODE solver and the default number of held-out seeds."""
+    if model == "exact":
+        from dode_lightning.gmm import digits_mixture
+
+        mixture = digits_mixture()
+        return mixture, mixture, 500
+    from benchmarks.learned import FineHeun
+    from benchmarks.train_digits_net import DIGITS_NET_PATH
+    from dode_lightning.checkpoints import load_denoiser
+
+    network = load_denoiser("edm_pickle", path=str(DIGITS_NET_PATH)).denoiser.eval().requires_grad_(False)
+    return network, FineHeun(network, 128), 200
+
+
+def cells(row: Calibrated, best_peer: float | None) -> list[str]:
+    s = row.scores
+    ratio = "—" if best_peer is None else f"{s['rmse'] / best_peer:.2f}×"
+    return [row.method, row.note, f"{s['rmse']:.4f}", ratio, f"{s['median']:.4f}", f"{s['p99']:.4f}", f"{row.forward:,}", f"{row.backward:,}", f"{row.cpu_seconds:.1f}"]
+
+
+HEADER = ["method", "student, notes", "RMSE", "/ best peer", "median", "p99", "forward evals", "backward evals", "CPU s"]
+
+
+RESULTS = Path("docs/learned_steps.json")
+
+
+def render(done: dict) -> str:
+    """docs/learned_steps.md from the collected rows (both models, every NFE run so far)."""
+    sections = []
+    for model, title in (("exact", "Exact digits model (500 held-out seeds, reference: the exact ODE)"), ("network", "Learned digits network (200 held-out seeds, reference: its own 128-step Heun ODE)")):
+        keys = sorted((k for k in done if k.startswith(model + " ")), key=lambda k: int(k.split()[1]))
+        if not keys:
+            continue
+        parts = [f"## {title}"]
+        for key in keys:
+            entry = done[key]
+            parts.append(f"### NFE {key.split()[1]}\n\n`{entry['command']}` — {entry['machine']}; {entry['seconds']:.0f} s wall\n\n" + markdown_table(HEADER, entry["rows"]))
+        sections.append("\n\n".join(parts))
+    return "# Learned step positions: the joint fit against GITS and LD3 (issue 18)\n\n" + DOC + "\n\n" + "\n\n".join(sections) + "\n"
+
+
+DOC = """Generated by `benchmarks/learned_steps.py` (one section per model and NFE; rerun an NFE to replace it).
+Calibration on seeds 0–99 for every method, the same teacher (UniPC-3, C = 10 × the student's steps, `aligned`
+grid) wherever a teacher endpoint is used; scores on held-out seeds from 1,000,000. **RMSE** over all held-out
+seeds of the final state against the reference ODE state where the run ends; **median** and **p99**: of the
+per-seed RMSE (about 1 % of the seeds carry the RMSE at NFE ≥ 6). "/ best peer": RMSE over the better of GITS and
+LD3. Cost: network sample-evaluations of the whole calibration (teacher runs included; backward = evaluations a
+backward pass went through) and CPU seconds (one torch thread, a shared 2-core machine).
+
+- **GITS**: iPNDM teacher on a 100-step Karras ρ = 7 grid (80 → 0.002), one-step costs c_ij = mean ‖x_i + (σ_j −
+  σ_i)·d_i − x_j‖₂, dynamic programming for the N steps with least summed cost (coefficient 1); the better of the
+  base iPNDM and UniPC-3 on that grid counts.
+- **LD3**: `dode_lightning.joint_fit` with λ off: the N + 1 steps (σ_max, σ_min fixed) as softmax increments in
+  log σ from the log-SNR-uniform grid, L-BFGS on the final-state L2 error to the teacher with soft teacher forcing
+  (ball radius 0.001·D/N²), 50 training / 50 validation latents, best-validation iterate; the better of UniPC-3
+  and iPNDM counts.
+- **DP grid + D h-all** (package): the GITS grid with closed-form λ over all earlier outputs (`history` = NFE),
+  20 % of the seeds held out by the never-worse guard.
+- **joint σ + D h-all** (package, `model.fit: joint`): from there, σ and λ fitted together end to end (30 L-BFGS
+  iterations, log σ coordinate), the best iterate on the held-out 20 % kept."""
+
+
+def main() -> None:
+    args_parser = parser(__doc__)
+    args_parser.add_argument("--model", choices=["exact", "network"], default="exact")
+    args_parser.add_argument("--nfe", default=None, help="comma-separated NFEs (default 3,4,5,6,8,10)")
+    args_parser.add_argument("--held-out", type=int, default=None, help="held-out seeds (default 500 exact, 200 network)")
+    args = args_parser.parse_args()
+    torch.set_num_threads(1)
+    nfes = [5] if args.quick and not args.nfe else [int(n) for n in (args.nfe or ",".join(map(str, NFES))).split(",")]
+    denoiser, reference, count = load_model(args.model)
+    count = 50 if args.quick else (args.held_out or count)
+    noise = seeded_noise(CALIBRATION_SEEDS, (1, 8, 8))[0]
+    held = HeldOut(denoiser, reference, seeded_noise(range(HELD_OUT_START, HELD_OUT_START + count), (1, 8, 8))[0])
+    out = output_dir(args)
+    results = None if out is None else out / RESULTS.name
+    done = json.loads(results.read_text()) if results is not None and results.exists() else {}
+    for nfe in nfes:
+        start = time.perf_counter()
+        rows = [run_gits(denoiser, noise, nfe, held), run_ld3(denoiser, noise, nfe, held), *run_package(denoiser, noise, nfe, held)]
+        peer = min(r.scores["rmse"] for r in rows[:2])
+        command = f"PYTHONPATH=. python benchmarks/learned_steps.py --model {args.model} --nfe {nfe}" + (f" --held-out {count}" if args.held_out else "")
+        entry = {"rows": [cells(r, peer) for r in rows], "command": command, "machine": machine(), "seconds": time.perf_counter() - start}
+        print(f"{args.model} NFE {nfe} ({entry['seconds']:.0f} s)\n" + markdown_table(HEADER, entry["rows"]), flush=True)
+        if results is not None:  # after every NFE, so a long run leaves its finished part behind
+            done[f"{args.model} {nfe}"] = entry
+            out.mkdir(parents=True, exist_ok=True)
+            results.write_text(json.dumps(done, indent=1))
+            (out / "learned_steps.md").write_text(render(done))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""The end-to-end joint fit of step positions and λ (dode_lightning.joint_fit, `model.fit: joint`)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dode_lightning.cli import train_main
+from dode_lightning.distill import SolverSetup, build_teacher, fit_closed_form, holdout_mask, seeded_noise, teacher_targets
+from dode_lightning.joint_fit import JointFit, JointFitDiverged, JointSettings, TeacherPath, grid_from_params, step_params
+from dode_lightning.lambda_file import load_lambdas
+from dode_lightning.schedules import EDM
+from dode_lightning.solvers import LambdaLayout
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("coordinate", ["log", "karras"])
+@pytest.mark.parametrize("terminal_zero", [True, False])
+def test_parametrisation_is_monotone_with_fixed_ends(coordinate, terminal_zero):
+    sigmas = SolverSetup.resolve("euler", 6, EDM(), "karras", terminal_zero=terminal_zero).build().sigmas
+    theta = step_params(sigmas, coordinate)
+    torch.testing.assert_close(grid_from_params(theta, sigmas, coordinate), sigmas, rtol=1e-12, atol=0)
+    fixed = [0, len(sigmas) - 1] + ([len(sigmas) - 2] if terminal_zero and coordinate == "log" else [])
+    for seed in range(5):
+        moved = grid_from_params(4 * torch.randn(len(theta), generator=torch.Generator().manual_seed(seed), dtype=torch.float64), sigmas, coordinate)
+        assert len(moved) == len(sigmas) and bool((moved[:-1] > moved[1:]).all())
+        assert all(float(moved[i]) == float(sigmas[i]) for i in fixed)
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        step_params(sigmas.flip(0), coordinate)
+
+
+def test_teacher_path_interpolates_in_log_sigma():
+    sigmas = torch.tensor([4.0, 2.0, 1.0, 0.0], dtype=torch.float64)
+    states = torch.arange(4, dtype=torch.float64).reshape(4, 1, 1) * torch.ones(4, 2, 3, dtype=torch.float64)
+    path = TeacherPath(sigmas, states)
+    torch.testing.assert_close(path.at(torch.tensor(2.0, dtype=torch.float64)), states[1])
+    torch.testing.assert_close(path.at(torch.tensor(2.0**1.5, dtype=torch.float64)), 0.5 * (states[0] + states[1]))
+    torch.testing.assert_close(path.at(torch.tensor(0.0, dtype=torch.float64)), states[3])
+
+
+def _problem(digits, name="unipc_3", nfe=5, batch=20, history=0, terminal_zero=True, guard=0.0):
+    setup = SolverSetup.resolve(name, nfe, EDM(), "karras", terminal_zero=terminal_zero)
+    student = setup.build()
+    noise = seeded_noise(range(batch), (1, 8, 8))[0]
+    teacher, indices = build_teacher(student, setup, 4, "aligned", "unipc_3")
+    targets = teacher_targets(teacher, indices, digits, noise)
+    layout = LambdaLayout(history or student.num_stages)
+    held = holdout_mask(range(batch), guard) if guard else None
+    closed = fit_closed_form(student, digits, noise, targets, layout=layout, holdout=held)
+    return student, noise, targets, layout, closed, held
+
+
+def _fit(digits, settings=JointSettings(), **kwargs):
+    student, noise, targets, layout, closed, held = _problem(digits, **kwargs)
+    name = kwargs.get("name", "unipc_3")
+    return JointFit(name, student.sigmas, EDM(), digits, noise, targets[-1], closed.lambdas, layout, settings, lambda_scale=closed.natural_scales(), held=held)
+
+
+@pytest.mark.parametrize("name,history", [("unipc_3", 0), ("euler", 1), ("ipndm", 2)])
+def test_gradient_matches_finite_differences(digits, name, history):
+    fit = _fit(digits, name=name, history=history, batch=8, nfe=4)
+    with torch.no_grad():  # move off the closed form's optimum so that every λ has a gradient
+        fit.phi.add_(0.1 * torch.randn(fit.phi.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+        fit.theta.add_(0.2 * torch.randn(fit.theta.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+    fit.closure()
+    scale = fit.loss_unit  # the closure's gradient is that of the loss relative to the start
+    for param in (fit.theta, fit.phi):
+        grad = param.grad.clone()
+        for i in range(0, param.numel(), max(1, param.numel() // 4)):
+            step = 1e-6
+            values = []
+            for sign in (1, -1):
+                with torch.no_grad():
+                    param.view(-1)[i] += sign * step
+                values.append(fit.evaluate("train"))
+                with torch.no_grad():
+                    param.view(-1)[i] -= sign * step
+            numeric = (values[0] - values[1]) / (2 * step) / scale
+            assert abs(float(grad.view(-1)[i]) - numeric) <= 1e-5 * max(1.0, abs(numeric)), (param.shape, i, float(grad.view(-1)[i]), numeric)
+
+
+def test_fit_lowers_the_loss_and_keeps_steps_ordered(digits):
+    fit = _fit(digits, nfe=5)
+    result = fit.fit(8)
+    assert result.loss_end < 0.95 * result.loss_start  # measured 0.90
+    assert result.held_end is None and result.best_iteration == 8
+    start = fit.start_sigmas
+    assert bool((result.sigmas[:-1] > result.sigmas[1:]).all())
+    assert float(result.sigmas[0]) == float(start[0]) and float(result.sigmas[-1]) == float(start[-1]) == 0.0
+    assert not torch.equal(result.sigmas, start)
+    assert result.backward_runs >= 1 and result.forward_runs > result.backward_runs
+
+
+def test_never_ends_worse_than_its_start_on_the_held_out_rows(digits):
+    """Held-out rows whose target is the start's own final state: every move is worse there, so the start stays."""
+    student, noise, targets, layout, closed, _ = _problem(digits, nfe=5, guard=0.2)
+    held = holdout_mask(range(len(noise)), 0.2)
+    with torch.no_grad():
+        own = student.sample(digits, noise, layout.expand(closed.lambdas, noise.shape[1:]))
+    target = torch.where(held.reshape(-1, 1, 1, 1), own, targets[-1])
+    fit = JointFit("unipc_3", student.sigmas, EDM(), digits, noise, target, closed.lambdas, layout, lambda_scale=closed.natural_scales(), held=held)
+    result = fit.fit(4)
+    assert result.best_iteration == 0 and result.held_end == result.held_start
+    assert torch.equal(result.sigmas, student.sigmas) and torch.equal(result.lambdas, closed.lambdas.to(torch.float64))
+
+
+def test_collapsing_steps_stop_in_one_line_naming_iteration_and_stage(digits):
+    fit = _fit(digits, JointSettings(optimizer="adam", lr=1e3), nfe=5)
+    with pytest.raises(JointFitDiverged, match=r"^the joint fit diverged at iteration 1: steps collapse at stage \d+ .*no λ file written$"):
+        fit.step()
+
+
+def test_non_finite_states_name_the_stage(digits):
+    calls = {"n": 0}
+
+    def poisoned(x, sigma, class_labels=None):
+        calls["n"] += 1
+        out = digits(x, sigma, class_labels)
+        return out * float("nan") if calls["n"] > 12 and float(sigma.detach()) < 1.0 else out
+
+    student, noise, targets, layout, closed, _ = _problem(digits, nfe=5)
+    fit = JointFit("unipc_3", student.sigmas, EDM(), poisoned, noise, targets[-1], closed.lambdas, layout, lambda_scale=closed.natural_scales())
+    with pytest.raises(JointFitDiverged, match=r"iteration 1: non-finite state at stage \d \(σ = "):
+        fit.step()
+
+
+def _train(tmp_path, *extra):
+    config = tmp_path / "joint.yaml"
+    config.write_text(
+        "trainer: {accelerator: cpu, devices: 1, enable_progress_bar: false, logger: {class_path: pytorch_lightning.loggers.TensorBoardLogger, init_args: {save_dir: "
+        + json.dumps(str(tmp_path / "runs"))
+        + ", name: joint}}}\n"
+        "model: {denoiser: {source: gmm_digits}, solver: unipc_3, nfe: 5, fit: joint, history: 4, joint_steps: 4, guard: 0.25}\n"
+        "data: {scale: 2, batch_size: 20, class_conditional: false, cache_dir: " + json.dumps(str(tmp_path / "cache")) + "}\n"
+    )
+    return [sys.executable, str(ROOT / "train.py"), "--config", str(config), *extra]
+
+
+def test_train_py_joint_fit_writes_fitted_sigmas_and_logs_them(tmp_path):
+    run = subprocess.run(_train(tmp_path, "--model.output", str(tmp_path / "l.safetensors")), capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "joint fit: final-state MSE" in run.stdout
+    tensors, meta = load_lambdas(tmp_path / "l.safetensors")
+    sigmas = tensors["sigmas"]
+    assert len(sigmas) == 6 and bool((sigmas[:-1] > sigmas[1:]).all()) and float(sigmas[0]) == 80.0 and float(sigmas[-1]) == 0.0
+    assert meta["fit"] == "joint"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "runs").rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "sigma/01" in tags and "lambda/stage_01" in tags and "loss/final_state" in tags
+    assert len(events.Scalars("sigma/01")) >= 4
+
+
+def test_train_py_diverging_joint_fit_fails_in_one_line_without_a_lambda_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    output = tmp_path / "l.safetensors"
+    args = _train(tmp_path, "--model.output", str(output), "--model.joint_optimizer", "adam", "--model.joint_lr", "1000", "--trainer.logger", "false")[2:]
+    assert train_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the joint fit diverged at iteration 1: steps collapse at stage"), err
+    assert not output.exists()
+
+
+@pytest.mark.slow
+def test_joint_fit_over_two_ranks_equals_the_union_batch(tmp_path):
+    one = subprocess.run(_train(tmp_path, "--model.output", str(tmp_path / "one.safetensors")), capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        _train(tmp_path, "--model.output", str(tmp_path / "two.safetensors"), "--trainer.devices", "2", "--trainer.strategy", "ddp"),
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    single, _ = load_lambdas(tmp_path / "one.safetensors")
+    double, _ = load_lambdas(tmp_path / "two.safetensors")
+    # The pooled sums differ from the single-process ones only in summation order (~1e-16 relative), which the
+    # history-4 least squares and four L-BFGS iterations amplify to well below 1e-6.
+    torch.testing.assert_close(double["sigmas"], single["sigmas"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(double["lambdas"], single["lambdas"], rtol=1e-5, atol=1e-5 * float(single["lambdas"].abs().max()))
