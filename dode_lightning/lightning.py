@@ -336,6 +336,7 @@ class DODECalibration(pl.LightningModule):
         try:
             loss = self.joint.step()
         except JointFitDiverged as err:
+            self.fit_bar.close()  # the one-line error starts on its own line
             raise ConfigError(str(err)) from None
         self.timings["joint"] += time.perf_counter() - start
         self._log_joint()
