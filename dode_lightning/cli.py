@@ -217,7 +217,7 @@ def exact_report(module: DODECalibration, data: TeacherTargets, held_out: int = 
     from .distill import build_teacher
 
     mixture, student = module.denoiser, module.student
-    teacher, _ = build_teacher(student, module.setup_spec, data.scale, data.target_mode, data.teacher_name, module.layout.history)
+    teacher, _ = build_teacher(student, module.setup_spec, data.scale, data.target_mode, data.teacher_for(module), module.layout.history)
     label_dim = module.loaded.label_dim if data._conditional(module) else 0
     lambdas = module.applied_lambdas().cpu()
     rows = []
@@ -269,7 +269,11 @@ def log_summary(logger: Any, table: str, hparams: dict[str, Any], fit: StageFit,
             writer.add_scalar("loss/per_stage_base", float(fit.loss_base[k]), k)
             writer.add_scalar("loss/per_stage_d", float(fit.loss_fit[k]), k)
     layout = {"D-ODE: per stage (x = stage k)": {"λ_k": ["Multiline", [r"^lambda/per_stage$"]], "loss_k, base and D": ["Multiline", [r"^loss/per_stage_(base|d)$"]]}}
-    if module.fit_method != "closed_form":
+    if module.fit_method == "joint":
+        layout["Joint fit (x = iteration)"] = {
+            "σ_k": ["Multiline", [r"^sigma/\d+$"]], "λ of every stage": ["Multiline", [r"^lambda/stage_\d+$"]], "final-state MSE": ["Multiline", [r"^loss/final_state$"]],
+        }
+    elif module.fit_method != "closed_form":
         layout["Adam fit (x = step)"] = {"λ of every stage": ["Multiline", [r"^lambda/stage_\d+$"]], "loss of every stage": ["Multiline", [r"^loss/stage_\d+$"]]}
     writer.add_custom_scalars(layout)
     writer.add_text("summary/stages", table, global_step=0)

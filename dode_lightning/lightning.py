@@ -348,7 +348,8 @@ class DODECalibration(pl.LightningModule):
     def _log_joint(self) -> None:
         """σ_k, λ_k (own direction) and the losses of the current joint iterate."""
         sigmas, lambdas = self.joint.sigmas().detach(), own_direction(self.joint.lambdas().detach())
-        values = {f"sigma/{k:02d}": sigmas[k].float() for k in range(len(sigmas)) if float(sigmas[k]) > 0}
+        values = {"step": float(self.joint.iterations)}  # the x-axis, so Lightning adds no `epoch` scalar
+        values.update({f"sigma/{k:02d}": sigmas[k].float() for k in range(len(sigmas)) if float(sigmas[k]) > 0})
         values.update({f"lambda/stage_{k:02d}": lambdas[k].float() for k, free in enumerate(self.student.lambda_fitted) if free})
         values["loss/final_state"] = torch.tensor(self.joint.last_loss, dtype=torch.float32)
         self.log_dict(values, on_step=True, on_epoch=False, batch_size=1)

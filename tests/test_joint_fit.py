@@ -133,7 +133,7 @@ def _train(tmp_path, *extra):
         "trainer: {accelerator: cpu, devices: 1, enable_progress_bar: false, logger: {class_path: pytorch_lightning.loggers.TensorBoardLogger, init_args: {save_dir: "
         + json.dumps(str(tmp_path / "runs"))
         + ", name: joint}}}\n"
-        "model: {denoiser: {source: gmm_digits}, solver: unipc_3, nfe: 5, fit: joint, history: 4, joint_steps: 4, guard: 0.25}\n"
+        "model: {denoiser: {source: gmm_digits}, solver: unipc_3, nfe: 5, fit: joint, history: 4, joint_steps: 4}\n"
         "data: {scale: 2, batch_size: 20, class_conditional: false, cache_dir: " + json.dumps(str(tmp_path / "cache")) + "}\n"
     )
     return [sys.executable, str(ROOT / "train.py"), "--config", str(config), "--exact_report", "false", *extra]
@@ -146,6 +146,8 @@ def test_train_py_joint_fit_writes_fitted_sigmas_and_logs_them(tmp_path, capsys,
     tensors, meta = load_lambdas(tmp_path / "l.safetensors")
     sigmas = tensors["sigmas"]
     assert len(sigmas) == 6 and bool((sigmas[:-1] > sigmas[1:]).all()) and float(sigmas[0]) == 80.0 and float(sigmas[-1]) == 0.0
+    karras = SolverSetup.resolve("unipc_3", 5, EDM(), "karras").build().sigmas
+    assert float(sigmas[-2]) == float(karras[-2]) and (sigmas - karras).abs().max() > 1e-3  # σ_min fixed, the rest moved
     assert meta["fit"] == "joint"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -181,5 +183,6 @@ def test_joint_fit_over_two_ranks_equals_the_union_batch(tmp_path):
     double, _ = load_lambdas(tmp_path / "two.safetensors")
     # The pooled sums differ from the single-process ones only in summation order (~1e-16 relative), which the
     # history-4 least squares and four L-BFGS iterations amplify to well below 1e-6.
+    assert (single["sigmas"] - SolverSetup.resolve("unipc_3", 5, EDM(), "karras").build().sigmas).abs().max() > 1e-3
     torch.testing.assert_close(double["sigmas"], single["sigmas"], rtol=1e-6, atol=0)
     torch.testing.assert_close(double["lambdas"], single["lambdas"], rtol=1e-5, atol=1e-5 * float(single["lambdas"].abs().max()))
