@@ -128,7 +128,7 @@ _INTEGER_GRIDS = {
 }
 GRIDS = ("karras", "time_uniform", "time_quadratic", "logsnr_uniform", *_INTEGER_GRIDS, *FLOW_GRIDS)
 # Grids whose σ calibration places (train.py); they exist only as the σ list of a λ file.
-LEARNED_GRIDS = ("teacher_dp",)
+LEARNED_GRIDS = ("teacher_dp", "joint")
 
 
 def make_sigmas(

@@ -5,6 +5,7 @@ devices, logging, caching, and the fit loop.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -359,7 +360,11 @@ class DODECalibration(pl.LightningModule):
         teacher run) so the stage table and the λ file describe the student that was fitted."""
         result = self.joint.result()
         self.joint_result = result
-        self.student = type(self.student).from_grid(result.sigmas, self.setup_spec.schedule)
+        start, settings = self.setup_spec, self.joint_settings
+        # The λ file records the fitted σ under grid "joint", with the grid the fit started from and its settings.
+        self.setup_spec = start.on(result.sigmas, "joint", start_grid=start.grid, **start.grid_kwargs, coordinate=settings.coordinate, iterations=result.iterations)
+        self.student = self.setup_spec.build()
+        self.built = dataclasses.replace(self.built, setup=self.setup_spec, solver=self.student)
         with torch.no_grad():
             self.lambdas.copy_(result.lambdas)
         self.trainer.datamodule.retarget(self)

@@ -148,7 +148,11 @@ def test_train_py_joint_fit_writes_fitted_sigmas_and_logs_them(tmp_path, capsys,
     assert len(sigmas) == 6 and bool((sigmas[:-1] > sigmas[1:]).all()) and float(sigmas[0]) == 80.0 and float(sigmas[-1]) == 0.0
     karras = SolverSetup.resolve("unipc_3", 5, EDM(), "karras").build().sigmas
     assert float(sigmas[-2]) == float(karras[-2]) and (sigmas - karras).abs().max() > 1e-3  # σ_min fixed, the rest moved
-    assert meta["fit"] == "joint"
+    assert meta["fit"] == "joint" and meta["grid"] == "joint" and meta["grid_kwargs"]["start_grid"] == "karras"
+    from dode_lightning.sampling import DODESampler
+
+    sampler = DODESampler(denoiser={"source": "gmm_digits"}, lambdas=str(tmp_path / "l.safetensors"))
+    assert torch.equal(sampler.student.sigmas, sigmas) and torch.equal(sampler.lambdas[..., 0, 0, 0], tensors["lambdas"][..., 0])
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(next((tmp_path / "runs").rglob("events.out.tfevents*")).parent))
