@@ -18,6 +18,7 @@ CASES = [
     ("quality", ["--fitted-grid"], "quality_fitted_grid", []),
     ("cost", [], "cost", []),
     ("overhead", [], "overhead", []),
+    ("scheduler_cost", [], "scheduler_cost", []),
     ("trajectories", [], "trajectories", ["fig2_cosine.png", "fig5_trajectory.png"]),
     ("learned", [], "learned", ["learned_rmse.png"]),
 ]
