@@ -600,7 +600,7 @@ def _scheduler_config(pipeline: str | os.PathLike) -> dict[str, Any]:
     raise FileNotFoundError(f"no scheduler config in {path}: give the diffusers pipeline folder the λ were fitted on (it holds scheduler/scheduler_config.json)")
 
 
-def _export_flow(lambda_file: str | os.PathLike, tensors: dict[str, Tensor], meta: dict[str, Any], base: dict[str, Any], pipeline: str | os.PathLike) -> DODEScheduler:
+def _export_flow(lambda_file: str | os.PathLike, meta: dict[str, Any], base: dict[str, Any], pipeline: str | os.PathLike) -> DODEScheduler:
     """`export_scheduler` for a λ file fitted on a flow-matching (SD3/FLUX) pipeline: its FlowMatch config with the
     fitted shift (μ of the calibrated image size stored for dynamic shifting), the stored σ from t = 1 and the λ."""
     if not str(base.get("_class_name", "")).startswith("FlowMatch"):
@@ -613,9 +613,10 @@ def _export_flow(lambda_file: str | os.PathLike, tensors: dict[str, Tensor], met
     probe = DODEScheduler(num_train_timesteps=int(base.get("num_train_timesteps", 1000)), **options)
     if describe_schedule(probe.schedule) != meta.get("schedule"):
         raise SchedulerConfigError(f"{pipeline}: its time shift is not the one {lambda_file} was fitted at ({meta.get('time_shift')}); give the calibrated pipeline folder")
+    tensors, meta = load_lambdas(lambda_file, schedule=probe.schedule)
     lambdas = tensors["lambdas"].to(torch.float64)
     try:
-        setup = SolverSetup.resolve(meta["solver"], int(meta["nfe"]), probe.schedule, meta.get("grid"), **(meta.get("grid_kwargs") or {}))
+        setup = SolverSetup.resolve(meta["solver"], int(meta["nfe"]), probe.schedule, meta.get("grid"), tensors["sigmas"], **(meta.get("grid_kwargs") or {}))
         solver = setup.build()
     except (KeyError, NFEError, ValueError, TypeError) as err:
         raise SchedulerConfigError(f"{lambda_file}: cannot rebuild its solver ({err})") from None
@@ -646,7 +647,7 @@ def export_scheduler(lambda_file: str | os.PathLike, pipeline: str | os.PathLike
     meta = lambda_metadata(lambda_file)
     schedule_wanted = str(meta.get("schedule", ""))
     if schedule_wanted.startswith("FlowMatching"):
-        return _export_flow(lambda_file, tensors, meta, _scheduler_config(pipeline), pipeline)
+        return _export_flow(lambda_file, meta, _scheduler_config(pipeline), pipeline)
     if not schedule_wanted.startswith("VPDiscrete"):
         raise SchedulerConfigError(f"{lambda_file} was fitted on the schedule {schedule_wanted or '?'}; DODEScheduler runs discrete VP (diffusers DDPM-type) models only")
     base = _scheduler_config(pipeline)

@@ -83,7 +83,7 @@ def test_exported_calibrated_scheduler_gives_the_solvers_images(pipes, tmp_path)
     built = build_student(denoiser, "euler", 6)
     lambdas = torch.linspace(-0.3, 0.4, built.solver.num_stages, dtype=torch.float64)
     lambdas[0] = 0.0
-    path = save_lambdas(tmp_path / "lambdas.safetensors", {"lambdas": lambdas}, built.metadata())
+    path = save_lambdas(tmp_path / "lambdas.safetensors", {"lambdas": lambdas, "sigmas": built.solver.sigmas}, built.metadata())
     scheduler = export_scheduler(path, folder)
     scheduler.save_pretrained(tmp_path / "scheduler")
     scheduler = DODEScheduler.from_pretrained(tmp_path / "scheduler")
