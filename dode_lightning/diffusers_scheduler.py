@@ -139,7 +139,8 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
     `prediction_type` of the network, and the solver: `solver`, `grid`/`grid_kwargs` (used when no `sigmas` are
     stored), `sigmas` (the step boundaries, descending), `lambdas` (per stage, compact as the λ file holds them;
     needs `sigmas` and `nfe`, and fixes the number of steps), `history`/`lambda_groups` (their `LambdaLayout`),
-    `integer_timesteps` (as the calibration's denoiser option), `state_dtype`,
+    `integer_timesteps` (as the calibration's denoiser option), `state_dtype` (float32 by default: in latent
+    pipelines a float32 state stays at the float32 floor, benchmarks/scheduler_cost.py; export keeps the λ file's),
     `guidance_scale` (what the λ were fitted at), `schedule_id` (the λ file's schedule, checked against the β
     table), `calibration` (the λ file's metadata, for the record), `grid_digest` (ties λ to the stored σ),
     `sigma_data` (an EDM config's) and `base_scheduler`/`base_config` (the replaced scheduler, see `from_config`).
@@ -167,7 +168,7 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         history: int = 1,
         lambda_groups: str = "none",
         integer_timesteps: bool = False,
-        state_dtype: str = "float64",
+        state_dtype: str = "float32",
         guidance_scale: float | None = None,
         schedule_id: str | None = None,
         calibration: dict[str, Any] | None = None,

@@ -143,7 +143,8 @@ def test_abandoned_run_ends_and_run_errors_reach_the_caller(digits, vp):
 
 @pytest.mark.parametrize("solver,steps", [("ddim", 10), ("dpm_solver_2", 6)])
 def test_zero_lambda_equals_the_base_solver(ddpm_pipe, ddpm_config, folder, solver, steps):
-    scheduler = DODEScheduler.from_config(ddpm_config, solver=solver, base_scheduler=None)  # the package's grid
+    # the package's grid, and its float64 state (float32, the default, stays at the float32 floor: scheduler_cost.py)
+    scheduler = DODEScheduler.from_config(ddpm_config, solver=solver, base_scheduler=None, state_dtype="float64")
     ours = run_pipeline(ddpm_pipe, scheduler, steps)
     states = []
     noise, _ = seeded_noise(SEEDS, (3, 32, 32))
@@ -186,7 +187,7 @@ def test_scheduler_loop_equals_solver_sample_for_every_solver(digits, vp, name, 
     probe.set_timesteps(steps)
     solver = probe.solver
     lambdas = torch.linspace(0.05, 0.3, solver.num_stages, dtype=torch.float64)
-    scheduler = DODEScheduler(solver=name, prediction_type=prediction, sigmas=solver.sigmas.tolist(), lambdas=lambdas.tolist(), nfe=solver.nfe)
+    scheduler = DODEScheduler(solver=name, prediction_type=prediction, sigmas=solver.sigmas.tolist(), lambdas=lambdas.tolist(), nfe=solver.nfe, state_dtype="float64")
     scheduler.set_timesteps(steps)
     assert len(scheduler.timesteps) == solver.nfe and scheduler.order == (2 if name == "heun" else 1)
     noise = unit_noise(4, seed=7)
@@ -391,7 +392,7 @@ def test_sd_pipeline_with_lambdas_equals_the_solver_on_the_guided_denoiser(tiny_
     base_solver = probe.solver
     lambdas = torch.linspace(-0.2, 0.3, base_solver.num_stages, dtype=torch.float64)
     scheduler = DODEScheduler.from_config(
-        config, solver=solver, nfe=base_solver.nfe, sigmas=base_solver.sigmas.tolist(), lambdas=lambdas.tolist()
+        config, solver=solver, nfe=base_solver.nfe, sigmas=base_solver.sigmas.tolist(), lambdas=lambdas.tolist(), state_dtype="float64"
     )
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
     ours = run_sd(pipe, scheduler, steps, latents)
@@ -426,7 +427,8 @@ def test_lambda_layouts_run_as_sample_py_applies_them(digits, vp, history, group
     shape = layout.shape(solver.num_stages, (1, 8, 8))
     compact = 0.1 * torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     scheduler = DODEScheduler(
-        solver="dpm_solver_pp_3m", nfe=solver.nfe, sigmas=solver.sigmas.tolist(), lambdas=compact.tolist(), history=history, lambda_groups=groups
+        solver="dpm_solver_pp_3m", nfe=solver.nfe, sigmas=solver.sigmas.tolist(), lambdas=compact.tolist(), history=history, lambda_groups=groups,
+        state_dtype="float64",
     )
     scheduler.set_timesteps(6)
     noise = unit_noise(3, seed=8)
