@@ -1,11 +1,16 @@
 """`DODEScheduler`: any of this package's (D-)solvers as a diffusers scheduler, and `export_scheduler` for λ files.
 
-A diffusers pipeline calls the network itself and hands each output to `step()`. The scheduler therefore runs the
-solver exactly as `sample.py` does — `run_stages` on its own stage generator, λ through the shared `StageCorrector`
-— in a worker thread whose denoiser pauses at every network evaluation: it hands the evaluation point to `step()`,
-which returns it as the next latents, and waits for the network output the pipeline computes there. The pipeline
-thus only ever sees evaluation points, so solvers that evaluate at a state they compute internally (UniPC's
-predictor after its corrector) run unchanged. No solver arithmetic lives here.
+A diffusers pipeline calls the network itself and hands each output to `step()`. The scheduler drives the solver's
+own generator (the protocol of `solvers.stages`) by hand, one evaluation per `step()`: it answers the pending
+`Evaluate` with the pipeline's output (through `answer`, as every driver does), applies the shared `StageCorrector`
+to each `Stage` on the way, and stops at the next `Evaluate`, whose point it returns as the next latents. The
+pipeline thus only ever sees evaluation points, so solvers that evaluate at a state they compute internally (UniPC's
+predictor after its corrector) run unchanged. No solver arithmetic, and no thread, queue or lock, lives here.
+
+A generator can be neither copied nor pickled, so it is not the run's state: the run is its first latents and the
+network outputs handed in so far. `copy.deepcopy` and `pickle` leave the generator out, and the next `step()`
+rebuilds it by replaying those outputs through a fresh generator (solver arithmetic only, bit for bit the same
+states, no network call); so does a `step()` after one that raised.
 
 Conventions (`scheduler_config.Parameterization`). DDPM-type (β table) configs: the pipeline's latents are diffusers'
 VP latents x_t = √ᾱ·x₀ + √(1−ᾱ)·ε, which equal this package's scaled state s·(x₀ + σn) with s = 1/√(1+σ²) = √ᾱ.
@@ -23,8 +28,6 @@ from __future__ import annotations
 import inspect
 import math
 import os
-import queue
-import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -58,9 +61,9 @@ from .scheduler_config import (
     reference_grid,
 )
 from .schedules import EDM, FlowMatching, Schedule, VPDiscrete, flow_time
-from .solvers import SOLVERS, LambdaLayout, NFEError, Solver, StageCorrector, run_stages
+from .solvers import SOLVERS, Evaluate, LambdaLayout, NFEError, Solver, Stage, StageCorrector, answer
 
-__all__ = ["DODEScheduler", "SchedulerConfigError", "SolverRun", "export_scheduler", "evaluation_sigmas"]
+__all__ = ["DODEScheduler", "SchedulerConfigError", "export_scheduler", "evaluation_sigmas"]
 
 def evaluation_sigmas(solver: Solver) -> list[float]:
     """Noise level of each network evaluation of `solver`, in order (one per stage), from a dry run."""
@@ -74,62 +77,17 @@ def evaluation_sigmas(solver: Solver) -> list[float]:
     return called
 
 
-class _Stopped(Exception):
-    """Ends an abandoned solver run from inside its denoiser."""
+class _NetworkOutput:
+    """The pipeline's network output at the pending evaluation, as the denoiser `answer` asks: its (ε̂, x̂₀)."""
 
+    def __init__(self, to_pair: Any, output: Tensor, model_input: Tensor) -> None:
+        self.to_pair, self.output, self.model_input = to_pair, output, model_input
 
-class SolverRun:
-    """One solver run (`run_stages` with a `StageCorrector`) in a worker thread, paused at every evaluation.
+    def eps_and_denoised(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.to_pair(x, float(sigma), self.output, self.model_input)
 
-    The run is the solver's denoiser: each call posts ("evaluate", x, σ) — x in VE form — and waits for `supply`
-    to provide (model output, network input) of that evaluation; `to_pair` turns them into (ε̂, x̂₀). The end of
-    the run posts ("final", state, None); an exception in the run is re-raised by `next_request`.
-    """
-
-    def __init__(self, solver: Solver, state: Tensor, corrector: StageCorrector, to_pair: Any) -> None:
-        self.to_pair = to_pair
-        self._requests: queue.Queue = queue.Queue()
-        self._outputs: queue.Queue = queue.Queue()
-        grad = torch.is_grad_enabled()  # grad mode is per thread: the run follows the caller's
-        self._thread = threading.Thread(target=self._run, args=(solver, state, corrector, grad), daemon=True)
-        self._thread.start()
-
-    def _run(self, solver: Solver, state: Tensor, corrector: StageCorrector, grad: bool) -> None:
-        try:
-            with torch.set_grad_enabled(grad):
-                final = run_stages(solver.stages(state), self, corrector=corrector)
-            self._requests.put(("final", final, None))
-        except _Stopped:
-            pass
-        except BaseException as err:  # handed to the pipeline's thread, which raises it
-            self._requests.put(("error", err, None))
-
-    def eps_and_denoised(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        self._requests.put(("evaluate", x, float(sigma)))
-        supplied = self._outputs.get()
-        if supplied is None:
-            raise _Stopped
-        return self.to_pair(x, float(sigma), *supplied)
-
-    def __call__(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
-        return self.eps_and_denoised(x, sigma, class_labels)[1]
-
-    def next_request(self) -> tuple[str, Tensor, float | None]:
-        kind, value, sigma = self._requests.get()
-        if kind != "evaluate":
-            self._thread.join()  # the run posts its end last
-        if kind == "error":
-            raise value
-        return kind, value, sigma
-
-    def supply(self, model_output: Tensor, model_input: Tensor) -> None:
-        self._outputs.put((model_output, model_input))
-
-    def stop(self) -> None:
-        """End the run if it still waits for an output (a pipeline that stopped early, or a new set_timesteps)."""
-        if self._thread.is_alive():
-            self._outputs.put(None)
-            self._thread.join()
+    def __call__(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        return self.eps_and_denoised(x, sigma)[1]
 
 
 class DODEScheduler(SchedulerMixin, ConfigMixin):
@@ -284,14 +242,31 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
     def _reset(self) -> None:
         self.solver: Solver | None = None
         self._evaluations: list[float] = []
-        if getattr(self, "_run", None) is not None:
-            self._run.stop()
         self._step_index = 0
         self._vp_state = True
-        self._run: SolverRun | None = None
         self._applied: Tensor | None = None
         self._last_sample: Tensor | None = None
         self._last_version: int | None = None
+        # The run as plain state: its first latents and the network outputs handed in so far.
+        self._first_sample: Tensor | None = None
+        self._outputs: list[Tensor] = []
+        self._drop_generator()
+
+    def _drop_generator(self) -> None:
+        """Forget the live generator (transient: `_replay` rebuilds it from the plain state)."""
+        self._generator: Any = None
+        self._corrector: StageCorrector | None = None
+        self._pending: Evaluate | Tensor | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_generator=None, _corrector=None, _pending=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self._last_version is not None:
+            self._last_version = self._last_sample._version  # the copy's own in-place counter
 
     @property
     def calibrated_steps(self) -> int | None:
@@ -492,16 +467,16 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         k = self._step_index
         if k == 0:
             self._start(sample)
-        self._run.supply(model_output, sample)
-        kind, value, sigma = self._run.next_request()
+        elif self._generator is None:
+            self._replay()  # a copied or unpickled scheduler, or a step after one that raised
+        self._answer(model_output, sample)
+        self._outputs.append(model_output)
         self._step_index += 1
-        if kind == "evaluate":
-            prev_sample = value * broadcast_sigma(self.parameterization.latent_scale(sigma), value)  # the latent at σ
-        else:
-            prev_sample = value * self._vp_ratio(float(self.solver.sigmas[-1]))
-        if (kind == "final") != (self._step_index == len(self._evaluations)) or (kind == "evaluate" and not math.isclose(sigma, self._evaluations[k + 1], rel_tol=1e-9)):
-            raise RuntimeError(f"{self.config.solver} did not evaluate at its dry-run noise levels (step {k + 1}: {kind} at σ = {sigma})")
-        prev_sample = prev_sample.to(sample.dtype)
+        pending = self._pending
+        finished = not isinstance(pending, Evaluate)
+        if finished != (self._step_index == len(self._evaluations)) or (not finished and not math.isclose(float(pending.sigma), self._evaluations[k + 1], rel_tol=1e-9)):
+            raise RuntimeError(f"{self.config.solver} did not evaluate at its dry-run noise levels (step {k + 1}: σ = {'end' if finished else float(pending.sigma)})")
+        prev_sample = self._latents(pending, sample.dtype)
         self._remember(prev_sample)
         if not return_dict:
             return (prev_sample,)
@@ -539,15 +514,48 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         return sample.shape == last.shape and (sample is last or torch.equal(sample, last))
 
     def _start(self, sample: Tensor) -> None:
-        """Start the solver run from the pipeline's first latents and wait for its first evaluation."""
+        """Start the solver run from the pipeline's first latents, up to its first evaluation."""
+        self._first_sample, self._outputs = sample.detach().clone(), []
+        self._replay()
+        if not isinstance(self._pending, Evaluate) or not math.isclose(float(self._pending.sigma), self._evaluations[0], rel_tol=1e-9):
+            raise RuntimeError(f"{self.config.solver} did not start with an evaluation at σ = {self._evaluations[0]}")
+
+    def _replay(self) -> None:
+        """A fresh generator from the first latents, fed the outputs handed in so far as `step()` fed them."""
+        sample = self._first_sample
         lambdas = None if self.lambdas is None else self._lambdas_for(tuple(sample.shape[1:]), sample.device)
         history = 1 if self.lambdas is None else self.layout.history
-        corrector = StageCorrector(None if lambdas is None else (lambda i, _stage: lambdas[i]), history)
-        state = sample.to(self.state_dtype) / self._vp_ratio(float(self.solver.sigmas[0]))
-        self._run = SolverRun(self.solver, state, corrector, self._eps_and_denoised)
-        kind, _, sigma = self._run.next_request()
-        if kind != "evaluate" or not math.isclose(sigma, self._evaluations[0], rel_tol=1e-9):
-            raise RuntimeError(f"{self.config.solver} did not start with an evaluation at σ = {self._evaluations[0]}")
+        self._corrector = StageCorrector(None if lambdas is None else (lambda i, _stage: lambdas[i]), history)
+        self._generator = self.solver.stages(sample.to(self.state_dtype) / self._vp_ratio(float(self.solver.sigmas[0])))
+        self._advance(None)
+        for k, output in enumerate(self._outputs):
+            self._answer(output, sample if k == 0 else self._latents(self._pending, sample.dtype))
+
+    def _answer(self, model_output: Tensor, model_input: Tensor) -> None:
+        """Answer the pending evaluation with this step's network output (and input), then advance the run."""
+        try:
+            self._advance(answer(_NetworkOutput(self._eps_and_denoised, model_output, model_input), self._pending))
+        except BaseException:
+            self._drop_generator()  # the run stays at the last accepted output; the next step() replays up to it
+            raise
+
+    def _advance(self, reply: Any) -> None:
+        """Send `reply` into the run and drive it to its next evaluation, λ-correcting each `Stage` on the way; at the
+        end of the run its final state is left pending."""
+        try:
+            message = self._generator.send(reply)
+            while isinstance(message, Stage):
+                message = self._generator.send(self._corrector(message))
+        except StopIteration as stop:
+            message = stop.value
+        self._pending = message
+
+    def _latents(self, pending: Evaluate | Tensor, dtype: torch.dtype) -> Tensor:
+        """The pipeline's latents at the pending evaluation (its VE point times the latent scale at σ) or at the end."""
+        if isinstance(pending, Evaluate):
+            x_ve, sigma = pending.x / pending.scale, float(pending.sigma)
+            return (x_ve * broadcast_sigma(self.parameterization.latent_scale(sigma), x_ve)).to(dtype)
+        return (pending * self._vp_ratio(float(self.solver.sigmas[-1]))).to(dtype)
 
     def _lambdas_for(self, image_shape: tuple[int, ...], device: torch.device) -> Tensor:
         """The compact λ expanded by their layout for images of this shape (float64, as `sample.py` applies them)."""

@@ -21,6 +21,7 @@ CASES = [
     ("scheduler_cost", [], "scheduler_cost", []),
     ("trajectories", [], "trajectories", ["fig2_cosine.png", "fig5_trajectory.png"]),
     ("learned", [], "learned", ["learned_rmse.png"]),
+    ("scheduler_runs", [], "scheduler_runs", []),
 ]
 
 
