@@ -83,7 +83,13 @@ class BuiltStudent:
             "denoiser": self.loaded.identity,
             "state_dtype": str(self.dtype).replace("torch.", ""),
             **self.loaded.conditioning,  # guidance_scale and prompt source of a text-conditional pipeline
+            **self._timestep_rounding(),
         }
+
+    def _timestep_rounding(self) -> dict[str, bool]:
+        """`integer_timesteps` of a discrete-time denoiser (ComfyUI and diffusers' samplers need it True)."""
+        rounding = getattr(self.loaded.denoiser, "integer_timesteps", None)
+        return {} if rounding is None else {"integer_timesteps": bool(rounding)}
 
 
 def build_student(

@@ -1,0 +1,187 @@
+"""This package's (D-)solvers as k-diffusion samplers: `sample_dode` and `sampler_from_lambda_file`.
+
+k-diffusion's contract, which ComfyUI, A1111/Forge and many research scripts share: `model(x, sigma * s_in,
+**extra_args)` returns the denoised image x̂₀ of the VE-form state x = x₀ + σ·n (the package's denoiser contract);
+`x` starts as noise·σ_0; `sigmas` descend and end in 0; `callback` receives {"x", "i", "sigma", "sigma_hat",
+"denoised"} once per step, after the step's first evaluation; `disable` turns the progress bar off.
+
+The solver's own generator is driven by `run_stages` as everywhere else; the model answers its evaluations. States
+are the solver's: x itself for VE-form solvers, s(σ)·x for a λ file calibrated on a VP schedule's scaled states.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .lambda_file import LambdaFileError, load_lambdas, schedule_id
+from .schedules import EDM, VE, Schedule, VPContinuous, VPDiscrete, cosine_betas, linear_betas
+from .solvers import SOLVERS, DPMSolverPP, LambdaLayout, Solver, run_stages
+
+__all__ = ["sample_dode", "sampler_from_lambda_file", "solver_sampler", "KSampler"]
+
+
+KSampler = Callable[..., Tensor]
+"""A k-diffusion sampler: `(model, x, sigmas, extra_args=None, callback=None, disable=None) -> x at sigmas[-1]`."""
+
+
+def sample_dode(
+    model: Callable[..., Tensor],
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: dict[str, Any] | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    disable: bool | None = None,
+    *,
+    solver: str = "euler",
+    lambdas: Tensor | None = None,
+    history: int = 1,
+    lambda_groups: str = "none",
+    solver_options: dict[str, Any] | None = None,
+) -> Tensor:
+    """Sample with the (D-)`solver` of this package on k-diffusion's `sigmas` (VE form, as k-diffusion integrates).
+
+    `lambdas`: one λ per stage (or the compact (stages, history, groups) layout with `history`/`lambda_groups`);
+    None is the base solver. `solver_options` go to the solver's constructor; DPM-Solver++ keeps its order to the
+    end by default (`lower_order_final_below=0`), as k-diffusion's `sample_dpmpp_2m` does. At λ ≡ 0 `euler`,
+    `heun` and `dpm_solver_pp_2m` are k-diffusion's `sample_euler`, `sample_heun` and `sample_dpmpp_2m`.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(sorted(SOLVERS))}")
+    cls = SOLVERS[solver]
+    options = dict(solver_options or {})
+    if issubclass(cls, DPMSolverPP):
+        options.setdefault("lower_order_final_below", 0)
+    built = cls(torch.as_tensor(sigmas, dtype=torch.float64).cpu(), **options)
+    return solver_sampler(built, lambdas, LambdaLayout(history, lambda_groups))(model, x, sigmas, extra_args, callback, disable)
+
+
+def solver_sampler(solver: Solver, lambdas: Tensor | None = None, layout: LambdaLayout | None = None) -> KSampler:
+    """`solver` (built on `sigmas` up to a final 0 it may stop before) with these λ as a k-diffusion sampler: from
+    the VE-form state x at sigmas[0] to the VE-form state at the solver's last σ."""
+    layout = layout or LambdaLayout()
+    if lambdas is not None and len(lambdas) != solver.num_stages:
+        raise ValueError(f"{solver.name} on these {len(solver.sigmas)} sigmas has {solver.num_stages} stages, got {len(lambdas)} λ")
+    index = {float(s): i for i, s in enumerate(solver.sigmas)}
+    ends = solver.step_ends
+
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):  # noqa: ANN001, ANN202 (KSampler)
+        extra_args = extra_args or {}
+        rule = None
+        if lambdas is not None:
+            applied = layout.expand(torch.as_tensor(lambdas, dtype=torch.float64), x.shape[1:]).to(x.device)
+            rule = lambda k, _stage: applied[k]  # noqa: E731
+        s_in = x.new_ones([x.shape[0]])
+        starts_step = [True]
+        progress = _progress(len(sigmas) - 1, disable)
+
+        def denoiser(x_ve: Tensor, sigma: Tensor, class_labels: Tensor | None = None) -> Tensor:
+            denoised = model(x_ve, sigma * s_in, **extra_args)
+            if starts_step[0]:  # the first evaluation of a step, where k-diffusion calls back
+                i = index[float(sigma)]
+                if callback is not None:
+                    callback({"x": x_ve, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+                progress.update(i + 1 - progress.n)
+            return denoised
+
+        def observe(k: int, _stage: Any, _state: Tensor) -> None:
+            starts_step[0] = ends[k]
+
+        with torch.no_grad():
+            final = run_stages(solver.stages(x * solver.scales[0]), denoiser, rule, observe, layout.history)
+        progress.update(progress.total - progress.n)
+        progress.close()
+        return final / solver.scales[-1]
+
+    return sample
+
+
+def _progress(total: int, disable: bool | None) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=disable)
+
+
+def sampler_from_lambda_file(path: str | os.PathLike, require_integer_timesteps: bool = False) -> tuple[KSampler, Tensor]:
+    """A k-diffusion sampler running the calibrated D-solver of a λ file, and its σ list (float64, descending, a 0
+    appended where the grid ends above it).
+
+    The sampler refuses other sigmas (the λ are fitted to this grid). On a grid ending at σ_min > 0 (DPM-Solver's
+    default) it returns the solver's state at σ_min, as `sample.py` does; the appended 0 only follows k-diffusion's
+    convention. `require_integer_timesteps`: refuse discrete-time calibrations made without `integer_timesteps`
+    (ComfyUI calls discrete models at integer timesteps).
+    """
+    tensors, meta = load_lambdas(path)
+    schedule = _schedule_of(path, meta)
+    if require_integer_timesteps and isinstance(schedule, VPDiscrete) and meta.get("integer_timesteps") is not True:
+        raise LambdaFileError(f"{path} was not calibrated with integer_timesteps, but discrete models are called at integer timesteps here; recalibrate with the denoiser option integer_timesteps: true")
+    solver = _solver_of(path, tensors, meta, schedule)
+    layout = LambdaLayout(int(meta.get("history", 1)), str(meta.get("lambda_groups", "none")))
+    run = solver_sampler(solver, tensors["lambdas"].to(torch.float64), layout)
+    grid = solver.sigmas
+    listed = grid if float(grid[-1]) == 0 else torch.cat([grid, grid.new_zeros(1)])
+
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):  # noqa: ANN001, ANN202 (KSampler)
+        given = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
+        if given.shape != listed.shape or not bool(torch.allclose(given, listed, rtol=1e-6, atol=0)):
+            raise ValueError(f"{path}: the λ were fitted on the sigmas {_short(listed)}, got {_short(given)}; use the σ list that comes with the λ file")
+        return run(model, x, sigmas, extra_args, callback, disable)
+
+    return sample, listed
+
+
+def _short(sigmas: Tensor) -> str:
+    values = [f"{v:.4g}" for v in sigmas.tolist()]
+    return "[" + ", ".join(values if len(values) <= 6 else values[:3] + ["…"] + values[-2:]) + "]"
+
+
+# β tables a discrete-time λ file may name by hash (DDPM/CIFAR-10, Stable Diffusion, improved-DDPM cosine).
+_KNOWN_TABLES = {
+    "linear": lambda: linear_betas(),
+    "scaled_linear": lambda: torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32).to(torch.float64) ** 2,
+    "cosine": lambda: cosine_betas(),
+}
+
+
+def _schedule_of(path: str | os.PathLike, meta: dict[str, Any]) -> Schedule:
+    """The schedule a λ file names: EDM, VE, VP-continuous from its parameters; a discrete β table by its hash among
+    the known ones, else a stand-in with the same s(σ) (enough for every solver but DEIS, checked by `_solver_of`)."""
+    described = str(meta.get("schedule", ""))
+    name, _, fields_text = described.partition("{")
+    try:
+        fields = json.loads("{" + fields_text) if fields_text else {}
+    except ValueError:
+        fields = None
+    if not isinstance(fields, dict):
+        raise LambdaFileError(f"{path}: unreadable schedule {described[:80]!r}; refit with train.py")
+    if name == "EDM":
+        return EDM(fields["t_min"], fields["t_max"])
+    if name == "VE":
+        return VE(fields["t_min"] ** 0.5, fields["t_max"] ** 0.5)
+    if name == "VPContinuous":
+        return VPContinuous(fields["beta_d"], fields["beta_min"], fields["t_min"])
+    if name == "VPDiscrete":
+        for betas in _KNOWN_TABLES.values():
+            schedule = VPDiscrete(betas())
+            if schedule_id(schedule) == described:
+                return schedule
+        return VPDiscrete(linear_betas())  # s(σ) = 1/√(1+σ²) whatever the table
+    raise LambdaFileError(f"{path} was fitted on the schedule {name or '?'}; the k-diffusion sampler runs EDM, VE and VP calibrations (k-diffusion's σ is the VE noise level)")
+
+
+def _solver_of(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict[str, Any], schedule: Schedule) -> Solver:
+    """The calibrated student on the file's σ grid: its step knots, read from the stored σ (first evaluation) and the
+    σ each stage produces."""
+    name = meta.get("solver")
+    if name not in SOLVERS or "sigmas" not in tensors or "target_sigmas" not in tensors:
+        raise LambdaFileError(f"{path} does not name a known solver with its σ grid (solver {name!r}); refit with train.py")
+    if SOLVERS[name].__name__.startswith("DEIS") and schedule_id(schedule) != meta.get("schedule"):
+        raise LambdaFileError(f"{path}: DEIS depends on the schedule's β table, which this file names only by hash; sample it with sample.py")
+    grid = torch.unique_consecutive(torch.cat([tensors["sigmas"][:1], tensors["target_sigmas"]]).to(torch.float64))
+    solver = SOLVERS[name].from_grid(grid, schedule)
+    if solver.num_stages != len(tensors["lambdas"]) or not bool(torch.equal(solver.target_sigmas, tensors["target_sigmas"].to(torch.float64))):
+        raise LambdaFileError(f"{path}: its σ do not rebuild the {name} student it holds λ for; refit with train.py")
+    return solver
