@@ -38,7 +38,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from torch import Tensor
 
 from .checkpoints.diffusers_folder import betas_from_scheduler_config
-from .denoisers import DiscreteEpsDenoiser, broadcast_sigma
+from .denoisers import DiscreteEpsDenoiser, broadcast_sigma, ve_form
 from .distill import SolverSetup
 from .lambda_file import lambda_metadata, load_lambdas
 from .lambda_file import schedule_id as describe_schedule
@@ -553,7 +553,7 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
     def _latents(self, pending: Evaluate | Tensor, dtype: torch.dtype) -> Tensor:
         """The pipeline's latents at the pending evaluation (its VE point times the latent scale at σ) or at the end."""
         if isinstance(pending, Evaluate):
-            x_ve, sigma = pending.x / pending.scale, float(pending.sigma)
+            x_ve, sigma = ve_form(pending.x, pending.sigma, pending.scale), float(pending.sigma)
             return (x_ve * broadcast_sigma(self.parameterization.latent_scale(sigma), x_ve)).to(dtype)
         return (pending * self._vp_ratio(float(self.solver.sigmas[-1]))).to(dtype)
 

@@ -14,14 +14,21 @@ from tests.test_k_diffusion import _lambda_file
 
 
 class KSAMPLER:
-    """ComfyUI's `comfy.samplers.KSAMPLER(sampler_function, extra_options={}, inpaint_options={})`; its `sample`
-    calls `sampler_function(model_k, noise, sigmas, extra_args=..., callback=..., disable=..., **extra_options)`."""
+    """ComfyUI's `comfy.samplers.KSAMPLER(sampler_function, extra_options={}, inpaint_options={})` as its `sample`
+    calls the function: `extra_args["denoise_mask"]` set, the model wrapped as `KSamplerX0Inpaint` (called with
+    `denoise_mask`, `model_options`, `seed`), `sampler_function(model_k, noise, sigmas, extra_args=..., callback=...,
+    disable=..., **extra_options)` with the noise already scaled (here: σ₀·noise, an EDM model)."""
 
     def __init__(self, sampler_function, extra_options={}, inpaint_options={}):  # noqa: B006 (ComfyUI's signature)
         self.sampler_function, self.extra_options, self.inpaint_options = sampler_function, extra_options, inpaint_options
 
-    def sample(self, model_k, sigmas, extra_args, callback, noise, disable_pbar=True):
-        return self.sampler_function(model_k, noise, sigmas, extra_args=extra_args, callback=callback, disable=disable_pbar, **self.extra_options)
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
+        extra_args["denoise_mask"] = denoise_mask
+
+        def model_k(x, sigma, denoise_mask, model_options={}, seed=None):  # noqa: B006
+            return model_wrap(x, sigma)
+
+        return self.sampler_function(model_k, noise * sigmas[0], sigmas, extra_args=extra_args, callback=callback, disable=disable_pbar, **self.extra_options)
 
 
 @pytest.fixture
@@ -50,7 +57,7 @@ def test_sampler_and_sigmas_nodes_run_the_calibrated_solver(comfy, tmp_path, dig
     assert isinstance(sampler, KSAMPLER) and sampler.extra_options == {} and sampler.inpaint_options == {}
     assert sigmas.dtype == torch.float32 and sigmas.dim() == 1 and float(sigmas[-1]) == 0
     noise, steps = unit_noise(2), []
-    out = sampler.sample(digits, sigmas, {}, steps.append, noise * solver.sigmas[0])  # float32 SIGMAS, float64 latents
+    out = sampler.sample(digits, sigmas.double(), {"model_options": {}, "seed": 0}, steps.append, noise, disable_pbar=True)
     assert [c["i"] for c in steps] == list(range(len(sigmas) - 1))
     torch.testing.assert_close(out, solver.sample(digits, noise, lambdas), rtol=1e-10, atol=1e-10)
 
