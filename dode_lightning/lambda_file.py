@@ -67,6 +67,7 @@ METADATA_TYPES: dict[str, tuple[type, ...]] = {
     "lambda_groups": (str,),
     "class_conditional": (bool, type(None)),
     "dropped_stages": (list,),
+    "integer_timesteps": (bool,),
 }
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "an object", list: "a list", bool: "true or false", type(None): "null"}
 
