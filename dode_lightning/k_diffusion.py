@@ -10,16 +10,15 @@ are the solver's: x itself for VE-form solvers, s(σ)·x for a λ file calibrate
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from .lambda_file import LambdaFileError, load_lambdas, schedule_id
-from .schedules import EDM, VE, Schedule, VPContinuous, VPDiscrete, cosine_betas, linear_betas
-from .solvers import SOLVERS, DPMSolverPP, LambdaLayout, Solver, run_stages
+from .lambda_file import LambdaFileError, load_lambdas, schedule_from_id
+from .schedules import Schedule, VPDiscrete, linear_betas
+from .solvers import DEIS, SOLVERS, DPMSolverPP, LambdaLayout, Solver, run_stages
 
 __all__ = ["sample_dode", "sampler_from_lambda_file", "solver_sampler", "KSampler"]
 
@@ -115,10 +114,10 @@ def sampler_from_lambda_file(path: str | os.PathLike, require_integer_timesteps:
     (ComfyUI calls discrete models at integer timesteps).
     """
     tensors, meta = load_lambdas(path)
-    schedule = _schedule_of(path, meta)
+    schedule, exact = _schedule_of(path, meta)
     if require_integer_timesteps and isinstance(schedule, VPDiscrete) and meta.get("integer_timesteps") is not True:
         raise LambdaFileError(f"{path} was not calibrated with integer_timesteps, but discrete models are called at integer timesteps here; recalibrate with the denoiser option integer_timesteps: true")
-    solver = _solver_of(path, tensors, meta, schedule)
+    solver = _solver_of(path, tensors, meta, schedule, exact)
     layout = LambdaLayout(int(meta.get("history", 1)), str(meta.get("lambda_groups", "none")))
     run = solver_sampler(solver, tensors["lambdas"].to(torch.float64), layout)
     grid = solver.sigmas
@@ -138,50 +137,23 @@ def _short(sigmas: Tensor) -> str:
     return "[" + ", ".join(values if len(values) <= 6 else values[:3] + ["…"] + values[-2:]) + "]"
 
 
-# β tables a discrete-time λ file may name by hash (DDPM/CIFAR-10, Stable Diffusion, improved-DDPM cosine).
-_KNOWN_TABLES = {
-    "linear": lambda: linear_betas(),
-    "scaled_linear": lambda: torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32).to(torch.float64) ** 2,
-    "cosine": lambda: cosine_betas(),
-}
-
-
-def _schedule_of(path: str | os.PathLike, meta: dict[str, Any]) -> Schedule:
-    """The schedule a λ file names: EDM, VE, VP-continuous from its parameters; a discrete β table by its hash among
-    the known ones, else a stand-in with the same s(σ) (enough for every solver but DEIS, checked by `_solver_of`)."""
+def _schedule_of(path: str | os.PathLike, meta: dict[str, Any]) -> tuple[Schedule, bool]:
+    """The schedule a λ file names, and whether it is exactly that one: a discrete β table the file names only by a
+    hash nobody can rebuild gets a stand-in with the same s(σ), enough for every solver but DEIS."""
     described = str(meta.get("schedule", ""))
-    name, _, fields_text = described.partition("{")
-    try:
-        fields = json.loads("{" + fields_text) if fields_text else {}
-    except ValueError:
-        fields = None
-    if not isinstance(fields, dict):
-        raise LambdaFileError(f"{path}: unreadable schedule {described[:80]!r}; refit with train.py")
-    if name == "EDM":
-        return EDM(fields["t_min"], fields["t_max"])
-    if name == "VE":
-        return VE(fields["t_min"] ** 0.5, fields["t_max"] ** 0.5)
-    if name == "VPContinuous":
-        return VPContinuous(fields["beta_d"], fields["beta_min"], fields["t_min"])
-    if name == "VPDiscrete":
-        for betas in _KNOWN_TABLES.values():
-            schedule = VPDiscrete(betas())
-            if schedule_id(schedule) == described:
-                return schedule
-        return VPDiscrete(linear_betas())  # s(σ) = 1/√(1+σ²) whatever the table
-    raise LambdaFileError(f"{path} was fitted on the schedule {name or '?'}; the k-diffusion sampler runs EDM, VE and VP calibrations (k-diffusion's σ is the VE noise level)")
+    if described.startswith("FlowMatching"):
+        raise LambdaFileError(f"{path} was fitted on a flow-matching schedule; the k-diffusion sampler runs EDM, VE and VP calibrations (k-diffusion's σ is the VE noise level)")
+    schedule = schedule_from_id(described)
+    if schedule is not None:
+        return schedule, True
+    if described.startswith("VPDiscrete"):
+        return VPDiscrete(linear_betas()), False  # s(σ) = 1/√(1+σ²) whatever the table
+    raise LambdaFileError(f"{path}: unknown schedule {described[:80]!r}; refit with train.py")
 
 
-def _solver_of(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict[str, Any], schedule: Schedule) -> Solver:
-    """The calibrated student on the file's σ grid: its step knots, read from the stored σ (first evaluation) and the
-    σ each stage produces."""
-    name = meta.get("solver")
-    if name not in SOLVERS or "sigmas" not in tensors or "target_sigmas" not in tensors:
-        raise LambdaFileError(f"{path} does not name a known solver with its σ grid (solver {name!r}); refit with train.py")
-    if SOLVERS[name].__name__.startswith("DEIS") and schedule_id(schedule) != meta.get("schedule"):
-        raise LambdaFileError(f"{path}: DEIS depends on the schedule's β table, which this file names only by hash; sample it with sample.py")
-    grid = torch.unique_consecutive(torch.cat([tensors["sigmas"][:1], tensors["target_sigmas"]]).to(torch.float64))
-    solver = SOLVERS[name].from_grid(grid, schedule)
-    if solver.num_stages != len(tensors["lambdas"]) or not bool(torch.equal(solver.target_sigmas, tensors["target_sigmas"].to(torch.float64))):
-        raise LambdaFileError(f"{path}: its σ do not rebuild the {name} student it holds λ for; refit with train.py")
-    return solver
+def _solver_of(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict[str, Any], schedule: Schedule, exact: bool) -> Solver:
+    """The calibrated student on the file's σ grid."""
+    cls = SOLVERS[str(meta["solver"])]  # known: load_lambdas checked the grid against this solver
+    if issubclass(cls, DEIS) and not exact:
+        raise LambdaFileError(f"{path}: DEIS depends on the schedule's β table, which this file names only by a hash that matches no known table; sample it with sample.py")
+    return cls.from_grid(tensors["sigmas"], schedule)

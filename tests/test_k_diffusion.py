@@ -147,9 +147,8 @@ def test_lambdas_run_the_d_solver_as_solver_sample(digits):
 def _lambda_file(tmp_path, name, nfe, schedule, **meta):
     solver = SolverSetup.resolve(name, nfe, schedule).build()
     lambdas = torch.linspace(0.1, 0.3, solver.num_stages, dtype=torch.float64) * torch.tensor(solver.lambda_fitted)
-    evaluated = torch.cat([solver.sigmas[:1], solver.target_sigmas[:-1]])  # the λ file's per-stage σ
-    tensors = {"lambdas": lambdas, "sigmas": evaluated, "target_sigmas": solver.target_sigmas}
-    metadata = {"solver": name, "nfe": solver.nfe, "schedule": schedule_id(schedule), "history": 1, "lambda_groups": "none", **meta}
+    tensors = {"lambdas": lambdas, "sigmas": solver.sigmas, "target_sigmas": solver.target_sigmas}
+    metadata = {"solver": name, "nfe": solver.nfe, "schedule": schedule_id(schedule), "grid": "karras", "history": 1, "lambda_groups": "none", **meta}
     return save_lambdas(tmp_path / f"{name}.safetensors", tensors, metadata), solver, lambdas
 
 
