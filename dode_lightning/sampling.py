@@ -719,7 +719,10 @@ def rank_failure_check(trainer: pl.Trainer) -> Callable[[], str | None] | None:
 
 
 def _print_and_exit(message: str) -> None:
+    from .cli_common import release_run_folders
+
     print(f"error: {message}", file=sys.stderr, flush=True)
+    release_run_folders()  # an FID run's TensorBoard folder: the run did not finish
     os._exit(1)
 
 
