@@ -448,6 +448,10 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         """Refused: img2img and inpainting start mid-trajectory, where a fitted D-solver has no calibrated state."""
         raise SchedulerConfigError("DODEScheduler does not support img2img or inpainting (add_noise); use it with text-to-image pipelines, or the pipeline's own scheduler for these")
 
+    def scale_noise(self, sample: Tensor, timestep: Tensor, noise: Tensor | None = None) -> Tensor:
+        """Refused as `add_noise` (flow pipelines' img2img and inpainting call this one)."""
+        return self.add_noise(sample, noise, timestep)
+
     def step(
         self,
         model_output: Tensor,

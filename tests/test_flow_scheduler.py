@@ -71,6 +71,10 @@ def test_flow_set_timesteps_arguments(pipes):
         scheduler.set_timesteps(sigmas=[1.0, 0.5, 0.6], mu=0.5)
     scheduler.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25], mu=0.5)
     assert scheduler.init_noise_sigma == 1.0 and len(scheduler.timesteps) == 4 and float(scheduler.timesteps[0]) == 1000.0
+    with pytest.raises(SchedulerConfigError, match="img2img"):
+        scheduler.scale_noise(torch.zeros(1, 4), scheduler.timesteps[:1], torch.zeros(1, 4))
+    with pytest.raises(SchedulerConfigError, match="begin_index 0"):
+        scheduler.set_begin_index(2)
 
 
 def test_exported_calibrated_scheduler_gives_the_solvers_images(pipes, tmp_path):
