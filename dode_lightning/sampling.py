@@ -637,6 +637,12 @@ class SampleWriter(BasePredictionWriter):
             self.written += len(seeds)
 
 
+# Exit codes of a rank that SIGINT or SIGTERM stopped (`cli_common.Interrupted`), and how long rank 0 gives its own
+# handling of the same signal (which ends the watch) before it reports such a rank as failed.
+INTERRUPTED_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)
+INTERRUPT_GRACE = 2.0
+
+
 class RankWatchdog(Callback):
     """Under DDP: when another rank dies mid-run (killed, crashed, or ended on an error of its own), this process
     prints one line naming it and ends within `interval` seconds (exit code 1); the rerun resumes.
@@ -648,7 +654,9 @@ class RankWatchdog(Callback):
     not be written by a rank killed with SIGKILL. The process table covers every case: rank 0, which launched the
     others, polls their exit codes; a launched rank sees that its parent is gone (it is re-parented). Every file is
     written atomically, so ending the process from the thread (`os._exit`) leaves only whole files and hidden
-    temporaries that the rerun deletes. `stop` receives the message (default: print it and `os._exit(1)`).
+    temporaries that the rerun deletes. A rank that SIGINT/SIGTERM stopped counts as failed only after
+    INTERRUPT_GRACE seconds: a Ctrl-C reaches every rank, and rank 0 then reports it in its own line. `stop` receives
+    the message (default: print it and `os._exit(1)`).
     """
 
     def __init__(self, interval: float = 0.05, stop: Callable[[str], None] | None = None) -> None:
@@ -707,9 +715,13 @@ def rank_failure_check(trainer: pl.Trainer) -> Callable[[], str | None] | None:
     if not children:
         return None
 
+    stopped_at: dict[int, float] = {}
+
     def check() -> str | None:
         for local_rank, process in enumerate(children, 1):
             code = process.poll()
+            if code in INTERRUPTED_CODES and time.monotonic() - stopped_at.setdefault(local_rank, time.monotonic()) < INTERRUPT_GRACE:
+                continue  # stopped by Ctrl-C or SIGTERM, which this process got too: its own line is on the way
             if code:
                 how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"ended with exit code {code}"
                 return f"rank {first + local_rank} (pid {process.pid}) {how}"

@@ -364,9 +364,10 @@ def _watch(trainer: SimpleNamespace) -> tuple[RankWatchdog, list[str], threading
     return watchdog, messages, stopped
 
 
-@pytest.mark.parametrize("how", ["killed", "error"])
+@pytest.mark.parametrize("how", ["killed", "error", "interrupted"])
 def test_rank_watchdog_of_rank_0_names_the_launched_rank_that_died(how):
-    code = "import time; time.sleep(60)" if how == "killed" else "import time, sys; time.sleep(0.3); sys.exit(2)"
+    exit_code = {"killed": 0, "error": 2, "interrupted": 130}[how]
+    code = "import time; time.sleep(60)" if how == "killed" else f"import time, sys; time.sleep(0.3); sys.exit({exit_code})"
     child = subprocess.Popen([sys.executable, "-c", code])
     try:
         watchdog, messages, stopped = _watch(_fake_trainer(0, SimpleNamespace(procs=[child])))
@@ -374,8 +375,11 @@ def test_rank_watchdog_of_rank_0_names_the_launched_rank_that_died(how):
         assert not messages  # all ranks alive
         if how == "killed":
             child.kill()
+        if how == "interrupted":  # a rank stopped by Ctrl-C: rank 0 (which got it too) first has a grace period
+            child.wait()
+            assert not stopped.wait(sampling.INTERRUPT_GRACE / 2)
         assert stopped.wait(30)
-        ended = "was killed by SIGKILL" if how == "killed" else "ended with exit code 2"
+        ended = "was killed by SIGKILL" if how == "killed" else f"ended with exit code {exit_code}"
         assert messages == [f"rank 1 (pid {child.pid}) {ended}, so rank 0 stopped too; every file written is whole: rerun the same command to resume"]
     finally:
         child.kill()
