@@ -57,8 +57,10 @@ def ve_form(x: Tensor, sigma: Tensor, scale: Tensor) -> Tensor:
 
 
 def eps_from_x0(x: Tensor, sigma: Tensor | float, x0: Tensor) -> Tensor:
-    """ε = (x − x₀)/σ for a VE-form state x (method.md §0.1 with α = 1)."""
-    return (x - x0) / broadcast_sigma(sigma, x)
+    """ε = (x − x₀)/σ for a VE-form state x (method.md §0.1 with α = 1); at σ = ∞, where x is `ve_form`'s stand-in
+    lim x_VE/σ = n, ε is x itself."""
+    sigma = broadcast_sigma(sigma, x)
+    return torch.where(torch.isinf(sigma), x, (x - x0) / sigma)
 
 
 def x0_from_eps(x: Tensor, sigma: Tensor | float, eps: Tensor) -> Tensor:

@@ -7,6 +7,9 @@ k-diffusion's contract, which ComfyUI, A1111/Forge and many research scripts sha
 
 The solver's own generator is driven by `run_stages` as everywhere else; the model answers its evaluations. States
 are the solver's: x itself for VE-form solvers, s(σ)·x for a λ file calibrated on a VP schedule's scaled states.
+Flow-matching calibrations follow ComfyUI's flow convention (`model_sampling` CONST): the k-diffusion σ is the flow
+time t (from 1 to 0), x is x_t itself (starting as the noise) and the model returns x̂₀ = x_t − t·v; the solver
+runs on σ_VE = t/(1 − t) from t = 1 as in `sample.py`, so k-diffusion's Euler there is exact flow Euler.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ import torch
 from torch import Tensor
 
 from .lambda_file import LambdaFileError, load_lambdas, schedule_from_id
-from .schedules import Schedule, VPDiscrete, linear_betas
+from .flow import flow_state
+from .schedules import FlowMatching, Schedule, VPDiscrete, flow_time, linear_betas
 from .solvers import DEIS, SOLVERS, DPMSolverPP, LambdaLayout, Solver, run_stages
 
 __all__ = ["sample_dode", "sampler_from_lambda_file", "solver_sampler", "KSampler"]
@@ -58,9 +62,10 @@ def sample_dode(
     return solver_sampler(built, lambdas, LambdaLayout(history, lambda_groups))(model, x, sigmas, extra_args, callback, disable)
 
 
-def solver_sampler(solver: Solver, lambdas: Tensor | None = None, layout: LambdaLayout | None = None) -> KSampler:
+def solver_sampler(solver: Solver, lambdas: Tensor | None = None, layout: LambdaLayout | None = None, flow: bool = False) -> KSampler:
     """`solver` (built on `sigmas` up to a final 0 it may stop before) with these λ as a k-diffusion sampler: from
-    the VE-form state x at sigmas[0] to the VE-form state at the solver's last σ."""
+    the VE-form state x at sigmas[0] to the VE-form state at the solver's last σ. `flow`: ComfyUI's flow convention
+    (module doc) for a solver on a flow schedule's σ from ∞: x and the model's σ are x_t and t."""
     layout = layout or LambdaLayout()
     if lambdas is not None and len(lambdas) != solver.num_stages:
         raise ValueError(f"{solver.name} on these {len(solver.sigmas)} sigmas has {solver.num_stages} stages, got {len(lambdas)} λ")
@@ -78,11 +83,12 @@ def solver_sampler(solver: Solver, lambdas: Tensor | None = None, layout: Lambda
         progress = _progress(len(sigmas) - 1, disable)
 
         def denoiser(x_ve: Tensor, sigma: Tensor, class_labels: Tensor | None = None) -> Tensor:
-            denoised = model(x_ve, sigma * s_in, **extra_args)
+            x_model, sigma_model = (flow_state(x_ve, sigma), flow_time(sigma)) if flow else (x_ve, sigma)
+            denoised = model(x_model, sigma_model * s_in, **extra_args)
             if starts_step[0]:  # the first evaluation of a step, where k-diffusion calls back
                 i = index[float(sigma)]
                 if callback is not None:
-                    callback({"x": x_ve, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+                    callback({"x": x_model, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
                 progress.update(i + 1 - progress.n)
             return denoised
 
@@ -90,10 +96,10 @@ def solver_sampler(solver: Solver, lambdas: Tensor | None = None, layout: Lambda
             starts_step[0] = ends[k]
 
         with torch.no_grad():
-            final = run_stages(solver.stages(x * solver.scales[0]), denoiser, rule, observe, layout.history)
+            final = run_stages(solver.stages(x if flow else x * solver.scales[0]), denoiser, rule, observe, layout.history)
         progress.update(progress.total - progress.n)
         progress.close()
-        return final / solver.scales[-1]
+        return final if flow else final / solver.scales[-1]
 
     return sample
 
@@ -110,7 +116,7 @@ def sampler_from_lambda_file(path: str | os.PathLike, require_integer_timesteps:
 
     The sampler refuses other sigmas (the λ are fitted to this grid). On a grid ending at σ_min > 0 (DPM-Solver's
     default) it returns the solver's state at σ_min, as `sample.py` does; the appended 0 only follows k-diffusion's
-    convention. `require_integer_timesteps`: refuse discrete-time calibrations made without `integer_timesteps`
+    convention. A flow-matching calibration gives its flow times t (1 … 0), ComfyUI's σ for flow models. `require_integer_timesteps`: refuse discrete-time calibrations made without `integer_timesteps`
     (ComfyUI calls discrete models at integer timesteps).
     """
     tensors, meta = load_lambdas(path)
@@ -119,8 +125,9 @@ def sampler_from_lambda_file(path: str | os.PathLike, require_integer_timesteps:
         raise LambdaFileError(f"{path} was not calibrated with integer_timesteps, but discrete models are called at integer timesteps here; recalibrate with the denoiser option integer_timesteps: true")
     solver = _solver_of(path, tensors, meta, schedule, exact)
     layout = LambdaLayout(int(meta.get("history", 1)), str(meta.get("lambda_groups", "none")))
-    run = solver_sampler(solver, tensors["lambdas"].to(torch.float64), layout)
-    grid = solver.sigmas
+    flow = isinstance(schedule, FlowMatching)
+    run = solver_sampler(solver, tensors["lambdas"].to(torch.float64), layout, flow)
+    grid = schedule.sigma_inv(solver.sigmas) if flow else solver.sigmas
     listed = grid if float(grid[-1]) == 0 else torch.cat([grid, grid.new_zeros(1)])
 
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):  # noqa: ANN001, ANN202 (KSampler)
@@ -141,8 +148,6 @@ def _schedule_of(path: str | os.PathLike, meta: dict[str, Any]) -> tuple[Schedul
     """The schedule a λ file names, and whether it is exactly that one: a discrete β table the file names only by a
     hash nobody can rebuild gets a stand-in with the same s(σ), enough for every solver but DEIS."""
     described = str(meta.get("schedule", ""))
-    if described.startswith("FlowMatching"):
-        raise LambdaFileError(f"{path} was fitted on a flow-matching schedule; the k-diffusion sampler runs EDM, VE and VP calibrations (k-diffusion's σ is the VE noise level)")
     schedule = schedule_from_id(described)
     if schedule is not None:
         return schedule, True

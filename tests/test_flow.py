@@ -215,3 +215,31 @@ def test_flow_config_prints_the_exact_endpoint_table(tmp_path):
     held_out = next(line for line in result.stdout.splitlines() if line.startswith("| held-out"))
     base, d_ode = (float(cell.split()[0]) for cell in held_out.split("|")[2:4])
     assert d_ode < 0.8 * base
+
+
+@pytest.mark.parametrize("name, nfe", [("euler", 6), ("heun", 7)])
+def test_k_diffusion_sampler_runs_flow_lambda_files_in_comfyuis_flow_convention(tmp_path, name, nfe):
+    """ComfyUI's flow models: the k-diffusion σ is t, x is x_t, the model returns x_t − t·v. At λ ≡ 0 the calibrated
+    sampler is k-diffusion's Euler / Heun on that σ list; with λ it is `Solver.sample` of the λ file's D-solver."""
+    from dode_lightning.k_diffusion import sampler_from_lambda_file
+    from dode_lightning.lambda_file import save_lambdas
+    from dode_lightning.lightning import build_student
+    from tests.test_k_diffusion import ref_euler, ref_heun
+
+    built = build_student({"source": "gmm_digits_flow", "shift": 3.0}, name, nfe)
+    velocity = built.loaded.denoiser.velocity_model
+
+    def model(x_t, t):  # a ComfyUI CONST model: denoised = x_t − t·v
+        return x_t - t.reshape(-1, 1, 1, 1) * velocity(x_t, t, None)
+
+    noise = unit_noise(4, seed=23)
+    for lambdas in (torch.zeros(built.solver.num_stages, dtype=torch.float64), torch.linspace(0.0, 0.5, built.solver.num_stages, dtype=torch.float64)):
+        path = save_lambdas(tmp_path / f"{name}.safetensors", {"lambdas": lambdas, "sigmas": built.solver.sigmas}, built.metadata())
+        sample, times = sampler_from_lambda_file(path)
+        assert float(times[0]) == 1.0 and float(times[-1]) == 0.0 and bool((times[:-1] > times[1:]).all())
+        ours = sample(model, noise * times[0], times, disable=True)
+        expected = built.solver.sample(built.loaded.denoiser, noise, lambdas)
+        torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
+        if not lambdas.any():
+            reference = (ref_euler if name == "euler" else ref_heun)(model, noise * times[0], times)
+            torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
