@@ -19,7 +19,7 @@ from .checkpoints import CheckpointError, config_relative
 from .cli_common import Interrupted, forget_run_version, one_line, run_until_stopped, signals_deferred, tensorboard_command, unique_version
 from .denoisers import ve_form
 from .distill import StageFit, rmse, seeded_noise
-from .grids import GRIDS
+from .grids import GRIDS, LEARNED_GRIDS
 from .lambda_file import LambdaFileError, check_lambdas, save_lambdas
 from .lightning import ConfigError, DODECalibration, TeacherTargets, limit_threads_for_builtin, own_direction
 from .quiet import silence_lightning_noise
@@ -110,7 +110,7 @@ class CalibrationCLI(CheckedTrainerCLI):
             "calibration and 200 held-out seeds (several seconds; false skips it)",
         )
         names = sorted(SOLVERS)
-        _add_choices(parser, {"model.solver": names, "data.teacher": names, "model.grid": GRIDS})
+        _add_choices(parser, {"model.solver": names, "data.teacher": names, "model.grid": GRIDS + LEARNED_GRIDS})
 
     def before_instantiate_classes(self) -> None:
         self._config_relative_denoiser()
@@ -214,10 +214,8 @@ def misaligned_warning(fit: StageFit, data: TeacherTargets) -> str:
 def exact_report(module: DODECalibration, data: TeacherTargets, held_out: int = 200) -> tuple[str, dict[str, float]]:
     """RMSE to the exact ODE endpoint of base student, D-student and teacher (built-in exact model only): the
     console's table, and the held-out figures as TensorBoard metrics (the D / base ratio first, the headline)."""
-    from .distill import build_teacher
-
     mixture, student = module.denoiser, module.student
-    teacher, _ = build_teacher(student, module.setup_spec, data.scale, data.target_mode, data.teacher_for(module), module.layout.history)
+    teacher, _ = data.teacher(module)
     label_dim = module.loaded.label_dim if data._conditional(module) else 0
     lambdas = module.applied_lambdas().cpu()
     rows = []
@@ -372,7 +370,11 @@ def _calibrate(args: list[str] | None, progress: dict[str, Any]) -> int:
         save_lambdas(output, tensors, metadata)
         progress["saved"] = True
     fit_seconds = sum(module.timings.get(key, 0.0) for key in ("closed_form", "adam", "joint"))
-    heading = f"{module.setup_spec.name}, NFE {module.student.nfe}, fit {module.fit_method}, targets {data.target_mode}, C = {data.scale}, |B| = {data.batch_size}"
+    if module.placement:
+        targets = f"steps and targets from the {metadata['teacher']} trajectory (teacher_dp, M = {module.hparams.dp_steps}, c = {module.hparams.dp_coefficient:g})"
+    else:
+        targets = f"targets {data.target_mode}, C = {data.scale}"
+    heading = f"{module.setup_spec.name}, NFE {module.student.nfe}, fit {module.fit_method}, {targets}, |B| = {data.batch_size}"
     table = _stage_table(module, fit)
     print(f"\n{heading}\n{table}")
     if fit.misaligned():
@@ -395,6 +397,15 @@ def _calibrate(args: list[str] | None, progress: dict[str, Any]) -> int:
     print(
         f"\ntime: teacher {teacher} (NFE {data.teacher_nfe}), fit {fit_seconds:.2f} s, other {other:.2f} s "
         f"(set-up, Lightning, logging), calibration total {calibrated:.2f} s{report_time}"
+    )
+    # Student runs: the fit (closed form: one pass; Adam: one per iteration, compare: both; joint: its closed-form
+    # start, its own runs are in the joint summary) and the final statistics.
+    student_runs = {"adam": module.adam_iterations, "compare": module.adam_iterations + 1}.get(module.fit_method, 1) + 1
+    teacher_rows = 0 if data.cache_hit else data.teacher_nfe * data.batch_size
+    print(
+        f"network evaluations (forward, no backward): teacher {teacher_rows} ({data.teacher_nfe} × {data.batch_size} rows"
+        f"{', cached' if data.cache_hit else ''}), student {student_runs * module.student.nfe * data.batch_size} "
+        f"({student_runs} runs × NFE {module.student.nfe} × {data.batch_size} rows)"
     )
     print(f"λ file: {output}")
     if trainer.logger is not None:

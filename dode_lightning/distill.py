@@ -23,6 +23,7 @@ __all__ = [
     "seeded_noise",
     "global_stream_noise",
     "build_teacher",
+    "teacher_on",
     "teacher_targets",
     "fit_closed_form",
     "evaluate_lambdas",
@@ -181,7 +182,6 @@ def build_teacher(
     name = teacher or _default_teacher(setup.name, mode, history)
     if name not in SOLVERS:
         raise ValueError(f"unknown teacher solver {name!r}; choose one of {', '.join(sorted(SOLVERS))}")
-    cls = SOLVERS[name]
     num_stages = student.num_stages
     if mode == "paper":
         if setup.sigmas is not None:
@@ -206,16 +206,24 @@ def build_teacher(
         segments = [b - a for a, b in zip(at_knot, at_knot[1:])]
     else:
         raise ValueError(f"unknown target mode {mode!r}; choose 'aligned' or 'paper'")
-    scaled_states = bool((student.scales != 1).any())  # VP or flow states: the teacher integrates the same form
-    scales = setup.schedule.scale(sigmas) if scaled_states else None
-    noise_scales = setup.schedule.noise_scale(sigmas) if scaled_states else None  # β = 1 at σ = ∞ (flow)
-    solver = cls.teacher(sigmas, scales, student.unit_prior, segments, noise_scales)
+    solver = teacher_on(name, sigmas, student, setup.schedule, segments)
     # Targets are the teacher's finished states, never a predictor or an inner node of a multi-evaluation step.
     slots = solver.state_slots()
     missing = [f"{float(s):.4g}" for s in wanted if float(s) not in slots]
     if missing:
         raise ValueError(f"teacher {name} has no finished state at σ = {', '.join(missing)}; choose another teacher")
     return solver, [slots[float(s)] for s in wanted]
+
+
+def teacher_on(name: str, sigmas: Tensor, student: Solver, schedule: Schedule, segments: list[int]) -> Solver:
+    """Solver `name` as the teacher of `student` on `sigmas`, integrating the student's form of the state; its state
+    is complete after each of `segments` (interval counts between the student's knots)."""
+    if name not in SOLVERS:
+        raise ValueError(f"unknown teacher solver {name!r}; choose one of {', '.join(sorted(SOLVERS))}")
+    scaled_states = bool((student.scales != 1).any())  # VP or flow states: the teacher integrates the same form
+    scales = schedule.scale(sigmas) if scaled_states else None
+    noise_scales = schedule.noise_scale(sigmas) if scaled_states else None  # β = 1 at σ = ∞ (flow)
+    return SOLVERS[name].teacher(sigmas, scales, student.unit_prior, segments, noise_scales)
 
 
 def teacher_targets(

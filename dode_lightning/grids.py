@@ -29,6 +29,7 @@ __all__ = [
     "check_sigmas",
     "GRIDS",
     "LEARNED_GRIDS",
+    "TEACHER_DP",
 ]
 
 
@@ -128,7 +129,8 @@ _INTEGER_GRIDS = {
 }
 GRIDS = ("karras", "time_uniform", "time_quadratic", "logsnr_uniform", *_INTEGER_GRIDS, *FLOW_GRIDS)
 # Grids whose σ calibration places (train.py); they exist only as the σ list of a λ file.
-LEARNED_GRIDS = ("teacher_dp", "joint")
+TEACHER_DP = "teacher_dp"  # GITS-like placement on the teacher's trajectory (dode_lightning.placement)
+LEARNED_GRIDS = (TEACHER_DP, "joint")
 
 
 def make_sigmas(

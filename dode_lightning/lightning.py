@@ -26,6 +26,7 @@ from .images import image_grid
 from .checkpoints import CheckpointError, LoadedDenoiser, load_denoiser
 from .checkpoints.errors import one_line
 from .distill import (
+    MAX_TEACHER_STEPS,
     SEED_LIMIT,
     SolverSetup,
     StageFit,
@@ -40,8 +41,9 @@ from .distill import (
     teacher_targets,
 )
 from .figures import lambda_figure
-from .grids import LEARNED_GRIDS
+from .grids import LEARNED_GRIDS, TEACHER_DP, check_sigmas
 from .joint_fit import JointFit, JointFitDiverged, JointSettings
+from .placement import placed_sigmas, placement_teacher, states_at, teacher_trajectory
 from .lambda_file import schedule_id
 from .schedules import Schedule
 from .solvers import LambdaLayout, NFEError, Solver
@@ -178,6 +180,14 @@ class DODECalibration(pl.LightningModule):
         joint_intermediate: weight of the per-stage errors to the teacher trajectory (0 = final state only).
         joint_slack: LD3's soft teacher forcing: radius of the ball each calibration latent may move in (0 = off;
             one process only).
+        dp_steps: `grid: teacher_dp` only: M, the steps of the teacher's fine grid (the solver's default grid kind
+            with sigma_min, sigma_max, rho, terminal_zero) on which the student's steps are placed.
+        dp_coefficient: `grid: teacher_dp` only: c in the placement objective Σ_n c^n·cost_n (1: plain sum; > 1
+            weighs the later, low-noise steps more).
+
+    `grid: teacher_dp` places the steps GITS-like (`dode_lightning.placement`): the teacher (data.teacher, default
+    iPNDM) runs once on the fine grid, dynamic programming picks the student's σ among its grid points by one-step
+    errors, and the λ targets are the teacher's states at them (data.scale and data.target_mode do not apply).
     """
 
     def __init__(
@@ -205,9 +215,13 @@ class DODECalibration(pl.LightningModule):
         joint_lambdas: bool = True,
         joint_intermediate: float = 0.0,
         joint_slack: float = 0.0,
+        dp_steps: int = 100,
+        dp_coefficient: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if grid == TEACHER_DP and not (2 <= dp_steps <= MAX_TEACHER_STEPS and dp_coefficient > 0):
+            raise ConfigError(f"teacher_dp needs 2 ≤ dp_steps ≤ {MAX_TEACHER_STEPS} and dp_coefficient > 0 (GITS: 100 and about 1), got {dp_steps} and {dp_coefficient}")
         if fit not in ("closed_form", "adam", "compare", "joint"):
             raise ConfigError(f"unknown fit method {fit!r}; choose closed_form, adam, compare or joint")
         if joint_steps < 1:
@@ -226,8 +240,11 @@ class DODECalibration(pl.LightningModule):
             self.layout = LambdaLayout(history, lambda_groups)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        self.built = build_student(denoiser, solver, nfe, grid, sigma_min, sigma_max, rho, state_dtype, terminal_zero=terminal_zero)
+        self.placement = grid == TEACHER_DP
+        # teacher_dp: the student starts on the solver's default grid, whose kind and ends the fine grid shares.
+        self.built = build_student(denoiser, solver, nfe, None if self.placement else grid, sigma_min, sigma_max, rho, state_dtype, terminal_zero=terminal_zero)
         self.loaded, self.setup_spec, self.student = self.built.loaded, self.built.setup, self.built.solver
+        self.placement_base = self.setup_spec
         if not any(self.student.lambda_fitted):
             raise ConfigError(
                 f"{solver} with NFE {self.student.nfe} has no λ to fit (its only stage has no earlier direction d_k − d_(k−1)); "
@@ -252,6 +269,19 @@ class DODECalibration(pl.LightningModule):
     def metadata(self) -> dict[str, Any]:
         """What determines the student (also the λ file's identity fields)."""
         return self.built.metadata()
+
+    def placement_settings(self) -> dict[str, Any] | None:
+        """How `teacher_dp` places the steps (None for a named grid)."""
+        if not self.placement:
+            return None
+        base = self.placement_base
+        return {**base.grid_kwargs, "dp_grid": base.grid, "dp_steps": self.hparams.dp_steps, "dp_coefficient": self.hparams.dp_coefficient}
+
+    def place(self, sigmas: Tensor, teacher: str) -> None:
+        """Move the student onto the σ `teacher_dp` placed with `teacher` (same stage count, so λ keep their shape)."""
+        setup = self.placement_base.on(sigmas, TEACHER_DP, **self.placement_settings(), dp_teacher=teacher)
+        self.built = dataclasses.replace(self.built, setup=setup, solver=setup.build())
+        self.setup_spec, self.student = self.built.setup, self.built.solver
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam([self.lambdas], lr=self.hparams.adam_lr)
@@ -512,8 +542,15 @@ class TeacherTargets(pl.LightningDataModule):
         """The configured teacher; for the joint fit by default UniPC-3, whose final state is the most accurate."""
         return self.teacher_name or ("unipc_3" if module.fit_method == "joint" else None)
 
+    def teacher(self, module: DODECalibration) -> tuple[Solver, list[int] | None]:
+        """The teacher and the indices of its states that are the targets (`teacher_dp`: its whole fine-grid run, the
+        indices follow from the placement)."""
+        if module.placement:
+            return placement_teacher(module.student, module.placement_base, module.hparams.dp_steps, self.teacher_name), None
+        return build_teacher(module.student, module.setup_spec, self.scale, self.target_mode, self.teacher_for(module), module.layout.history)
+
     def metadata(self, module: DODECalibration) -> dict[str, Any]:
-        teacher, _ = build_teacher(module.student, module.setup_spec, self.scale, self.target_mode, self.teacher_for(module), module.layout.history)
+        teacher, _ = self.teacher(module)
         return {
             "teacher": teacher.name,
             "teacher_nfe": teacher.nfe,
@@ -537,7 +574,7 @@ class TeacherTargets(pl.LightningDataModule):
             return
         module: DODECalibration = self.trainer.lightning_module
         try:
-            teacher, indices = build_teacher(module.student, module.setup_spec, self.scale, self.target_mode, self.teacher_for(module), module.layout.history)
+            teacher, indices = self.teacher(module)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         self.teacher_nfe = teacher.nfe
@@ -547,25 +584,34 @@ class TeacherTargets(pl.LightningDataModule):
         shapes = {
             "noise": (len(seeds), *module.loaded.image_shape),
             "labels": (len(seeds), label_dim) if label_dim else None,
-            "targets": (len(indices), len(seeds), *module.loaded.image_shape),
+            "targets": (module.student.num_stages, len(seeds), *module.loaded.image_shape),
+            "sigmas": (len(module.student.sigmas),) if module.placement else None,
         }
         cached = self._load_cache(key, shapes, module.dtype_)
         if cached is not None:
-            noise, labels, targets = cached
+            noise, labels, targets, sigmas = cached
             self.cache_hit = True
+            if module.placement:
+                module.place(sigmas, teacher.name)
         else:
             self._check_cache_writable(key)  # before the teacher runs, not after
             noise, labels = self.calibration_noise(module.loaded.image_shape, label_dim, module.dtype_, *self._rank_and_world())
             start = time.perf_counter()
             with tqdm(total=teacher.nfe, desc=f"teacher ({teacher.name}, NFE {teacher.nfe})", disable=self.trainer.global_rank != 0) as bar:
                 with torch.no_grad():
-                    targets = teacher_targets(
-                        teacher, indices, module.denoiser, noise.to(module.device), None if labels is None else labels.to(module.device), lambda _j: bar.update(1)
-                    ).cpu()
+                    noise_on, labels_on = noise.to(module.device), None if labels is None else labels.to(module.device)
+                    if module.placement:
+                        trajectory = teacher_trajectory(teacher, module.denoiser, noise_on, labels_on, lambda _j: bar.update(1))
+                        self._check_finite(teacher, trajectory.states)
+                        sigmas = placed_sigmas(trajectory, len(module.student.sigmas) - 1, module.hparams.dp_coefficient, module._pool)
+                        module.place(sigmas, teacher.name)
+                        targets = states_at(trajectory, module.student.target_sigmas).cpu()
+                    else:
+                        sigmas = None
+                        targets = teacher_targets(teacher, indices, module.denoiser, noise_on, labels_on, lambda _j: bar.update(1)).cpu()
             self.teacher_seconds = time.perf_counter() - start
-            if not targets.isfinite().all():
-                raise ConfigError(f"the teacher ({teacher.name}, NFE {teacher.nfe}) produced non-finite states: the denoiser or the grid gives NaN/inf; nothing was cached")
-            self._save_cache(key, noise, labels, targets)
+            self._check_finite(teacher, targets)
+            self._save_cache(key, noise, labels, targets, sigmas)
         labels = labels if labels is not None else noise.new_zeros(len(noise), 0)
         self.data = TensorDataset(noise, labels, targets.transpose(0, 1).contiguous())
 
@@ -579,6 +625,11 @@ class TeacherTargets(pl.LightningDataModule):
         self.teacher_seconds += time.perf_counter() - start
         self.teacher_nfe += teacher.nfe
         self.data = TensorDataset(noise, labels, targets.transpose(0, 1).contiguous())
+
+    @staticmethod
+    def _check_finite(teacher: Solver, states: Tensor) -> None:
+        if not states.isfinite().all():
+            raise ConfigError(f"the teacher ({teacher.name}, NFE {teacher.nfe}) produced non-finite states: the denoiser or the grid gives NaN/inf; nothing was cached")
 
     def full_batch(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor | None, Tensor]:
         """The rank's whole calibration set: noise (B, …), labels or None, targets (K, B, …)."""
@@ -604,6 +655,7 @@ class TeacherTargets(pl.LightningDataModule):
             # global_stream: a sample depends on the whole batch's size (CPU randn fills in blocks), not only its seed
             "noise": [self.noise, self.batch_size],
             "label_dim": label_dim,
+            "placement": module.placement_settings(),
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
@@ -620,8 +672,9 @@ class TeacherTargets(pl.LightningDataModule):
         if reason is not None:
             raise ConfigError(f"teacher cache folder {path.parent} is not writable ({reason}); set data.cache_dir to a writable folder, or null for no cache")
 
-    def _load_cache(self, key: str, shapes: dict[str, tuple[int, ...] | None], dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor] | None:
-        """The cached (noise, labels, targets) if the file holds exactly what this run needs; None (rebuild) otherwise."""
+    def _load_cache(self, key: str, shapes: dict[str, tuple[int, ...] | None], dtype: torch.dtype) -> tuple[Tensor | None, ...] | None:
+        """The cached (noise, labels, targets, sigmas) if the file holds exactly what this run needs (the placed σ,
+        float64, with `teacher_dp`; else None); None (rebuild) otherwise."""
         path = self._cache_path(key)
         if path is None or not path.is_file():
             return None
@@ -633,20 +686,23 @@ class TeacherTargets(pl.LightningDataModule):
                 value = blob.get(name)
                 if shape is None and value is None:
                     continue
-                if not isinstance(value, Tensor) or tuple(value.shape) != shape or value.dtype != dtype:
+                wanted = torch.float64 if name == "sigmas" else dtype
+                if not isinstance(value, Tensor) or tuple(value.shape) != shape or value.dtype != wanted:
                     found = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
-                    raise ValueError(f"{name} is {found}, expected {shape} {dtype}")
-                if not value.isfinite().all():
+                    raise ValueError(f"{name} is {found}, expected {shape} {wanted}")
+                if name == "sigmas":
+                    check_sigmas(value)  # σ_0 may be ∞ (flow matching)
+                elif not value.isfinite().all():
                     raise ValueError(f"{name} holds NaN or inf")
-            return blob["noise"], blob["labels"], blob["targets"]
+            return tuple(blob.get(name) for name in ("noise", "labels", "targets", "sigmas"))
         except Exception as err:  # any unreadable or inconsistent cache is rebuilt, never trusted
             reason = (str(err).splitlines() or [""])[0][:120]
             warnings.warn(f"teacher-target cache {path} is unreadable or inconsistent ({type(err).__name__}: {reason}); rebuilding it")
             return None
 
-    def _save_cache(self, key: str, noise: Tensor, labels: Tensor | None, targets: Tensor) -> None:
+    def _save_cache(self, key: str, noise: Tensor, labels: Tensor | None, targets: Tensor, sigmas: Tensor | None = None) -> None:
         path = self._cache_path(key)
         if path is None:
             return
         with atomic_path(path) as tmp:
-            torch.save({"key": key, "noise": noise, "labels": labels, "targets": targets}, tmp)
+            torch.save({"key": key, "noise": noise, "labels": labels, "targets": targets, "sigmas": sigmas}, tmp)
