@@ -67,7 +67,11 @@ _FITTED_KEYS = ("solver", "nfe", "grid", "sigma_min", "sigma_max", "rho", "termi
 # those DODECalibration takes besides, which do not change how a seed is sampled. Written out so that --help and
 # --print_config need no Lightning import; tests/test_startup.py checks them against both signatures.
 SAMPLER_KEYS = ("denoiser", "solver", "nfe", "grid", "sigma_min", "sigma_max", "rho", "terminal_zero", "state_dtype")
-CALIBRATION_ONLY_KEYS = ("fit", "adam_lr", "adam_steps", "output", "history", "lambda_groups", "guard", "dp_steps", "dp_coefficient")
+CALIBRATION_ONLY_KEYS = (
+    "fit", "adam_lr", "adam_steps", "output", "history", "lambda_groups", "guard",
+    "joint_optimizer", "joint_steps", "joint_lr", "joint_coordinate", "joint_lambdas", "joint_intermediate", "joint_slack",
+    "dp_steps", "dp_coefficient",
+)
 # A few Trainer arguments named in --help (any other works too).
 _TRAINER_EXAMPLES = "accelerator, strategy, devices, num_nodes, precision, logger, callbacks, default_root_dir"
 _EXPECTED = (ConfigError, LambdaFileError, CheckpointError, FileNotFoundError, ImportError)
