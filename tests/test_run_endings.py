@@ -308,6 +308,22 @@ def test_interrupted_sampling_is_one_line_and_resumes(in_tmp, capsys, monkeypatc
     assert _run_folders(in_tmp / "runs" / "sampling") == ["heun_nfe9_base"]
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_while_the_scripts_import_is_one_line(signum):
+    """train.py and sample.py install start_signals' handling before importing the package (seconds of imports)."""
+    starting = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); from start_signals import stop_cleanly_while_starting; "
+        "stop_cleanly_while_starting(); print('importing', flush=True); import time; time.sleep(60)"
+    )
+    process = subprocess.Popen([sys.executable, "-c", starting], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "importing\n"
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signum
+    assert stderr.strip() == f"error: stopped by {signal.Signals(signum).name} while starting; nothing was written"
+    assert all("stop_cleanly_while_starting()" in (ROOT / script).read_text() for script in ("train.py", "sample.py"))
+
+
 def _command(script: str, *args: str) -> list[str]:
     return [sys.executable, str(ROOT / script), *args]
 
