@@ -57,3 +57,15 @@ def test_every_filterwarnings_entry_matches_the_warning_it_names() -> None:
         action, message, category = entry.split(":")[:3]
         matched = [text for text, cls in raised if re.match(message, text) and issubclass(cls, getattr(builtins, category))]
         assert action == "ignore" and matched, f"filterwarnings entry {entry!r} matches none of {raised}"
+
+
+def test_readme_commands_write_only_into_ignored_folders():
+    """Outputs of the documented commands (--out, --outdir, --model.output) land in git-ignored folders, never
+    untracked in the repository root (`ref.npz` did)."""
+    ignored = {line.strip().strip("/") for line in (ROOT / ".gitignore").read_text().splitlines() if line.strip() and not line.startswith("#")}
+    for doc in ("README.md", "docs/sampling.md"):
+        text = (ROOT / doc).read_text()
+        outputs = re.findall(r"--(?:out|outdir|model\.output)[ =]([^\s\]|`]+)", text)
+        assert outputs, doc
+        for path in outputs:
+            assert path.split("/")[0] in ignored, f"{doc}: {path} is not in an ignored folder"
