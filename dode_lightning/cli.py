@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -328,18 +329,21 @@ def _calibrate(args: list[str] | None, progress: dict[str, Any]) -> int:
     started = time.perf_counter()
     silence_lightning_noise()
     try:
-        cli = CalibrationCLI(
-            DODECalibration,
-            TeacherTargets,
-            run=False,
-            args=args,
-            trainer_defaults=TRAINER_DEFAULTS,
-            save_config_callback=SaveConfigToLogDir,
-            save_config_kwargs={"overwrite": True},
-            seed_everything_default=0,
-            auto_configure_optimizers=False,
-            parser_kwargs={"exit_on_error": False},
-        )
+        with warnings.catch_warnings():
+            # `args` replaces the command line on purpose (tests, scripts): Lightning warns when sys.argv holds others.
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            cli = CalibrationCLI(
+                DODECalibration,
+                TeacherTargets,
+                run=False,
+                args=args,
+                trainer_defaults=TRAINER_DEFAULTS,
+                save_config_callback=SaveConfigToLogDir,
+                save_config_kwargs={"overwrite": True},
+                seed_everything_default=0,
+                auto_configure_optimizers=False,
+                parser_kwargs={"exit_on_error": False},
+            )
         module, data, trainer = cli.model, cli.datamodule, cli.trainer
         progress["data"] = data
         limit_threads_for_builtin(module.loaded, trainer.strategy.root_device)
