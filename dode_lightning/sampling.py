@@ -397,8 +397,8 @@ def _stored_npy_header(archive: zipfile.ZipFile, key: str) -> tuple[tuple[int, .
 def _shard_seeds(path: Path, image_shape: tuple[int, ...]) -> np.ndarray | None:
     """The `seeds` array of a shard whose three arrays agree with each other and `image_shape`; else None.
 
-    Only the member headers and the seeds are read: nothing is inflated, and the check costs at most the shard's
-    size on disk in memory (a compressed 4 MB shard used to expand to 3.5 GB before its seeds counted as done).
+    Only the member headers and the seeds (at most MAX_SEEDS) are read: nothing is inflated, and the check costs at
+    most the shard's size on disk in memory (a compressed 4 MB shard used to expand to 3.5 GB before its seeds counted as done).
     """
     channels, height, width = image_shape
     try:
@@ -407,7 +407,7 @@ def _shard_seeds(path: Path, image_shape: tuple[int, ...]) -> np.ndarray | None:
                 _stored_npy_header(archive, key) for key in ("seeds", "images", "labels")
             )
             consistent = (
-                len(seeds_shape) == 1 and seeds_dtype.kind in "iu" and labels_shape == seeds_shape
+                len(seeds_shape) == 1 and seeds_shape[0] <= MAX_SEEDS and seeds_dtype.kind in "iu" and labels_shape == seeds_shape
                 and images_dtype == np.uint8 and images_shape == (seeds_shape[0], height, width, channels)
             )
             if not consistent:

@@ -158,13 +158,15 @@ def _shard(path: Path, seeds: list[int], compressed: bool = False) -> None:
 
 
 def _npz_args(outdir: Path, seeds: str = "0-3") -> list[str]:
-    return _args(outdir, seeds, "--format", "npz")
+    return _args(outdir, seeds, "--format", "npz", "--batch-size", "2")
 
 
-@pytest.mark.parametrize("case", ["compressed", "repeated_seed", "header_lies"])
-def test_shard_that_sample_py_did_not_write_is_not_trusted(in_tmp, capsys, case):
+@pytest.mark.parametrize("case", ["compressed", "repeated_seed", "header_lies", "too_many_seeds"])
+def test_shard_that_sample_py_did_not_write_is_not_trusted(in_tmp, capsys, monkeypatch, case):
     outdir = in_tmp / "out"
     crafted = outdir / "npz" / "seeds-000001-n3.npz"
+    if case == "too_many_seeds":  # more seeds than a run may hold: their array is not read
+        monkeypatch.setattr(sampling, "MAX_SEEDS", 2)
     if case == "header_lies":  # a stored member declaring 3.6 GB of pixels: refused from its header, nothing read
         _shard(crafted, [1])
         with zipfile.ZipFile(crafted, "a") as archive:
@@ -173,7 +175,8 @@ def test_shard_that_sample_py_did_not_write_is_not_trusted(in_tmp, capsys, case)
             with pytest.warns(UserWarning, match="Duplicate name"):
                 archive.writestr("images.npy", header.getvalue())
     else:
-        _shard(crafted, [1, 1, 1] if case == "repeated_seed" else [1], compressed=case == "compressed")
+        seeds = {"repeated_seed": [1, 1, 1], "too_many_seeds": [1, 9, 10]}.get(case, [1])
+        _shard(crafted, seeds, compressed=case == "compressed")
     with pytest.warns(UserWarning, match="unreadable or malformed"):
         assert sample_main(_npz_args(outdir)) == 0
     assert "4 generated" in capsys.readouterr().out
@@ -192,7 +195,7 @@ def test_shards_claiming_the_same_seed_are_refused_in_one_line(in_tmp, capsys):
     before = _files(outdir)
     assert sample_main(_npz_args(outdir, "0-7")) == 2
     line = _one_error_line(capsys)
-    assert "seeds-000000-n4.npz and seeds-000001-n1.npz" in line and "both hold seed 1" in line
+    assert "seeds-000000-n2.npz and seeds-000001-n1.npz" in line and "both hold seed 1" in line
     assert _files(outdir) == before
 
 
