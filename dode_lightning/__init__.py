@@ -1,4 +1,5 @@
 """dode-lightning: distilled ODE solvers (D-ODE, Kim, Tang & Yu, CVPR 2024) for pretrained diffusion models."""
+from .api import Student, calibrate, load_student
 from .checkpoints import LoadedDenoiser, load_denoiser
 from .denoisers import CountingDenoiser, DiscreteEpsDenoiser, eps_from_x0, x0_from_eps
 from .gmm import GaussianMixture, digits_mixture
@@ -8,6 +9,9 @@ from .solvers import SOLVERS, Solver, make_solver, run_stages
 __version__ = "0.1.0"
 
 __all__ = [
+    "calibrate",
+    "load_student",
+    "Student",
     "LoadedDenoiser",
     "load_denoiser",
     "CountingDenoiser",

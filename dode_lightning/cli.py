@@ -22,7 +22,7 @@ from .denoisers import ve_form
 from .distill import StageFit, rmse, seeded_noise
 from .grids import GRIDS, LEARNED_GRIDS
 from .lambda_file import LambdaFileError, check_lambdas, save_lambdas
-from .lightning import ConfigError, DODECalibration, TeacherTargets, limit_threads_for_builtin, own_direction
+from .lightning import ConfigError, DODECalibration, TeacherTargets, lambda_file_contents, limit_threads_for_builtin, own_direction
 from .quiet import silence_lightning_noise
 from .solvers import SOLVERS
 
@@ -361,15 +361,7 @@ def _calibrate(args: list[str] | None, progress: dict[str, Any]) -> int:
         check_lambdas(module.lambdas.detach().cpu(), "the fit", f"no λ file written: the denoiser or the teacher targets are not finite (cache_dir {data.cache_dir})")
     except LambdaFileError as err:
         return _fail(str(err))
-    metadata = {**module.metadata(), **data.metadata(module), "fit": module.fit_method, **module.metadata_lambdas()}
-    tensors = {
-        "lambdas": module.lambdas.detach().cpu(),
-        "coeffs": fit.coeffs,
-        "sigmas": module.student.sigmas,
-        "eval_sigmas": fit.sigmas,
-        "target_sigmas": module.student.target_sigmas,
-        "lambda_fitted": torch.tensor(module.student.lambda_fitted),
-    }
+    tensors, metadata = lambda_file_contents(module, data, fit)
     with signals_deferred():
         save_lambdas(output, tensors, metadata)
         progress["saved"] = True

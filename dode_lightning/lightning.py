@@ -48,7 +48,7 @@ from .lambda_file import schedule_id
 from .schedules import Schedule
 from .solvers import LambdaLayout, NFEError, Solver
 
-__all__ = ["DODECalibration", "TeacherTargets", "ConfigError", "BuiltStudent", "build_student", "limit_threads_for_builtin", "image_grid"]
+__all__ = ["DODECalibration", "TeacherTargets", "lambda_file_contents", "ConfigError", "BuiltStudent", "build_student", "limit_threads_for_builtin", "image_grid"]
 
 CACHE_VERSION = 1
 
@@ -95,7 +95,7 @@ class BuiltStudent:
 
 
 def build_student(
-    denoiser: dict[str, Any] | None,
+    denoiser: dict[str, Any] | LoadedDenoiser | None,
     solver: str,
     nfe: int,
     grid: str | None = None,
@@ -107,7 +107,8 @@ def build_student(
     terminal_zero: bool | None = None,
     sigmas: Tensor | Callable[[Schedule], Tensor] | None = None,
 ) -> BuiltStudent:
-    """Load the denoiser (default: the built-in exact model) and build the student; bad settings → ConfigError.
+    """Load the denoiser (default: the built-in exact model; a `LoadedDenoiser` is used as it is) and build the
+    student; bad settings → ConfigError.
 
     `grid_kwargs`: the complete grid settings as a λ file records them (with an explicit `grid`); sigma_min,
     sigma_max, rho and terminal_zero given as well override them. `sigmas`: the step boundaries themselves (a λ
@@ -115,14 +116,17 @@ def build_student(
     how they were chosen.
     """
     denoiser = denoiser or {"source": "gmm_digits"}
-    if not isinstance(denoiser, dict) or "source" not in denoiser:
+    if isinstance(denoiser, LoadedDenoiser):
+        loaded = denoiser
+    elif not isinstance(denoiser, dict) or "source" not in denoiser:
         raise ConfigError(f"the denoiser section must be a mapping with a source (edm_pickle, diffusers or gmm_digits), got {one_line(repr(denoiser), 80)}")
-    try:
-        loaded = load_denoiser(**denoiser)
-    except CheckpointError:
-        raise
-    except ValueError as err:  # unknown source or option, a path where none is taken: the config's fault
-        raise ConfigError(f"denoiser section: {err}") from None
+    else:
+        try:
+            loaded = load_denoiser(**denoiser)
+        except CheckpointError:
+            raise
+        except ValueError as err:  # unknown source or option, a path where none is taken: the config's fault
+            raise ConfigError(f"denoiser section: {err}") from None
     loaded.denoiser.eval().requires_grad_(False)
     overrides = (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho), ("terminal_zero", terminal_zero))
     grid_kwargs = {**(grid_kwargs or {}), **{k: v for k, v in overrides if v is not None}}
@@ -464,6 +468,20 @@ class DODECalibration(pl.LightningModule):
                     images = torch.cat([decoder.to(images.device)(chunk) for chunk in images[:16].split(4)])
             writer.add_image(f"samples/{tag}", image_grid(images.cpu()), global_step=self.global_step)
         writer.flush()
+
+
+def lambda_file_contents(module: DODECalibration, data: "TeacherTargets", fit: StageFit) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The tensors and metadata of the λ file of a finished calibration (`fit`: its final per-stage statistics)."""
+    metadata = {**module.metadata(), **data.metadata(module), "fit": module.fit_method, **module.metadata_lambdas()}
+    tensors = {
+        "lambdas": module.lambdas.detach().cpu(),
+        "coeffs": fit.coeffs,
+        "sigmas": module.student.sigmas.detach(),
+        "eval_sigmas": fit.sigmas,
+        "target_sigmas": module.student.target_sigmas.detach(),
+        "lambda_fitted": torch.tensor(module.student.lambda_fitted),
+    }
+    return tensors, metadata
 
 
 class TeacherTargets(pl.LightningDataModule):

@@ -1,0 +1,37 @@
+"""The Python API (issue 18 item 4): `dode_lightning.calibrate` and `dode_lightning.load_student`."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dode_lightning
+from dode_lightning.distill import rmse, seeded_noise
+from dode_lightning.lambda_file import LambdaFileError
+
+
+def test_calibrate_then_load_student_samples_the_same(tmp_path, digits):
+    path = tmp_path / "student.safetensors"
+    student = dode_lightning.calibrate(
+        {"source": "gmm_digits"}, "ipndm", 4, grid="teacher_dp", dp_steps=30, terminal_zero=False, history=4, data={"batch_size": 16, "class_conditional": False}, output=path
+    )
+    assert student.nfe == 4 and len(student.sigmas) == 5 and student.metadata["grid"] == "teacher_dp"
+    assert student.lambdas.shape == (4, 4, 1) and bool(student.lambdas.abs().sum() > 0)
+    loaded = dode_lightning.load_student(path)
+    assert torch.equal(loaded.sigmas, student.sigmas) and torch.equal(loaded.lambdas, student.lambdas)
+    noise, _ = seeded_noise(range(1_000_000, 1_000_020), (1, 8, 8))
+    out = loaded.sample(digits, noise)
+    assert torch.equal(out, student.sample(digits, noise)) and out.shape == noise.shape
+    exact = digits.exact_endpoint(noise * 80.0, 80.0, sigma_end=float(student.sigmas[-1]))
+    assert rmse(out, exact) < rmse(student.solver.sample(digits, noise), exact)  # the D-student beats its base solver
+
+
+def test_calibrate_takes_a_bare_network(digits):
+    student = dode_lightning.calibrate(digits, "euler", 3, image_shape=(1, 8, 8), data={"batch_size": 8, "class_conditional": False})
+    assert student.metadata["denoiser"] == "python:GaussianMixture" and student.metadata["grid"] == "karras"
+    with pytest.raises(ValueError, match="image_shape"):
+        dode_lightning.calibrate(digits, "euler", 3)
+
+
+def test_load_student_refuses_a_missing_file(tmp_path):
+    with pytest.raises(LambdaFileError, match="does not exist"):
+        dode_lightning.load_student(tmp_path / "nothing.safetensors")
