@@ -145,7 +145,8 @@ def _refine(sigmas: Tensor, setup: SolverSetup, factors: list[int]) -> Tensor:
     rho = float(setup.grid_kwargs.get("rho", 7.0))
     if grid == "logsnr_uniform":
         forward, inverse = torch.log, torch.exp
-    elif grid in GRIDS and grid != "karras":  # time-uniform, quadratic and the integer grids: the schedule's time t
+    elif (grid in GRIDS and grid != "karras") or bool(torch.isinf(sigmas[0])):
+        # time-uniform, quadratic, integer and flow grids, and any grid from σ = ∞ (flow matching): the schedule's time t
         forward, inverse = schedule.sigma_inv, schedule.sigma
     else:  # Karras, and given or learned σ: the Karras coordinate σ^{1/ρ} (dense where the ODE is stiff)
         forward, inverse = (lambda s: s ** (1 / rho)), (lambda u: u**rho)

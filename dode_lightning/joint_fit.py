@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .denoisers import Denoiser
-from .schedules import Schedule
+from .schedules import Schedule, flow_time
 from .solvers import SOLVERS, LambdaLayout, Solver, Stage, run_stages
 
 __all__ = [
@@ -41,8 +41,8 @@ __all__ = [
     "student_states",
 ]
 
-Coordinate = Literal["log", "karras"]
-COORDINATES = ("log", "karras")
+Coordinate = Literal["log", "karras", "flow"]
+COORDINATES = ("log", "karras", "flow")
 # Pools a per-rank sum across processes (identity on one process).
 Reduce = Callable[[Tensor], Tensor]
 # A share of the σ span below this is a collapsed step (two boundaries at the same noise level).
@@ -56,16 +56,20 @@ class JointFitDiverged(RuntimeError):
 
 
 def _forward(coordinate: Coordinate, rho: float) -> Callable[[Tensor], Tensor]:
+    if coordinate == "flow":  # flow time t = σ/(1 + σ): 1 at σ = ∞ (flow matching's start), 0 at σ = 0
+        return flow_time
     return torch.log if coordinate == "log" else (lambda s: s ** (1 / rho))
 
 
 def _inverse(coordinate: Coordinate, rho: float) -> Callable[[Tensor], Tensor]:
+    if coordinate == "flow":
+        return lambda u: u / (1 - u)
     return torch.exp if coordinate == "log" else (lambda u: u**rho)
 
 
 def _free_span(sigmas: Tensor, coordinate: Coordinate) -> int:
-    """Index of the fixed end: the last positive σ, or the terminal 0 where the coordinate reaches it (Karras u(0) = 0,
-    so the last positive σ moves too)."""
+    """Index of the fixed end: the last positive σ, or the terminal 0 where the coordinate reaches it (Karras and flow
+    u(0) = 0, so the last positive σ moves too)."""
     positive = int((sigmas > 0).sum())
     if positive == len(sigmas) or coordinate == "log":
         return positive - 1
@@ -75,8 +79,10 @@ def _free_span(sigmas: Tensor, coordinate: Coordinate) -> int:
 def _check(sigmas: Tensor, coordinate: str) -> None:
     if coordinate not in COORDINATES:
         raise ValueError(f"unknown step coordinate {coordinate!r}; choose one of {', '.join(COORDINATES)}")
-    if len(sigmas) < 2 or not bool((sigmas[:-1] > sigmas[1:]).all()) or float(sigmas[-1]) < 0 or not bool(sigmas[:1].isfinite().all()):
-        raise ValueError("the joint fit needs finite, strictly decreasing σ ≥ 0")
+    if len(sigmas) < 2 or not bool((sigmas[:-1] > sigmas[1:]).all()) or float(sigmas[-1]) < 0:
+        raise ValueError("the joint fit needs strictly decreasing σ ≥ 0")
+    if not bool(sigmas[:1].isfinite().all()) and coordinate != "flow":
+        raise ValueError("a grid from σ = ∞ (flow matching's t = 1) is spread in flow time: use joint_coordinate flow")
 
 
 def step_params(sigmas: Tensor, coordinate: Coordinate = "log", rho: float = 7.0) -> Tensor:
@@ -109,14 +115,15 @@ class TeacherPath:
     """(M + 1, B, …)."""
 
     def at(self, sigma: Tensor) -> Tensor:
-        """The state at σ, linear in log σ between the two neighbouring teacher states (exact at a teacher σ);
-        differentiable in σ."""
+        """The state at σ, linear in log σ between the two neighbouring teacher states (exact at a teacher σ), in
+        flow time t = σ/(1 + σ) on a grid from σ = ∞; differentiable in σ."""
         if float(sigma) <= 0.0:
             return self.states[-1]
         positive = self.sigmas[self.sigmas > 0]
         j = int(torch.searchsorted(-positive, -sigma.detach(), right=False).clamp(1, len(positive) - 1))
-        upper, lower = torch.log(positive[j - 1]), torch.log(positive[j])
-        w = (upper - torch.log(sigma)) / (upper - lower)
+        coordinate = flow_time if bool(torch.isinf(positive[0])) else torch.log
+        upper, lower = coordinate(positive[j - 1]), coordinate(positive[j])
+        w = (upper - coordinate(sigma)) / (upper - lower)
         return (1 - w) * self.states[j - 1] + w * self.states[j]
 
 

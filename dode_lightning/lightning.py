@@ -178,8 +178,8 @@ class DODECalibration(pl.LightningModule):
         joint_optimizer: `lbfgs` (full batch, strong Wolfe line search) or `adam`, for fit `joint`.
         joint_steps: joint-fit iterations.
         joint_lr: joint-fit learning rate (L-BFGS: initial step length, 1 = the quasi-Newton step).
-        joint_coordinate: where the steps are spread: `log` (log σ, fixed σ_min) or `karras` (σ^{1/ρ}; on a grid
-            ending in 0 the last positive σ moves too).
+        joint_coordinate: where the steps are spread: `log` (log σ, fixed σ_min), `karras` (σ^{1/ρ}; on a grid
+            ending in 0 the last positive σ moves too) or `flow` (flow time t = σ/(1+σ); needed from σ = ∞).
         joint_lambdas: fit λ together with the steps (false: steps only, λ stay at the closed form).
         joint_intermediate: weight of the per-stage errors to the teacher trajectory (0 = final state only).
         joint_slack: LD3's soft teacher forcing: radius of the ball each calibration latent may move in (0 = off;
@@ -215,7 +215,7 @@ class DODECalibration(pl.LightningModule):
         joint_optimizer: Literal["lbfgs", "adam"] = "lbfgs",
         joint_steps: int = 30,
         joint_lr: float = 1.0,
-        joint_coordinate: Literal["log", "karras"] = "log",
+        joint_coordinate: Literal["log", "karras", "flow"] = "log",
         joint_lambdas: bool = True,
         joint_intermediate: float = 0.0,
         joint_slack: float = 0.0,
@@ -331,10 +331,13 @@ class DODECalibration(pl.LightningModule):
         noise, labels, targets = self.trainer.datamodule.full_batch(self.device)
         holdout = holdout_mask(self.trainer.datamodule.rank_seeds(), self.hparams.guard) if self.hparams.guard else None
         start = time.perf_counter()
-        self.joint = JointFit(
-            self.setup_spec.name, self.student.sigmas, self.setup_spec.schedule, self.denoiser, noise, targets[-1], self.closed_form.lambdas,
-            self.layout, self.joint_settings, labels, self.closed_form.natural_scales(), holdout, reduce=self._pool,
-        )
+        try:
+            self.joint = JointFit(
+                self.setup_spec.name, self.student.sigmas, self.setup_spec.schedule, self.denoiser, noise, targets[-1], self.closed_form.lambdas,
+                self.layout, self.joint_settings, labels, self.closed_form.natural_scales(), holdout, reduce=self._pool,
+            )
+        except ValueError as err:  # a grid the joint fit cannot spread (e.g. from σ = ∞ in log σ)
+            raise ConfigError(str(err)) from None
         self.timings["joint"] = time.perf_counter() - start
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:

@@ -243,3 +243,36 @@ def test_k_diffusion_sampler_runs_flow_lambda_files_in_comfyuis_flow_convention(
         if not lambdas.any():
             reference = (ref_euler if name == "euler" else ref_heun)(model, noise * times[0], times)
             torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_joint_fit_spreads_flow_grids_in_flow_time():
+    from dode_lightning.distill import build_teacher
+    from dode_lightning.joint_fit import TeacherPath, grid_from_params, step_params
+    from dode_lightning.lightning import build_student
+
+    built = build_student({"source": "gmm_digits_flow", "shift": 3.0}, "euler", 6)
+    sigmas = built.solver.sigmas
+    with pytest.raises(ValueError, match="joint_coordinate flow"):
+        step_params(sigmas, "log")
+    theta = step_params(sigmas, "flow")
+    torch.testing.assert_close(grid_from_params(theta, sigmas, "flow"), sigmas, rtol=1e-12, atol=0)
+    moved = grid_from_params(theta + torch.linspace(-0.3, 0.3, len(theta), dtype=torch.float64), sigmas, "flow")
+    assert math.isinf(float(moved[0])) and float(moved[-1]) == 0 and bool((moved[:-1] > moved[1:]).all())
+    path = TeacherPath(sigmas, torch.stack([torch.full((1,), float(k)) for k in range(len(sigmas))]))
+    between = built.loaded.schedule.sigma(torch.tensor(0.5 * (1 + float(built.loaded.schedule.sigma_inv(sigmas[1]))), dtype=torch.float64))
+    assert float(path.at(between)) == pytest.approx(0.5)  # linear in flow time between t = 1 and t_1
+    learned = built.setup.on(moved, "joint", start_grid="flow", coordinate="flow")
+    teacher, _ = build_teacher(learned.build(), learned, 4)
+    assert bool(teacher.sigmas[1:].isfinite().all()) and bool(teacher.noise_scales.isfinite().all())
+
+
+@pytest.mark.slow
+def test_flow_config_joint_fit(tmp_path):
+    from dode_lightning.lambda_file import load_lambdas
+
+    _, result = _calibrate_flow_config(tmp_path, "--model.fit", "joint", "--model.joint_coordinate", "flow")
+    tensors, meta = load_lambdas(tmp_path / "l.safetensors")
+    assert meta["grid"] == "joint" and math.isinf(float(tensors["sigmas"][0]))
+    held_out = next(line for line in result.stdout.splitlines() if line.startswith("| held-out"))
+    base, d_ode = (float(cell.split()[0]) for cell in held_out.split("|")[2:4])
+    assert d_ode < 0.5 * base
