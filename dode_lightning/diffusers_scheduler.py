@@ -557,6 +557,8 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
     def _latents(self, pending: Evaluate | Tensor, dtype: torch.dtype) -> Tensor:
         """The pipeline's latents at the pending evaluation (its VE point times the latent scale at σ) or at the end."""
         if isinstance(pending, Evaluate):
+            if self._vp_state:  # the solver's scaled state is the latent itself
+                return pending.x.to(dtype)
             x_ve, sigma = ve_form(pending.x, pending.sigma, pending.scale), float(pending.sigma)
             return (x_ve * broadcast_sigma(self.parameterization.latent_scale(sigma), x_ve)).to(dtype)
         return (pending * self._vp_ratio(float(self.solver.sigmas[-1]))).to(dtype)

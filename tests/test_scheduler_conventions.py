@@ -161,11 +161,12 @@ def test_model_output_of_another_shape_is_refused(running, shape):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_non_finite_model_output_is_reported_as_such(running, bad):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_model_output_is_reported_as_such(running, bad, dtype):
     scheduler, latents = running
     t = scheduler.timesteps[1]
-    output = network(latents, t)
+    output = network(latents, t).to(dtype)
     output[0, 0, 0, 0] = bad
     with pytest.raises(SchedulerConfigError, match="NaN or infinite"):
         scheduler.step(output, t, latents)
@@ -177,6 +178,12 @@ def test_latents_edited_in_place_between_steps_are_refused(running):
     latents[0, 0, 0, 0] += 1.0
     with pytest.raises(SchedulerConfigError, match="latents changed between steps"):
         scheduler.step(network(latents, t), t, latents)
+
+
+def test_large_finite_fp16_outputs_are_not_mistaken_for_overflow(running):
+    scheduler, latents = running
+    t = scheduler.timesteps[1]
+    scheduler.step(torch.full(latents.shape, 6e4, dtype=torch.float16), t, latents)  # their fp16 sum would be inf
 
 
 def test_unchanged_latents_continue(running):
