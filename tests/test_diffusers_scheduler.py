@@ -382,6 +382,21 @@ def test_zero_lambda_matches_ddim_scheduler_in_a_guided_sd_pipeline(tiny_sd):
     assert diff < 2e-6
 
 
+@pytest.mark.parametrize("name,spacing", [("HeunDiscreteScheduler", "leading"), ("HeunDiscreteScheduler", "trailing"), ("EulerDiscreteScheduler", "leading")])
+def test_swap_idiom_in_a_guided_sd_pipeline_reproduces_the_replaced_scheduler(tiny_sd, name, spacing):
+    """`pipe.scheduler = DODEScheduler.from_config(pipe.scheduler.config)`: the replaced scheduler's grid, start and
+    method (Heun's VE latents and sqrt(σ₀² + 1) start; ours hands out VP latents, so the final latents are compared)."""
+    _, pipe, config = tiny_sd
+    replaced = getattr(diffusers, name).from_config(config, timestep_spacing=spacing)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    theirs = run_sd(pipe, replaced, 5, latents)[-1]
+    swapped = DODEScheduler.from_config(replaced.config)
+    ours = run_sd(pipe, swapped, 5, latents)[-1]
+    diff = relative_difference([ours], [theirs])
+    print(f"\nStableDiffusionPipeline (guidance {GUIDANCE}), {name} {spacing} vs swapped-in DODEScheduler ({swapped.config.solver}, λ ≡ 0), 5 steps: max |Δ| / max |x| = {diff:.1e}")
+    assert diff < 2e-6
+
+
 @pytest.mark.parametrize("solver,steps", [("heun", 4), ("dpm_solver_3", 6)])
 def test_sd_pipeline_with_lambdas_equals_the_solver_on_the_guided_denoiser(tiny_sd, solver, steps):
     """Heun runs on VE-form states (init_noise_sigma ≠ 1, repeated timesteps); DPM-Solver-3 at fractional timesteps."""

@@ -19,7 +19,8 @@ diffusers = pytest.importorskip("diffusers")
 from dode_lightning import DODEScheduler, export_scheduler  # noqa: E402
 from dode_lightning.diffusers_scheduler import SchedulerConfigError  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
+# diffusers' Euler/Heun/DPM schedulers call np.array on a torch tensor (numpy 2 asks torch's __array__ for `copy`).
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")  # Stable Diffusion's β table
 
 
@@ -170,6 +171,12 @@ def test_non_finite_model_output_is_reported_as_such(running, bad, dtype):
     output[0, 0, 0, 0] = bad
     with pytest.raises(SchedulerConfigError, match="NaN or infinite"):
         scheduler.step(output, t, latents)
+
+
+def test_nan_timestep_is_refused(running):
+    scheduler, latents = running
+    with pytest.raises(SchedulerConfigError, match="got timestep nan"):
+        scheduler.step(network(latents, 0), torch.tensor(math.nan), latents)
 
 
 def test_latents_edited_in_place_between_steps_are_refused(running):
