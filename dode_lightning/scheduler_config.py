@@ -281,7 +281,7 @@ def reference_grid(
     try:
         reference = cls(**kwargs)
         reference.set_timesteps(steps, **(custom or {}))
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as err:
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError, OverflowError, ZeroDivisionError) as err:
         asked = f"the grid {next(iter(custom.values()))}" if custom else f"a grid of {steps} steps"
         raise SchedulerConfigError(f"{base_scheduler} cannot make {asked} from this config ({str(err).splitlines()[0][:120]})") from None
     timesteps = torch.unique_consecutive(torch.as_tensor(reference.timesteps).to(torch.float64).cpu())
@@ -297,6 +297,9 @@ def reference_grid(
         final = getattr(reference, "final_alpha_cumprod", None)
         end = 0.0 if final is None else float(torch.sqrt(1.0 / torch.as_tensor(final, dtype=torch.float64) - 1.0))
         sigmas = torch.cat([schedule.sigma(timesteps), torch.tensor([end], dtype=torch.float64)])
+    top = getattr(schedule, "num_timesteps", None)
+    if not bool(torch.isfinite(timesteps).all()) or (top is not None and (float(timesteps.min()) < 0 or float(timesteps.max()) > top - 1)):
+        raise SchedulerConfigError(f"{base_scheduler} made the timesteps {_short(timesteps)}, outside 0 … {top - 1 if top else '?'}; check its options (steps_offset, timestep_spacing)")
     if len(timesteps) != len(sigmas) - 1:
         raise SchedulerConfigError(f"{base_scheduler} made {len(timesteps)} timesteps for {len(sigmas)} noise levels; DODEScheduler cannot follow its grid")
     probe = torch.ones(1)

@@ -106,6 +106,14 @@ def test_unsupported_configs_are_refused_in_one_line(config, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("options,message", [(dict(steps_offset=5000), "outside 0 … 999"), (dict(timestep_spacing="sideways"), "cannot make a grid of 4 steps")])
+def test_a_replaced_schedulers_options_that_give_no_grid_are_refused(options, message):
+    scheduler = DODEScheduler.from_config(diffusers.DDIMScheduler(**SD).config, **options)
+    with pytest.raises(SchedulerConfigError, match=message) as err:
+        scheduler.set_timesteps(4)
+    assert "\n" not in str(err.value)
+
+
 def test_edm_config_runs_in_sigma_space():
     ours = DODEScheduler.from_config(diffusers.EDMEulerScheduler().config)
     ours.set_timesteps(4)
