@@ -319,7 +319,7 @@ def _stopped(stop: Interrupted, progress: dict[str, Any]) -> str:
         return f"stopped by {stop.name} after the λ file was written: {output} is complete (the report was cut short)"
     earlier = f" ({output} there now is an earlier run's)" if output is not None and output.exists() else ""
     data: TeacherTargets | None = progress.get("data")
-    cached = " (the teacher targets are cached: it skips the teacher)" if data is not None and data.data is not None else ""
+    cached = " (the teacher targets are cached: it skips the teacher)" if data is not None and data.data is not None and data.cache_dir is not None else ""
     return f"stopped by {stop.name}; no λ file written{earlier}; rerun the same command to calibrate{cached}"
 
 
