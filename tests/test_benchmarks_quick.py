@@ -22,6 +22,7 @@ CASES = [
     ("trajectories", [], "trajectories", ["fig2_cosine.png", "fig5_trajectory.png"]),
     ("learned", [], "learned", ["learned_rmse.png"]),
     ("scheduler_runs", [], "scheduler_runs", []),
+    ("flow", [], "flow", []),
 ]
 
 
