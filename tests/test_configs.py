@@ -26,12 +26,22 @@ def _train(tmp_path, config, *extra):
 def test_every_config_is_listed():
     assert {c.name for c in CONFIGS} == {
         "gmm_digits.yaml", "edm_digits_net.yaml", "edm_ffhq.yaml", "edm_cifar10.yaml", "edm_imagenet64.yaml", "ddpm_cifar10.yaml",
-        "sd_latent.yaml", "gmm_digits_flow.yaml",
+        "sd_latent.yaml", "gmm_digits_flow.yaml", "gmm_digits_best.yaml", "edm_digits_net_best.yaml",
     }
 
 
 # Configs whose model ships with the package (built in, or a file in the repository).
-OFFLINE = ("gmm_digits.yaml", "gmm_digits_flow.yaml", "edm_digits_net.yaml")
+OFFLINE = ("gmm_digits.yaml", "gmm_digits_flow.yaml", "edm_digits_net.yaml", "gmm_digits_best.yaml", "edm_digits_net_best.yaml")
+
+
+@pytest.mark.parametrize("config", ["gmm_digits_best.yaml", "edm_digits_net_best.yaml"])
+def test_best_configs_place_the_steps_on_the_teacher_trajectory(tmp_path, config):
+    out = tmp_path / "l.safetensors"
+    result = _train(tmp_path, ROOT / "configs" / config, "--model.nfe", "3", "--data.batch_size", "4", "--model.dp_steps", "12",
+                    "--exact_report", "false", "--model.output", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    tensors, meta = load_lambdas(out)
+    assert meta["grid"] == "teacher_dp" and meta["solver"] == "ipndm" and meta["history"] == 10 and len(tensors["sigmas"]) == 4
 
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c.name not in OFFLINE], ids=lambda c: c.name)
