@@ -79,6 +79,17 @@ def test_swapped_in_scheduler_reproduces_the_replaced_one(name, options, steps):
     assert diff < 2e-5
 
 
+@pytest.mark.parametrize("reference", [lambda: diffusers.EDMEulerScheduler(), lambda: diffusers.HeunDiscreteScheduler(**SD, timestep_spacing="trailing")])
+def test_a_swapped_in_scheduler_saves_and_loads_with_its_replaced_schedulers_grid(tmp_path, reference):
+    swapped = DODEScheduler.from_config(reference().config)
+    swapped.save_pretrained(tmp_path)
+    for again in (DODEScheduler.from_pretrained(tmp_path), DODEScheduler.from_config(swapped.config)):
+        for scheduler in (swapped, again):
+            scheduler.set_timesteps(5)
+        assert again.config.base_scheduler == swapped.config.base_scheduler and again.config.solver == swapped.config.solver
+        assert torch.equal(again.timesteps, swapped.timesteps) and again.init_noise_sigma == swapped.init_noise_sigma
+
+
 def test_ddim_swap_uses_ddims_timesteps_not_the_packages():
     """SD v1's leading spacing with steps_offset 1: DDIM's 876…1, not 875…0."""
     ours = DODEScheduler.from_config(diffusers.DDIMScheduler(**SD, steps_offset=1).config)
