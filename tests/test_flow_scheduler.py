@@ -104,3 +104,53 @@ def test_exported_calibrated_scheduler_gives_the_solvers_images(pipes, tmp_path)
     assert torch.equal(images[0], images[1])
     with pytest.raises(SchedulerConfigError, match="λ were fitted on the grid"):
         run(pipe, scheduler, "flux", noise, 8, call)
+
+
+@pytest.mark.slow
+def test_train_sample_export_on_a_tiny_flux_pipeline_gives_sample_pys_pngs(pipes, tmp_path):
+    """train.py → sample.py PNGs → sample.py export-scheduler → FluxPipeline with that scheduler: the same uint8 images."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from dode_lightning.distill import seeded_noise
+    from dode_lightning.images import to_uint8
+    from dode_lightning.sampling import ImageStore
+
+    root = Path(__file__).resolve().parents[1]
+    folder, pipe, call = pipes["flux"]
+    config = tmp_path / "flux.yaml"
+    config.write_text(
+        "seed_everything: 0\ntrainer: {accelerator: cpu, devices: 1, logger: false, enable_progress_bar: false}\n"
+        f"model:\n  denoiser: {{source: diffusers_pipeline, path: {folder}, prompt_embeds: {pipes['embeds']}, height: 16, width: 16}}\n"
+        "  solver: euler\n  nfe: 4\n  history: 4\n"
+        f"data: {{scale: 4, batch_size: 8, seed: 0, cache_dir: {tmp_path / 'cache'}}}\n"
+    )
+
+    def cli(script, *args):
+        result = subprocess.run([sys.executable, str(root / script), *args], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+
+    cli("train.py", "--config", str(config), "--model.output", str(tmp_path / "l.safetensors"))
+    cli("sample.py", "--config", str(config), "--lambdas", str(tmp_path / "l.safetensors"), "--seeds", "0-3", "--outdir", str(tmp_path / "out"))
+    cli("sample.py", "export-scheduler", "--lambdas", str(tmp_path / "l.safetensors"), "--pipeline", str(folder), "--out", str(tmp_path / "scheduler"))
+    scheduler = DODEScheduler.from_pretrained(tmp_path / "scheduler")
+    loaded = load_denoiser("diffusers_pipeline", path=folder, prompt_embeds=str(pipes["embeds"]), height=16, width=16)
+    noise, labels = seeded_noise(range(4), loaded.image_shape, loaded.label_dim, torch.float32)
+    embeds = loaded.denoiser.velocity_model
+    store = ImageStore(tmp_path / "out")
+    differences = []
+    for seed in range(4):
+        prompt = int(labels[seed].argmax())
+        conditioning = {**call, "prompt_embeds": embeds.prompt_embeds[prompt : prompt + 1], "pooled_prompt_embeds": embeds.pooled_prompt_embeds[prompt : prompt + 1]}
+        latents = run(pipe, scheduler, "flux", noise[seed : seed + 1], 4, conditioning)
+        with torch.no_grad():
+            ours = to_uint8(loaded.decoder(latents))[0].numpy()
+        written = np.asarray(Image.open(store.png_path(seed))).transpose(2, 0, 1)
+        differences.append(np.abs(ours.astype(int) - written.astype(int)))
+    mismatch = np.stack(differences)
+    print(f"\ntiny FLUX, D-Euler h-all NFE 4: exported scheduler in FluxPipeline vs sample.py PNGs: max |Δ| = {mismatch.max()} (uint8), {(mismatch > 0).mean():.1e} of values differ")
+    assert mismatch.max() <= 1 and (mismatch > 0).mean() < 1e-3
