@@ -116,6 +116,15 @@ def write_section(out_dir: Path, name: str, text: str) -> Path:
     return path
 
 
+def print_and_write_section(args: argparse.Namespace, name: str, text: str) -> None:
+    """Print a benchmark's Markdown report and, for a full run (or --out-dir), replace its `name` section of
+    benchmarks.md."""
+    print(text)
+    out = output_dir(args)
+    if out is not None:
+        print(f"wrote {write_section(out, name, text)}")
+
+
 def print_and_write(text: str, out: Path | None) -> None:
     """Print a benchmark's Markdown report and, for a full run, write it to its own file under docs/."""
     print("\n" + text)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from benchmarks.common import CALIBRATION_SEEDS, HELD_OUT_START, SCALE, ExactStates, machine, markdown_table, output_dir, parser, write_section
+from benchmarks.common import CALIBRATION_SEEDS, HELD_OUT_START, SCALE, ExactStates, machine, markdown_table, parser, print_and_write_section
 from dode_lightning.checkpoints import LoadedDenoiser, load_denoiser
 from dode_lightning.distill import SolverSetup, build_teacher, fit_closed_form, holdout_mask, rmse, seeded_noise, teacher_targets
 from dode_lightning.joint_fit import JointFit, JointSettings
@@ -194,10 +194,7 @@ RMSE to a 200-step Euler reference at the sampling guidance on {16 if args.quick
 
 Calibration of the tiny FLUX pipeline (teacher C = {SCALE} + closed-form fit, 100 seeds, h-all): median {flux_seconds:.1f} s.
 """
-    print(text)
-    out = output_dir(args)
-    if out is not None:
-        print(f"written: {write_section(out, 'flow', text)}")
+    print_and_write_section(args, "flow", text)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.common import machine, markdown_table, output_dir, parser, write_section
+from benchmarks.common import machine, markdown_table, parser, print_and_write_section
 
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 SD = dict(**SD_BETAS, steps_offset=1)  # Stable Diffusion's scheduler settings
@@ -165,10 +165,7 @@ def main() -> None:
         "float64 state); in float32 what remains over DDIMScheduler is the VE form x/s for the denoiser, x̂₀, the Δ "
         "a D-solver needs (formed even at λ ≡ 0), one finiteness reduction of the model output and Python per step.",
     ])
-    print(text)
-    out = output_dir(args)
-    if out is not None:
-        print(f"wrote {write_section(out, 'scheduler_cost', text)}")
+    print_and_write_section(args, "scheduler_cost", text)
 
 
 if __name__ == "__main__":

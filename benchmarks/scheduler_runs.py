@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine, markdown_table, output_dir, parser, write_section
+from benchmarks.common import machine, markdown_table, parser, print_and_write_section
 
 SHAPE = (1, 4, 128, 128)
 STEPS = 10
@@ -125,10 +125,7 @@ def main() -> None:
         f"deepcopy / pickle at three points of a run:\n\n{copies}\n\n'before' is the package at 0a2b344 (worker-thread "
         "scheduler, `git archive 0a2b344 dode_lightning`); 'after' the generator driven by `step()`.\n"
     )
-    print(text)
-    out = output_dir(args)
-    if out is not None:
-        print(f"wrote {write_section(out, 'scheduler_runs', text)}")
+    print_and_write_section(args, "scheduler_runs", text)
 
 
 if __name__ == "__main__":
