@@ -20,7 +20,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from numbers import Real
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -373,9 +373,9 @@ def check_steps_argument(steps: Any, limit: int | None) -> int | None:
     if isinstance(steps, Tensor) and steps.numel() == 1 and not steps.is_floating_point():
         steps = int(steps)
     top = MAX_NFE if limit is None else min(limit, MAX_NFE)
-    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= top:
+    if not isinstance(steps, Integral) or isinstance(steps, bool) or not 1 <= steps <= top:  # numpy integers too
         raise _bad("num_inference_steps", steps, f"an integer from 1 to {top}")
-    return steps
+    return int(steps)
 
 
 def _numbers(field: str, values: Any, allowed: str) -> Tensor:

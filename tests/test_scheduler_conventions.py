@@ -8,6 +8,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -238,6 +239,13 @@ def test_bad_set_timesteps_arguments_are_one_line_errors(kwargs, message):
     with pytest.raises(SchedulerConfigError, match=message) as err:
         DODEScheduler(**SD).set_timesteps(**kwargs)
     assert "\n" not in str(err.value)
+
+
+def test_numpy_and_tensor_step_counts_are_integers():
+    scheduler = DODEScheduler(**SD)
+    for steps in (np.int64(4), torch.tensor(4)):
+        scheduler.set_timesteps(steps)
+        assert scheduler.num_inference_steps == 4 and type(scheduler.num_inference_steps) is int
 
 
 def test_add_noise_is_refused_in_one_line():
