@@ -33,13 +33,18 @@ _PROBE = (
 )
 
 
-def _fixtures(folder: Path) -> dict[str, str]:
-    """Two folders of 8×8 grey PNGs, a λ file of the built-in model (train.py, tiny), their paths by name."""
+def png_folders(folder: Path, count: int) -> None:
+    """`real/` and `fake/` in `folder`, each holding `count` random 8×8 grey PNGs (seeded)."""
     generator = np.random.default_rng(0)
     for name in ("real", "fake"):
         (folder / name).mkdir()
-        for i in range(32):
+        for i in range(count):
             Image.fromarray(generator.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(folder / name / f"{i:03d}.png")
+
+
+def _fixtures(folder: Path) -> dict[str, str]:
+    """Two folders of 8×8 grey PNGs, a λ file of the built-in model (train.py, tiny), their paths by name."""
+    png_folders(folder, 32)
     lambdas = folder / "lambdas.safetensors"
     subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "gmm_digits.yaml"), "--model.nfe", "3",

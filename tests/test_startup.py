@@ -8,11 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from benchmarks.startup import png_folders
 from dode_lightning.lambda_file import save_lambdas
 from dode_lightning.sample_cli import CALIBRATION_ONLY_KEYS, SAMPLER_KEYS, sample_main
 
@@ -46,11 +45,7 @@ def _lambda_file(folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("startup")
-    generator = np.random.default_rng(0)
-    for name in ("real", "fake"):
-        (folder / name).mkdir()
-        for i in range(8):
-            Image.fromarray(generator.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(folder / name / f"{i}.png")
+    png_folders(folder, 8)
     run = folder / "run"
     run.mkdir()
     lambdas = _lambda_file(run)
