@@ -101,11 +101,13 @@ def write_flow_prompt_embeds(path: Path, prompts: int = 3, negative: bool = True
     return path
 
 
-def write_tiny_sd3_pipeline(folder: Path, shift: float = 3.0, dynamic: bool = False) -> Path:
+def write_tiny_sd3_pipeline(folder: Path, shift: float = 3.0, dynamic: bool = False, text_encoders: bool = False) -> Path:
     """A StableDiffusion3Pipeline folder with random weights (1-layer SD3 transformer on 8×8×4 latents, VAE to 16×16
-    RGB), no text encoders (conditioning comes as precomputed prompt_embeds); FlowMatchEulerDiscreteScheduler with
-    SD3's shift 3 (or dynamic shifting)."""
+    RGB); FlowMatchEulerDiscreteScheduler with SD3's shift 3 (or dynamic shifting). No text encoders (conditioning
+    comes as precomputed prompt_embeds), or with `text_encoders` the two CLIP encoders (width 8 each, projections 8,
+    character-level tokenizers) and no T5, which SD3 makes optional."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
     transformer = _noisy(SD3Transformer2DModel(
@@ -114,9 +116,20 @@ def write_tiny_sd3_pipeline(folder: Path, shift: float = 3.0, dynamic: bool = Fa
         pooled_projection_dim=FLOW_POOLED_DIM, pos_embed_max_size=16,
     ))
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift, use_dynamic_shifting=dynamic)
+    encoders = {}
+    if text_encoders:
+        for suffix in ("", "_2"):
+            tokenizer, vocab = _tokenizer(folder.parent / f"vocab-{folder.name}{suffix}")
+            encoders[f"tokenizer{suffix}"] = tokenizer
+            encoders[f"text_encoder{suffix}"] = CLIPTextModelWithProjection(CLIPTextConfig(
+                vocab_size=len(vocab), hidden_size=FLOW_EMBED_DIM // 2, intermediate_size=16, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=MAX_TOKENS, projection_dim=FLOW_POOLED_DIM // 2,
+                bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
+            ))
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=scheduler, vae=_flow_vae(4, 0.1), text_encoder=None, tokenizer=None,
-        text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+        transformer=transformer, scheduler=scheduler, vae=_flow_vae(4, 0.1), text_encoder=encoders.get("text_encoder"),
+        tokenizer=encoders.get("tokenizer"), text_encoder_2=encoders.get("text_encoder_2"), tokenizer_2=encoders.get("tokenizer_2"),
+        text_encoder_3=None, tokenizer_3=None,
     )
     pipe.save_pretrained(folder)
     return folder

@@ -76,9 +76,27 @@ def test_flow_options_are_refused_where_they_do_not_apply(folders):
     sd = write_tiny_sd_pipeline(folders["root"] / "tiny-sd")
     with pytest.raises(CheckpointError, match="not a flow-matching pipeline: remove shift"):
         load_denoiser("diffusers_pipeline", path=sd, prompts=["a"], shift=3.0)
-    with pytest.raises(CheckpointError, match="needs prompt_embeds"):
+    with pytest.raises(CheckpointError, match="needs exactly one of prompt_embeds"):
         load_denoiser("diffusers_pipeline", path=folders["sd3"])
     no_negative = write_flow_prompt_embeds(folders["root"] / "positive.safetensors", negative=False)
     with pytest.raises(CheckpointError, match="negative_prompt_embeds"):
         load_denoiser("diffusers_pipeline", path=folders["sd3"], prompt_embeds=str(no_negative))
     assert load_denoiser("diffusers_pipeline", path=folders["sd3"], prompt_embeds=str(no_negative), guidance_scale=1.0).label_dim == 3
+
+
+def test_sd3_prompts_through_its_clip_encoders_without_t5(tmp_path):
+    """SD3 with prompts (no T5, optional as in diffusers): the loaded denoiser equals the pipeline called with text."""
+    from diffusers import StableDiffusion3Pipeline
+
+    folder = write_tiny_sd3_pipeline(tmp_path / "tiny-sd3-text", text_encoders=True)
+    loaded = load_denoiser("diffusers_pipeline", path=folder, prompts=["a red fox", "a blue sky"], negative_prompt="blur", height=16, width=16)
+    assert loaded.label_dim == 2 and loaded.conditioning["prompts"]["negative_prompt"] == "blur"
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    reference = pipe(prompt="a blue sky", negative_prompt="blur", height=16, width=16, num_inference_steps=4, output_type="latent", latents=noise).images
+    ours = flow_euler(loaded, noise, torch.tensor([[0.0, 1.0]], dtype=torch.float64), 4)
+    assert float((ours - reference.double()).norm() / reference.norm()) < 1e-5
+    with pytest.raises(CheckpointError, match="exactly one of prompt_embeds"):
+        load_denoiser("diffusers_pipeline", path=folder, height=16, width=16)
+    with pytest.raises(CheckpointError, match="prompts work with SD3 folders"):
+        load_denoiser("diffusers_pipeline", path=write_tiny_flux_pipeline(tmp_path / "tiny-flux"), prompts=["a"], height=16, width=16)

@@ -321,9 +321,11 @@ def load_pipeline_folder(
     if unet_batch is not None and (not isinstance(unet_batch, int) or isinstance(unet_batch, bool) or unet_batch < 1):
         raise CheckpointError(f"unet_batch must be a positive integer (samples per UNet call) or null, got {quoted(unet_batch)}")
     if kind in FLOW_PIPELINES:
-        if prompts is not None or negative_prompt or integer_timesteps:
-            raise CheckpointError(f"{kind}: give prompt_embeds (prompts, negative_prompt and integer_timesteps are for Stable Diffusion 1.x/2.x folders)")
-        return load_flow_pipeline(folder, kind, prompt_embeds, guidance_scale, unet_batch, **flow_options)
+        if integer_timesteps:
+            raise CheckpointError(f"{kind} is a flow-matching model with continuous time: remove integer_timesteps")
+        if not isinstance(negative_prompt, str) or (negative_prompt and prompts is None):
+            raise CheckpointError("negative_prompt is a string and needs prompts (with prompt_embeds, put the negative embeddings in the file)")
+        return load_flow_pipeline(folder, kind, prompt_embeds, guidance_scale, prompts, negative_prompt, unet_batch, **flow_options)
     if flow_options:
         raise CheckpointError(f"{folder} is a {kind}, not a flow-matching pipeline: remove {', '.join(sorted(flow_options))} (flow options of SD3/FLUX folders)")
     if kind in PIXEL_PIPELINES:

@@ -6,13 +6,16 @@ The denoiser is a `VelocityDenoiser` around the guided transformer, on the pipel
 (C, H, W), so a seed's noise is the pipeline's own `randn` before packing). The schedule is `FlowMatching` with the
 folder's time shift: SD3's static `shift`, or FLUX's dynamic shift with μ from the image token count, as the
 pipelines compute it; its default grid is the one the pipeline asks its scheduler for (`flow`: SD3, `flux`:
-FluxPipeline's linspace(1, 1/N, N)). Conditioning is a file of precomputed text embeddings (the text encoders are
-optional in these pipelines and are not loaded), one prompt per class label as for Stable Diffusion. Every component
-is built from its config and its weights are read by `_load_component` (safetensors or a weights-only `.bin`).
+FluxPipeline's linspace(1, 1/N, N)). Conditioning is one prompt per class label as for Stable Diffusion: a file of
+precomputed text embeddings, or (SD3) a prompt list encoded once by the folder's two CLIP encoders and, where the
+folder has one, its T5 encoder (optional in SD3, as in diffusers), through the pipeline's own `encode_prompt`.
+Every component is built from its config and its weights are read by `_load_component` (safetensors or a
+weights-only `.bin`).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -153,6 +156,43 @@ def _read_flow_embeds(path: str | os.PathLike, needs_negative: bool, width: int,
     return out, hashlib.sha256(file.read_bytes()).hexdigest()
 
 
+def _encode_sd3_prompts(
+    folder: Path, transformer: nn.Module, vae: nn.Module, scheduler_config: dict[str, Any], prompts: list[str], negative_prompt: str
+) -> tuple[dict[str, Tensor], list[Path]]:
+    """The SD3 prompt table from the folder's text encoders, by `StableDiffusion3Pipeline.encode_prompt` on components
+    built and loaded here (CLIP-L/G; T5 when the folder has `text_encoder_3/`, else zeros as diffusers uses), and
+    the encoder files read."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    from .diffusers_pipeline import _TRANSFORMERS_WEIGHTS, _load_component
+
+    def tokenizer(name: str, cls: type) -> Any:
+        try:
+            return cls.from_pretrained(str(folder / name), local_files_only=True)
+        except Exception as err:  # transformers reports a broken tokenizer folder with assorted exception types
+            raise CheckpointError(f"{folder / name}: unreadable tokenizer ({type(err).__name__}: {str(err)[:120]}); or pass prompt_embeds") from None
+
+    components: dict[str, Any] = {"text_encoder_3": None, "tokenizer_3": None}
+    files: list[Path] = []
+    encoders = [("", CLIPTextModelWithProjection, CLIPTextConfig, CLIPTokenizer), ("_2", CLIPTextModelWithProjection, CLIPTextConfig, CLIPTokenizer)]
+    if (folder / "text_encoder_3" / "config.json").is_file():
+        encoders.append(("_3", T5EncoderModel, T5Config, T5TokenizerFast))
+    for suffix, model, model_config, tokenizer_class in encoders:
+        build = lambda c, model=model, model_config=model_config: model(model_config.from_dict(c))  # noqa: E731
+        components[f"text_encoder{suffix}"], encoder_files = _load_component(folder, f"text_encoder{suffix}", build, _TRANSFORMERS_WEIGHTS, meta=False)
+        components[f"tokenizer{suffix}"] = tokenizer(f"tokenizer{suffix}", tokenizer_class)
+        files += encoder_files
+    pipe = StableDiffusion3Pipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler_config), **components)
+    with torch.no_grad():
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=torch.device("cpu"), do_classifier_free_guidance=True,
+            negative_prompt=[negative_prompt] * len(prompts),
+        )
+    table = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "negative_prompt_embeds": negative[:1], "negative_pooled_prompt_embeds": negative_pooled[:1]}
+    return table, files
+
+
 def _pixels(value: Any, name: str, multiple: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < multiple or value % multiple:
         raise CheckpointError(f"{name} must be a positive multiple of {multiple} pixels, got {quoted(value)}")
@@ -164,6 +204,8 @@ def load_flow_pipeline(
     kind: str,
     prompt_embeds: str | os.PathLike | None,
     guidance_scale: float | None,
+    prompts: list[str] | str | None,
+    negative_prompt: str,
     batch: int | None,
     shift: float | None = None,
     mu: float | None = None,
@@ -173,8 +215,10 @@ def load_flow_pipeline(
     """An SD3 or FLUX pipeline folder as a flow denoiser on the CPU (module doc); bad folders/options: one line."""
     from .diffusers_pipeline import _DIFFUSERS_WEIGHTS, LatentDecoder, _guidance, _load_component
 
-    if prompt_embeds is None:
-        raise CheckpointError(f"{kind} needs prompt_embeds (a safetensors file with {', '.join(_EMBED_KEYS)}); prompts through its text encoders are not supported")
+    if (prompt_embeds is None) == (prompts is None):
+        raise CheckpointError(f"{kind} needs exactly one of prompt_embeds (a safetensors file with {', '.join(_EMBED_KEYS)}) and prompts (SD3 only)")
+    if prompts is not None and kind != "StableDiffusion3Pipeline":
+        raise CheckpointError(f"{kind} takes prompt_embeds (its prompt encoding needs T5, which is not loaded here); prompts work with SD3 folders")
     try:
         from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
     except ImportError:
@@ -208,9 +252,21 @@ def load_flow_pipeline(
     embedded = flux and bool(config.get("guidance_embeds", False))
     if flux and not embedded and scale != 1.0:
         raise CheckpointError(f"{folder}: this FLUX transformer has no guidance embedding; use guidance_scale 1 (FLUX-schnell style)")
-    embeds, digest = _read_flow_embeds(prompt_embeds, not flux and scale != 1.0, int(config.joint_attention_dim), int(config.pooled_projection_dim))
+    if prompts is not None:
+        from .diffusers_pipeline import _read_prompts
+
+        prompt_list, source = _read_prompts(prompts)
+        if not prompt_list:
+            raise CheckpointError(f"the prompt list ({source}) is empty")
+        embeds, encoder_files = _encode_sd3_prompts(folder, transformer, vae, scheduler_config, prompt_list, negative_prompt)
+        digest = hashlib.sha256(json.dumps({"prompts": prompt_list, "negative_prompt": negative_prompt}).encode()).hexdigest()
+        prompt_identity = {"source": source, "count": len(prompt_list), "sha256": digest, "negative_prompt": negative_prompt}
+    else:
+        encoder_files = []
+        embeds, digest = _read_flow_embeds(prompt_embeds, not flux and scale != 1.0, int(config.joint_attention_dim), int(config.pooled_projection_dim))
+        prompt_identity = {"source": f"embeds:{Path(prompt_embeds).name}", "count": len(embeds["prompt_embeds"]), "sha256": digest}
     model = GuidedVelocityModel(transformer, embeds, scale, flux, batch)
-    files = [folder / "model_index.json", scheduler_path, *transformer_files]
+    files = [folder / "model_index.json", scheduler_path, *transformer_files, *encoder_files]
     return LoadedDenoiser(
         VelocityDenoiser(model).eval().requires_grad_(False),
         (channels, latent_h, latent_w),
@@ -222,7 +278,7 @@ def load_flow_pipeline(
         (int(vae.config.out_channels), height, width),
         {
             "guidance_scale": scale,
-            "prompts": {"source": f"embeds:{Path(prompt_embeds).name}", "count": len(embeds["prompt_embeds"]), "sha256": digest},
+            "prompts": prompt_identity,
             "prediction_type": "flow",
             "time_shift": schedule.time_shift,
         },
