@@ -18,7 +18,7 @@ Peers, from their papers' descriptions (no code of theirs):
   This is `dode_lightning.joint_fit` with λ off, so the peer and the product share the differentiable student.
 Package rows: the closed-form D `history all` λ on the GITS grid, and the joint fit of σ and those λ from there
 (`model.fit: joint`, L-BFGS, 20 % of the calibration seeds held out by the never-worse guard).
-Usage: PYTHONPATH=. python benchmarks/learned_steps.py [--quick] [--model exact|network] [--nfe 3,4,5,6,8,10] [--out-dir docs]
+Usage: PYTHONPATH=. python benchmarks/learned_steps.py [--quick] [--model exact|network] [--nfe 3,4,5,6,8,10] [--out-dir docs] [--render]
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from torch import Tensor
 
 from benchmarks.common import CALIBRATION_SEEDS, HELD_OUT_START, SCALE, ExactStates, machine, markdown_table, output_dir, parser
 from dode_lightning.denoisers import Denoiser
-from dode_lightning.distill import SolverSetup, build_teacher, fit_closed_form, holdout_mask, seeded_noise, teacher_targets
+from dode_lightning.distill import SolverSetup, StageFit, build_teacher, fit_closed_form, holdout_mask, seeded_noise, teacher_targets
 from dode_lightning.grids import karras_sigmas, logsnr_uniform_sigmas
 from dode_lightning.joint_fit import JointFit, JointResult, JointSettings
 from dode_lightning.schedules import EDM
@@ -46,10 +46,13 @@ TEACHER = "unipc_3"
 GITS_STEPS, GITS_COEF = 100, 1.0
 GITS_STUDENTS = ["ipndm", "unipc_3"]
 LD3_STUDENTS = ["unipc_3", "ipndm"]
-LD3_ITERATIONS = 30
 JOINT_STUDENTS = ["ipndm", "unipc_3"]
-JOINT_ITERATIONS = 30
 GUARD = 0.2
+
+
+def iterations(nfe: int) -> int:
+    """L-BFGS iterations of LD3 and the joint fit: 30 at NFE 10, more at fewer steps (about the same evaluations)."""
+    return max(30, 300 // nfe)
 
 
 class Counter:
@@ -146,7 +149,7 @@ def run_ld3(denoiser: Denoiser, noise: Tensor, nfe: int, held: Callable[[Calibra
         radius = 0.001 * noise[0].numel() / nfe**2
         settings = JointSettings(fit_lambdas=False, slack=radius)
         fit = JointFit(name, student.sigmas, EDM(), counter, noise, target, torch.zeros(student.num_stages, dtype=torch.float64), LambdaLayout(), settings, held=validation)
-        result = fit.fit(LD3_ITERATIONS)
+        result = fit.fit(iterations(nfe))
         row = Calibrated("LD3", SOLVERS[name].from_grid(result.sigmas, EDM()), None, counter.forward, counter.backward, time.process_time() - start, f"{name}, kept it. {result.best_iteration}/{result.iterations}")
         row.scores = held(row)
         rows.append(row)
@@ -154,27 +157,43 @@ def run_ld3(denoiser: Denoiser, noise: Tensor, nfe: int, held: Callable[[Calibra
 
 
 def run_package(denoiser: Denoiser, noise: Tensor, nfe: int, held: Callable[[Calibrated], dict]) -> list[Calibrated]:
-    """D h-all closed form on the GITS grid, then the joint fit of σ and λ from there (per student; best counts)."""
-    out: dict[str, list[Calibrated]] = {"dp": [], "joint": []}
+    """Per student: D h-all closed form on the GITS grid; from there the joint fit of σ and λ (`model.fit: joint`);
+    and the joint fit of σ with λ held, then λ in closed form on the fitted σ (`joint_lambdas: false`,
+    `joint_refit: true`). For each recipe the better student counts."""
+    out: dict[str, list[Calibrated]] = {"dp": [], "joint": [], "refit": []}
+    guard = holdout_mask(CALIBRATION_SEEDS, GUARD)
     for name in JOINT_STUDENTS:
         counter, start = Counter(denoiser), time.process_time()
         sigmas = gits_grid(counter, noise, nfe)
         setup = _setup(name, nfe, "karras")
-        student = SOLVERS[name].from_grid(sigmas, EDM())
-        layout = LambdaLayout(student.num_stages)
-        teacher, indices = build_teacher(student, setup, SCALE, "aligned", TEACHER)
-        targets = teacher_targets(teacher, indices, counter, noise)
-        guard = holdout_mask(CALIBRATION_SEEDS, GUARD)
-        closed = fit_closed_form(student, counter, noise, targets, layout=layout, holdout=guard)
-        dp = Calibrated("DP grid + D h-all", student, layout.expand(closed.lambdas, noise.shape[1:]), counter.forward, 0, time.process_time() - start, name)
-        fit = JointFit(name, sigmas, EDM(), counter, noise, targets[-1], closed.lambdas, layout, JointSettings(), lambda_scale=closed.natural_scales(), held=guard)
-        result: JointResult = fit.fit(JOINT_ITERATIONS)
-        joint_student = SOLVERS[name].from_grid(result.sigmas, EDM())
-        note = f"{name}, kept it. {result.best_iteration}/{result.iterations}"
-        joint = Calibrated("joint σ + D h-all", joint_student, layout.expand(result.lambdas, noise.shape[1:]), counter.forward, counter.backward, time.process_time() - start, note)
-        for row, key in ((dp, "dp"), (joint, "joint")):
-            row.scores = held(row)
-            out[key].append(row)
+        layout = LambdaLayout(nfe)
+
+        def closed_on(grid: Tensor) -> tuple[Solver, Tensor, StageFit]:
+            student = SOLVERS[name].from_grid(grid, EDM())
+            teacher, indices = build_teacher(student, setup, SCALE, "aligned", TEACHER)
+            targets = teacher_targets(teacher, indices, counter, noise)
+            return student, targets, fit_closed_form(student, counter, noise, targets, layout=layout, holdout=guard)
+
+        def row(method: str, student: Solver, lambdas: Tensor, seconds: float, note: str) -> Calibrated:
+            return Calibrated(method, student, layout.expand(lambdas, noise.shape[1:]), counter.forward, counter.backward, seconds, note)
+
+        student, targets, closed = closed_on(sigmas)
+        out["dp"].append(row("DP grid + D h-all", student, closed.lambdas, time.process_time() - start, name))
+        dp_forward, dp_seconds = counter.forward, out["dp"][-1].cpu_seconds
+        for key, settings in (("joint", JointSettings()), ("refit", JointSettings(fit_lambdas=False))):
+            # Each recipe's cost: the DP teacher and closed form it starts from, then its own fit.
+            counter.forward, counter.backward, start = dp_forward, 0, time.process_time() - dp_seconds
+            fit = JointFit(name, sigmas, EDM(), counter, noise, targets[-1], closed.lambdas, layout, settings, lambda_scale=closed.natural_scales(), held=guard)
+            result = fit.fit(iterations(nfe))
+            note = f"{name}, kept it. {result.best_iteration}/{result.iterations}"
+            if key == "joint":
+                out[key].append(row("joint σ + D h-all", SOLVERS[name].from_grid(result.sigmas, EDM()), result.lambdas, time.process_time() - start, note))
+            else:
+                refitted, _, again = closed_on(result.sigmas)
+                out[key].append(row("joint σ, then D h-all", refitted, again.lambdas, time.process_time() - start, note))
+    for rows in out.values():
+        for calibrated in rows:
+            calibrated.scores = held(calibrated)
     return [min(rows, key=lambda r: r.scores["rmse"]) for rows in out.values()]
 
 
@@ -221,6 +240,25 @@ HEADER = ["method", "student, notes", "RMSE", "/ best peer", "median", "p99", "f
 
 
 RESULTS = Path("docs/learned_steps.json")
+PACKAGE_METHODS = ("DP grid + D h-all", "joint σ + D h-all", "joint σ, then D h-all")
+
+
+def summary(done: dict, keys: list[str]) -> str:
+    """One row per NFE: RMSE (median) of each method, the package's best over the best peer, its cost."""
+    rows = []
+    for key in keys:
+        by_method = {row[0]: row for row in done[key]["rows"]}
+        cells = [key.split()[1]]
+        for method in ("GITS", "LD3", *PACKAGE_METHODS):
+            row = by_method[method]
+            cells.append(f"{row[2]} ({row[4]})")
+        peer = min(float(by_method[m][2]) for m in ("GITS", "LD3"))
+        best = min(PACKAGE_METHODS, key=lambda m: float(by_method[m][2]))
+        cost = by_method[best]
+        cells += [f"{float(cost[2]) / peer:.2f}× ({best})", f"{cost[6]} / {cost[7]} / {cost[8]} s"]
+        rows.append(cells)
+    header = ["NFE", "GITS", "LD3", *PACKAGE_METHODS, "package best / best peer", "its forward / backward evals / CPU"]
+    return "RMSE (median per-seed RMSE):\n\n" + markdown_table(header, rows)
 
 
 def render(done: dict) -> str:
@@ -230,7 +268,7 @@ def render(done: dict) -> str:
         keys = sorted((k for k in done if k.startswith(model + " ")), key=lambda k: int(k.split()[1]))
         if not keys:
             continue
-        parts = [f"## {title}"]
+        parts = [f"## {title}", summary(done, keys)]
         for key in keys:
             entry = done[key]
             parts.append(f"### NFE {key.split()[1]}\n\n`{entry['command']}` — {entry['machine']}; {entry['seconds']:.0f} s wall\n\n" + markdown_table(HEADER, entry["rows"]))
@@ -255,8 +293,13 @@ backward pass went through) and CPU seconds (one torch thread, a shared 2-core m
   and iPNDM counts.
 - **DP grid + D h-all** (package): the GITS grid with closed-form λ over all earlier outputs (`history` = NFE),
   20 % of the seeds held out by the never-worse guard.
-- **joint σ + D h-all** (package, `model.fit: joint`): from there, σ and λ fitted together end to end (30 L-BFGS
-  iterations, log σ coordinate), the best iterate on the held-out 20 % kept."""
+- **joint σ + D h-all** (package, `model.fit: joint`): from there, σ and λ fitted together end to end (log σ
+  coordinate), the best iterate on the held-out 20 % kept.
+- **joint σ, then D h-all** (package, `model.fit: joint`, `joint_lambdas: false`, `joint_refit: true`): from the
+  same start σ fitted end to end with the closed-form λ held, then λ refitted in closed form on the fitted σ (one
+  more teacher run there).
+
+LD3 and the joint fit run max(30, 300 // NFE) L-BFGS iterations (strong Wolfe line search, ≤ 20 trials each)."""
 
 
 def main() -> None:
@@ -264,21 +307,25 @@ def main() -> None:
     args_parser.add_argument("--model", choices=["exact", "network"], default="exact")
     args_parser.add_argument("--nfe", default=None, help="comma-separated NFEs (default 3,4,5,6,8,10)")
     args_parser.add_argument("--held-out", type=int, default=None, help="held-out seeds (default 500 exact, 200 network)")
+    args_parser.add_argument("--render", action="store_true", help="only rewrite learned_steps.md from learned_steps.json")
     args = args_parser.parse_args()
+    out = output_dir(args)
+    if args.render:
+        (out / "learned_steps.md").write_text(render(json.loads((out / RESULTS.name).read_text())))
+        return
     torch.set_num_threads(1)
     nfes = [5] if args.quick and not args.nfe else [int(n) for n in (args.nfe or ",".join(map(str, NFES))).split(",")]
     denoiser, reference, count = load_model(args.model)
     count = 50 if args.quick else (args.held_out or count)
     noise = seeded_noise(CALIBRATION_SEEDS, (1, 8, 8))[0]
     held = HeldOut(denoiser, reference, seeded_noise(range(HELD_OUT_START, HELD_OUT_START + count), (1, 8, 8))[0])
-    out = output_dir(args)
     results = None if out is None else out / RESULTS.name
     done = json.loads(results.read_text()) if results is not None and results.exists() else {}
     for nfe in nfes:
         start = time.perf_counter()
         rows = [run_gits(denoiser, noise, nfe, held), run_ld3(denoiser, noise, nfe, held), *run_package(denoiser, noise, nfe, held)]
         peer = min(r.scores["rmse"] for r in rows[:2])
-        command = f"PYTHONPATH=. python benchmarks/learned_steps.py --model {args.model} --nfe {nfe}" + (f" --held-out {count}" if args.held_out else "")
+        command = f"PYTHONPATH=. python benchmarks/learned_steps.py --model {args.model} --nfe {nfe}" + (" --quick" if args.quick else "") + (f" --held-out {count}" if args.held_out else "")
         entry = {"rows": [cells(r, peer) for r in rows], "command": command, "machine": machine(), "seconds": time.perf_counter() - start}
         print(f"{args.model} NFE {nfe} ({entry['seconds']:.0f} s)\n" + markdown_table(HEADER, entry["rows"]), flush=True)
         if results is not None:  # after every NFE, so a long run leaves its finished part behind

@@ -184,6 +184,8 @@ class DODECalibration(pl.LightningModule):
         joint_intermediate: weight of the per-stage errors to the teacher trajectory (0 = final state only).
         joint_slack: LD3's soft teacher forcing: radius of the ball each calibration latent may move in (0 = off;
             one process only).
+        joint_refit: after the joint fit, refit λ in closed form on the fitted σ (with `joint_lambdas: false`:
+            steps fitted end to end with λ held, then λ by the paper's least squares on them).
         dp_steps: `grid: teacher_dp` only: M, the steps of the teacher's fine grid (the solver's default grid kind
             with sigma_min, sigma_max, rho, terminal_zero) on which the student's steps are placed.
         dp_coefficient: `grid: teacher_dp` only: c in the placement objective Σ_n c^n·cost_n (1: plain sum; > 1
@@ -219,6 +221,7 @@ class DODECalibration(pl.LightningModule):
         joint_lambdas: bool = True,
         joint_intermediate: float = 0.0,
         joint_slack: float = 0.0,
+        joint_refit: bool = False,
         dp_steps: int = 100,
         dp_coefficient: float = 1.0,
     ) -> None:
@@ -292,7 +295,9 @@ class DODECalibration(pl.LightningModule):
 
     def metadata_lambdas(self) -> dict[str, Any]:
         """What the λ hold (recorded in the λ file; sampling expands λ with it)."""
-        dropped = [] if self.closed_form is None else self.closed_form.dropped
+        # The joint fit moves λ the guard had set to 0 (unless λ are refitted in closed form afterwards).
+        joint_lambdas = self.joint is not None and not self.hparams.joint_refit
+        dropped = [] if self.closed_form is None or joint_lambdas else self.closed_form.dropped
         return {"history": self.layout.history, "lambda_groups": self.layout.groups, "guard": self.hparams.guard, "dropped_stages": dropped}
 
     def scaled_lambdas(self) -> Tensor:
@@ -313,7 +318,7 @@ class DODECalibration(pl.LightningModule):
         start = time.perf_counter()
         holdout = holdout_mask(self.trainer.datamodule.rank_seeds(), self.hparams.guard) if self.hparams.guard else None
         result = fit_closed_form(self.student, self.denoiser, noise, targets, labels, self._pool, self.layout, holdout)
-        self.timings["closed_form"] = time.perf_counter() - start
+        self.timings["closed_form"] = self.timings.get("closed_form", 0.0) + time.perf_counter() - start
         return result
 
     def on_train_start(self) -> None:
@@ -411,6 +416,10 @@ class DODECalibration(pl.LightningModule):
         with torch.no_grad():
             self.lambdas.copy_(result.lambdas)
         self.trainer.datamodule.retarget(self)
+        if self.hparams.joint_refit:  # one more block step: λ in closed form on the fitted σ (guard as configured)
+            self.closed_form = self.run_closed_form(*self.trainer.datamodule.full_batch(self.device))
+            with torch.no_grad():
+                self.lambdas.copy_(self.closed_form.lambdas)
 
     def _log_stage_values(self, losses: Tensor) -> None:
         """λ and loss of every stage at this Adam step (the closed form's one step is in the end-of-fit summary).

@@ -41,6 +41,16 @@ def test_quick_mode_prints_a_table_and_writes_its_section(tmp_path, script, extr
         assert (tmp_path / "benchmarks" / name).stat().st_size > 10_000
 
 
+@pytest.mark.slow
+def test_learned_steps_quick_writes_its_page(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    command = [sys.executable, str(ROOT / "benchmarks" / "learned_steps.py"), "--quick", "--out-dir", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    page = (tmp_path / "learned_steps.md").read_text()
+    assert "--quick" in page and "| joint σ + D h-all |" in page and "package best / best peer" in page
+
+
 def test_sections_are_replaced_in_place(tmp_path):
     (tmp_path / "benchmarks.md").write_text("# Benchmarks\n\nhand-written intro\n")
     write_section(tmp_path, "a", "first")

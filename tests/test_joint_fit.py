@@ -162,6 +162,20 @@ def test_train_py_joint_fit_writes_fitted_sigmas_and_logs_them(tmp_path, capsys,
     assert len(events.Scalars("sigma/01")) >= 4
 
 
+def test_train_py_joint_refit_puts_closed_form_lambdas_on_the_fitted_steps(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    args = _train(tmp_path, "--model.output", str(tmp_path / "l.safetensors"), "--model.joint_lambdas", "false", "--model.joint_refit", "true", "--trainer.logger", "false")
+    assert train_main(args[2:]) == 0, capsys.readouterr().err[-3000:]
+    tensors, meta = load_lambdas(tmp_path / "l.safetensors")
+    student = SolverSetup.resolve("unipc_3", 5, EDM(), "joint", sigmas=tensors["sigmas"]).build()
+    noise = seeded_noise(range(20), (1, 8, 8))[0]
+    from dode_lightning.gmm import digits_mixture
+
+    teacher, indices = build_teacher(student, SolverSetup.resolve("unipc_3", 5, EDM(), "joint", sigmas=tensors["sigmas"]), 2, "aligned", "unipc_3")
+    closed = fit_closed_form(student, digits_mixture(), noise, teacher_targets(teacher, indices, digits_mixture(), noise), layout=LambdaLayout(4))
+    torch.testing.assert_close(tensors["lambdas"], closed.lambdas, rtol=1e-9, atol=1e-12)
+
+
 def test_train_py_diverging_joint_fit_fails_in_one_line_without_a_lambda_file(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["train.py"])
     output = tmp_path / "l.safetensors"
