@@ -37,6 +37,7 @@ from dode_lightning.denoisers import Denoiser
 from dode_lightning.distill import SolverSetup, StageFit, build_teacher, fit_closed_form, holdout_mask, seeded_noise, teacher_targets
 from dode_lightning.grids import karras_sigmas, logsnr_uniform_sigmas
 from dode_lightning.joint_fit import JointFit, JointResult, JointSettings
+from dode_lightning.placement import placed_sigmas, teacher_trajectory
 from dode_lightning.schedules import EDM
 from dode_lightning.solvers import SOLVERS, LambdaLayout, Solver
 
@@ -57,21 +58,17 @@ def iterations(nfe: int) -> int:
 
 class Counter:
     """A denoiser that counts sample-evaluations: rows per call, and rows whose output a backward pass will reach
-    (the call's state or σ carries a graph). `record` keeps (x, σ, x̂₀) of every call (GITS reads its teacher's)."""
+    (the call's state or σ carries a graph)."""
 
     def __init__(self, denoiser: Denoiser) -> None:
         self.denoiser = denoiser
         self.forward = self.backward = 0
-        self.calls: list[tuple[Tensor, float, Tensor]] | None = None
 
     def __call__(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
         self.forward += len(x)
         if torch.is_grad_enabled() and (x.requires_grad or (isinstance(sigma, Tensor) and sigma.requires_grad)):
             self.backward += len(x)
-        out = self.denoiser(x, sigma, class_labels)
-        if self.calls is not None:
-            self.calls.append((x.detach(), float(sigma), out.detach()))
-        return out
+        return self.denoiser(x, sigma, class_labels)
 
 
 @dataclass
@@ -89,31 +86,10 @@ class Calibrated:
 
 
 def gits_grid(counter: Counter, noise: Tensor, nfe: int, steps: int = GITS_STEPS, coef: float = GITS_COEF) -> Tensor:
-    """GITS: the N + 1 knots (σ_max … σ_min) picked from an iPNDM teacher's fine Karras grid by dynamic programming."""
-    fine = karras_sigmas(steps + 1, SIGMA_MIN, SIGMA_MAX)
-    teacher = SOLVERS["ipndm"].from_grid(fine, EDM())
-    counter.calls = []
-    with torch.no_grad():
-        final = teacher.sample(counter, noise)
-    calls, counter.calls = counter.calls, None
-    states = torch.stack([x for x, _, _ in calls] + [final]).flatten(2)  # (M + 1, B, D), VE form (EDM scale 1)
-    slopes = torch.stack([(x - x0) / s for x, s, x0 in calls]).flatten(2)  # (M, B, D): dx/dσ at each fine point
-    # c_ij = mean_b ‖x_i + (σ_j − σ_i)·d_i − x_j‖₂ for i < j.
-    cost = torch.full((steps + 1, steps + 1), math.inf, dtype=torch.float64)
-    for i in range(steps):
-        jumps = states[i] + (fine[i + 1 :] - fine[i]).reshape(-1, 1, 1) * slopes[i] - states[i + 1 :]
-        cost[i, i + 1 :] = jumps.norm(dim=-1).mean(-1)
-    # best[k, j]: least cost of reaching fine point j in k steps; the k-th step's cost weighs coef^(k − 1).
-    best = torch.full((nfe + 1, steps + 1), math.inf, dtype=torch.float64)
-    best[0, 0] = 0.0
-    came = torch.zeros((nfe + 1, steps + 1), dtype=torch.long)
-    for k in range(1, nfe + 1):
-        totals = best[k - 1].reshape(-1, 1) + coef ** (k - 1) * cost
-        best[k], came[k] = totals.min(dim=0)
-    path = [steps]
-    for k in range(nfe, 0, -1):
-        path.append(int(came[k, path[-1]]))
-    return fine[torch.tensor(path[::-1])]
+    """GITS: the N + 1 knots (σ_max … σ_min) picked from an iPNDM teacher's fine Karras grid by dynamic programming
+    (the package's own placement, `model.grid: teacher_dp`)."""
+    teacher = SOLVERS["ipndm"].from_grid(karras_sigmas(steps + 1, SIGMA_MIN, SIGMA_MAX), EDM())
+    return placed_sigmas(teacher_trajectory(teacher, counter, noise), nfe, coef)
 
 
 def _setup(name: str, nfe: int, grid: str, **kwargs: float) -> SolverSetup:
@@ -285,8 +261,8 @@ LD3. Cost: network sample-evaluations of the whole calibration (teacher runs inc
 backward pass went through) and CPU seconds (one torch thread, a shared 2-core machine).
 
 - **GITS**: iPNDM teacher on a 100-step Karras ρ = 7 grid (80 → 0.002), one-step costs c_ij = mean ‖x_i + (σ_j −
-  σ_i)·d_i − x_j‖₂, dynamic programming for the N steps with least summed cost (coefficient 1); the better of the
-  base iPNDM and UniPC-3 on that grid counts.
+  σ_i)·d_i − x_j‖₂, dynamic programming for the N steps with least summed cost (coefficient 1) — the package's
+  `dode_lightning.placement` (`model.grid: teacher_dp`); the better of the base iPNDM and UniPC-3 on that grid counts.
 - **LD3**: `dode_lightning.joint_fit` with λ off: the N + 1 steps (σ_max, σ_min fixed) as softmax increments in
   log σ from the log-SNR-uniform grid, L-BFGS on the final-state L2 error to the teacher with soft teacher forcing
   (ball radius 0.001·D/N²), 50 training / 50 validation latents, best-validation iterate; the better of UniPC-3

@@ -198,7 +198,8 @@ def joint_summary(module: DODECalibration) -> str:
     sigmas = ", ".join(f"{float(s):.4g}" for s in result.sigmas)
     return (
         f"joint fit: final-state MSE {result.loss_start:.4e} → {result.loss_end:.4e}{held}; kept {kept} of {result.iterations}; "
-        f"{result.forward_rows} forward + {result.backward_rows} backward sample-runs\nfitted σ: {sigmas}"
+        f"{result.forward_rows * module.student.nfe} forward + {result.backward_rows * module.student.nfe} backward network evaluations "
+        f"({result.forward_runs} + {result.backward_runs} student runs on its rows)\nfitted σ: {sigmas}"
     )
 
 
@@ -395,11 +396,11 @@ def _calibrate(args: list[str] | None, progress: dict[str, Any]) -> int:
         f"(set-up, Lightning, logging), calibration total {calibrated:.2f} s{report_time}"
     )
     # Student runs: the fit (closed form: one pass; Adam: one per iteration, compare: both; joint: its closed-form
-    # start, its own runs are in the joint summary) and the final statistics.
+    # start, its own runs and backward passes are in the joint summary) and the final statistics.
     student_runs = {"adam": module.adam_iterations, "compare": module.adam_iterations + 1}.get(module.fit_method, 1) + 1
     teacher_rows = 0 if data.cache_hit else data.teacher_nfe * data.batch_size
     print(
-        f"network evaluations (forward, no backward): teacher {teacher_rows} ({data.teacher_nfe} × {data.batch_size} rows"
+        f"network evaluations ({'forward; the joint fit above' if module.joint is not None else 'forward, no backward'}): teacher {teacher_rows} ({data.teacher_nfe} × {data.batch_size} rows"
         f"{', cached' if data.cache_hit else ''}), student {student_runs * module.student.nfe * data.batch_size} "
         f"({student_runs} runs × NFE {module.student.nfe} × {data.batch_size} rows)"
     )
