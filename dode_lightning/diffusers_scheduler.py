@@ -55,6 +55,7 @@ from .scheduler_config import (
     check_steps_argument,
     check_timesteps_argument,
     classify_config,
+    edm_sigma_range,
     foreign_config,
     grid_digest,
     read_scheduler_config,
@@ -174,8 +175,7 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
     def _schedule(self, kind: str) -> Schedule:
         """The noise schedule of the config: the β table (VP) or EDM's σ range (from the EDM scheduler's options)."""
         if kind == "edm":
-            options = {**(self.config.base_config or {}), **(self.config.grid_kwargs or {})}
-            return EDM(float(options.get("sigma_min", 0.002)), float(options.get("sigma_max", 80.0)))
+            return EDM(*edm_sigma_range({**(self.config.base_config or {}), **(self.config.grid_kwargs or {})}))
         if kind == "flow":
             return self._flow_schedule(self._mu)
         config = self.config

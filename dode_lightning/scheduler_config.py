@@ -37,6 +37,7 @@ __all__ = [
     "SchedulerConfigError",
     "PREDICTION_TYPES",
     "classify_config",
+    "edm_sigma_range",
     "check_config_fields",
     "foreign_config",
     "reference_grid",
@@ -90,7 +91,20 @@ def classify_config(base_scheduler: str | None, sigma_data: float | None = None)
         kind = "vp"
     if kind not in SUPPORTED_KINDS:
         raise SchedulerConfigError(f"a {base_scheduler} config: {REFUSED_KINDS[kind]}")
+    if name and _diffusers_scheduler_class(name) is None:
+        raise _bad("base_scheduler", name, "the class name of a diffusers scheduler (or null)")
     return kind
+
+
+def edm_sigma_range(options: Mapping[str, Any]) -> tuple[float, float]:
+    """(sigma_min, sigma_max) of an EDM config's options (EDM's 0.002 and 80 by default), refused in one line unless
+    0 < sigma_min < sigma_max ≤ 1e6 (rho too must be a finite number > 0)."""
+    sigma_min, sigma_max, rho = options.get("sigma_min", 0.002), options.get("sigma_max", 80.0), options.get("rho", 7.0)
+    if not (_finite(sigma_min) and _finite(sigma_max) and 0 < sigma_min < sigma_max <= 1e6):
+        raise SchedulerConfigError(f"sigma_min, sigma_max are {sigma_min!r}, {sigma_max!r}; allowed: numbers with 0 < sigma_min < sigma_max ≤ 1e6")
+    if not (_finite(rho) and rho > 0):
+        raise _bad("rho", rho, "a finite number > 0")
+    return float(sigma_min), float(sigma_max)
 
 
 # --- field validation ----------------------------------------------------------------------------------------------

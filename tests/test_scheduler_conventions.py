@@ -126,6 +126,22 @@ def test_a_replaced_schedulers_options_that_give_no_grid_are_refused(options, me
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(base_scheduler="StableDiffusionPipeline"), "base_scheduler is"),
+        (dict(base_config={"sigma_max": 1e300}), "sigma_min, sigma_max are"),
+        (dict(base_config={"sigma_min": "a"}), "sigma_min, sigma_max are"),
+        (dict(base_config={"rho": -7}), "rho is -7"),
+    ],
+)
+def test_hostile_edm_and_base_options_are_refused_in_one_line(change, message):
+    config = {**DODEScheduler.from_config(diffusers.EDMEulerScheduler().config).config, **change}
+    with pytest.raises(SchedulerConfigError, match=message) as err:
+        DODEScheduler.from_config(config)
+    assert "\n" not in str(err.value)
+
+
 def test_edm_config_runs_in_sigma_space():
     ours = DODEScheduler.from_config(diffusers.EDMEulerScheduler().config)
     ours.set_timesteps(4)
