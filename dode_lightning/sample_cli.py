@@ -69,7 +69,7 @@ _FITTED_KEYS = ("solver", "nfe", "grid", "sigma_min", "sigma_max", "rho", "termi
 SAMPLER_KEYS = ("denoiser", "solver", "nfe", "grid", "sigma_min", "sigma_max", "rho", "terminal_zero", "state_dtype")
 CALIBRATION_ONLY_KEYS = (
     "fit", "adam_lr", "adam_steps", "output", "history", "lambda_groups", "guard",
-    "joint_optimizer", "joint_steps", "joint_lr", "joint_coordinate", "joint_lambdas", "joint_intermediate", "joint_slack",
+    "joint_optimizer", "joint_steps", "joint_lr", "joint_coordinate", "joint_lambdas", "joint_intermediate", "joint_slack", "joint_refit",
     "dp_steps", "dp_coefficient",
 )
 # A few Trainer arguments named in --help (any other works too).

@@ -67,7 +67,7 @@ def test_help_documents_every_option_and_lists_choices(capsys, monkeypatch):
     assert "--data.batch_size BATCH_SIZE |B|, calibration samples" in text
     assert "--data.cache_dir CACHE_DIR where teacher targets are cached" in text
     assert "--model.solver SOLVER student solver. Choices: ddim," in text
-    assert "--model.fit {closed_form,adam,compare}" in text and "--data.target_mode {aligned,paper}" in text
+    assert "--model.fit {closed_form,adam,compare,joint}" in text and "--data.target_mode {aligned,paper}" in text
     assert "Choices: karras, time_uniform" in text and "--exact_report" in text
     assert "--optimizer" not in text and "--lr_scheduler" not in text
 
