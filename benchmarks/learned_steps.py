@@ -268,7 +268,8 @@ backward pass went through) and CPU seconds (one torch thread, a shared 2-core m
   (ball radius 0.001·D/N²), 50 training / 50 validation latents, best-validation iterate; the better of UniPC-3
   and iPNDM counts.
 - **DP grid + D h-all** (package): the GITS grid with closed-form λ over all earlier outputs (`history` = NFE),
-  20 % of the seeds held out by the never-worse guard.
+  aligned targets from the UniPC-3 teacher (train.py's `grid: teacher_dp` reads them from the placement run itself:
+  `benchmarks/best_configs.py`), 20 % of the seeds held out by the never-worse guard.
 - **joint σ + D h-all** (package, `model.fit: joint`): from there, σ and λ fitted together end to end (log σ
   coordinate), the best iterate on the held-out 20 % kept.
 - **joint σ, then D h-all** (package, `model.fit: joint`, `joint_lambdas: false`, `joint_refit: true`): from the
