@@ -165,6 +165,9 @@ class DODEScheduler(SchedulerMixin, ConfigMixin):
         """diffusers' from_config, keeping the replaced scheduler's class and grid options (see `foreign_config`)."""
         own = set(inspect.signature(cls.__init__).parameters)
         kwargs.update(foreign_config(config or {}, kwargs, own))
+        if config and (config.get("base_config") or {}) and str(config.get("base_scheduler", "")).startswith("FlowMatch"):
+            # a flow DODEScheduler's own config: the pipeline-facing copies of base_config's keys are rebuilt from it
+            config = {key: value for key, value in dict(config).items() if key not in FLOW_PIPELINE_KEYS}
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @classmethod
