@@ -197,7 +197,7 @@ def joint_summary(module: DODECalibration) -> str:
     kept = "the start (no iterate beat it)" if result.best_iteration == 0 else f"iteration {result.best_iteration}"
     sigmas = ", ".join(f"{float(s):.4g}" for s in result.sigmas)
     return (
-        f"joint fit: final-state MSE {result.loss_start:.4e} → {result.loss_end:.4e}{held}; kept {kept} of {result.iterations}; "
+        f"joint fit: {'final-state MSE' if not module.hparams.joint_intermediate else 'loss (final state + weighted per-stage MSE)'} {result.loss_start:.4e} → {result.loss_end:.4e}{held}; kept {kept} of {result.iterations}; "
         f"{result.forward_rows * module.student.nfe} forward + {result.backward_rows * module.student.nfe} backward network evaluations "
         f"({result.forward_runs} + {result.backward_runs} student runs on its rows)\nfitted σ: {sigmas}"
     )

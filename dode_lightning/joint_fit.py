@@ -117,7 +117,7 @@ class TeacherPath:
     def at(self, sigma: Tensor) -> Tensor:
         """The state at σ, linear in log σ between the two neighbouring teacher states (exact at a teacher σ), in
         flow time t = σ/(1 + σ) on a grid from σ = ∞; differentiable in σ."""
-        if float(sigma) <= 0.0:
+        if float(sigma.detach()) <= 0.0:
             return self.states[-1]
         positive = self.sigmas[self.sigmas > 0]
         j = int(torch.searchsorted(-positive, -sigma.detach(), right=False).clamp(1, len(positive) - 1))

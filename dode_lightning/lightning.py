@@ -42,7 +42,7 @@ from .distill import (
 )
 from .figures import lambda_figure
 from .grids import LEARNED_GRIDS, TEACHER_DP, check_sigmas
-from .joint_fit import JointFit, JointFitDiverged, JointSettings
+from .joint_fit import JointFit, JointFitDiverged, JointSettings, TeacherPath
 from .placement import placed_sigmas, placement_teacher, states_at, teacher_trajectory
 from .lambda_file import schedule_id
 from .schedules import Schedule
@@ -336,10 +336,11 @@ class DODECalibration(pl.LightningModule):
         noise, labels, targets = self.trainer.datamodule.full_batch(self.device)
         holdout = holdout_mask(self.trainer.datamodule.rank_seeds(), self.hparams.guard) if self.hparams.guard else None
         start = time.perf_counter()
+        path = self.trainer.datamodule.trajectory(self) if self.hparams.joint_intermediate else None
         try:
             self.joint = JointFit(
                 self.setup_spec.name, self.student.sigmas, self.setup_spec.schedule, self.denoiser, noise, targets[-1], self.closed_form.lambdas,
-                self.layout, self.joint_settings, labels, self.closed_form.natural_scales(), holdout, reduce=self._pool,
+                self.layout, self.joint_settings, labels, self.closed_form.natural_scales(), holdout, path, self._pool,
             )
         except ValueError as err:  # a grid the joint fit cannot spread (e.g. from σ = ∞ in log σ)
             raise ConfigError(str(err)) from None
@@ -644,6 +645,20 @@ class TeacherTargets(pl.LightningDataModule):
             self._save_cache(key, noise, labels, targets, sigmas)
         labels = labels if labels is not None else noise.new_zeros(len(noise), 0)
         self.data = TensorDataset(noise, labels, targets.transpose(0, 1).contiguous())
+
+    def trajectory(self, module: DODECalibration) -> TeacherPath:
+        """Every finished state of the teacher on the module's grid refined C times (`joint_intermediate`: targets at
+        wherever the joint fit moves the steps); one more teacher run, memory O(C·NFE·|B|·D)."""
+        noise, labels, _ = self.data.tensors
+        teacher, _ = build_teacher(module.student, module.setup_spec, self.scale, "aligned", self.teacher_for(module), module.layout.history)
+        slots = teacher.state_slots()
+        sigmas = sorted(slots, reverse=True)
+        start = time.perf_counter()
+        with torch.no_grad():
+            states = teacher_targets(teacher, [slots[s] for s in sigmas], module.denoiser, noise.to(module.device), labels.to(module.device) if labels.shape[-1] else None)
+        self.teacher_seconds += time.perf_counter() - start
+        self.teacher_nfe += teacher.nfe
+        return TeacherPath(torch.tensor(sigmas, dtype=torch.float64), states)
 
     def retarget(self, module: DODECalibration) -> None:
         """Aligned targets for the module's student after its steps moved (joint fit): one more teacher run, not cached."""

@@ -176,6 +176,15 @@ def test_train_py_joint_refit_puts_closed_form_lambdas_on_the_fitted_steps(tmp_p
     torch.testing.assert_close(tensors["lambdas"], closed.lambdas, rtol=1e-9, atol=1e-12)
 
 
+def test_train_py_joint_fit_with_trajectory_targets(tmp_path, capsys, monkeypatch):
+    """`joint_intermediate`: per-stage errors to the teacher trajectory at the moving σ join the final-state loss."""
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    args = _train(tmp_path, "--model.output", str(tmp_path / "l.safetensors"), "--model.joint_intermediate", "0.5", "--trainer.logger", "false")
+    assert train_main(args[2:]) == 0, capsys.readouterr().err[-3000:]
+    assert "joint fit: loss (final state + weighted per-stage MSE)" in capsys.readouterr().out
+    assert load_lambdas(tmp_path / "l.safetensors")[1]["fit"] == "joint"
+
+
 def test_train_py_diverging_joint_fit_fails_in_one_line_without_a_lambda_file(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["train.py"])
     output = tmp_path / "l.safetensors"
