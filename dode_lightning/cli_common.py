@@ -49,13 +49,16 @@ def is_launched_rank() -> bool:
     return any(int(os.environ.get(var, "0") or 0) > 0 for var in ("LOCAL_RANK", "NODE_RANK", "RANK"))
 
 
-# Run folders this process created (`unique_version`) and has not kept yet: an unfinished run removes them.
+# Run folders this process created (`unique_version`) and has not kept yet: an unfinished run removes them, and the
+# parents it had to create for them (`runs/`, `runs/<config>/`) where nothing else is in them.
 _CLAIMED: list[Path] = []
+_CREATED_PARENTS: list[Path] = []
 
 
 def forget_run_version() -> None:
     """Drop a name an earlier run in this process chose (a launched DDP process keeps its launcher's)."""
     _CLAIMED.clear()
+    _CREATED_PARENTS.clear()
     if not is_launched_rank():
         os.environ.pop(RUN_VERSION_ENV, None)
 
@@ -68,6 +71,7 @@ def unique_version(root: Path, base: str) -> str:
     """
     if is_launched_rank() and os.environ.get(RUN_VERSION_ENV):
         return os.environ[RUN_VERSION_ENV]
+    _CREATED_PARENTS.extend(folder for folder in (root, *root.parents) if not folder.exists())
     root.mkdir(parents=True, exist_ok=True)
     version, count = base, 1
     while True:
@@ -87,6 +91,12 @@ def release_run_folders() -> None:
     run leaves no TensorBoard run behind, and the next run takes its name)."""
     while _CLAIMED:
         shutil.rmtree(_CLAIMED.pop(), ignore_errors=True)
+    for parent in _CREATED_PARENTS:  # innermost first: rmdir removes only empty folders
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+    _CREATED_PARENTS.clear()
 
 
 class Interrupted(BaseException):

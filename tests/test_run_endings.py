@@ -477,3 +477,24 @@ def test_ddp_sampling_stops_when_one_rank_dies(tmp_path, victim):
     rerun = subprocess.run(_command("sample.py", *_args(outdir, "0-299", "--batch-size", "64")), cwd=tmp_path, env=_env(), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert sorted(int(p.stem) for p in outdir.rglob("0*.png")) == list(range(300))
+
+
+def test_released_run_leaves_no_parent_folders_it_created(tmp_path):
+    """A refused run (bad config) in a fresh directory leaves no empty `runs/<config>/` behind; parents that held
+    something before stay."""
+    forget_run_version()
+    unique_version(tmp_path / "runs" / "cfg", "run")
+    release_run_folders()
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "runs" / "other").mkdir(parents=True)
+    forget_run_version()
+    unique_version(tmp_path / "runs" / "cfg", "run")
+    release_run_folders()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["other"]
+
+
+def test_refused_train_py_config_writes_nothing(in_tmp, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    assert cli.train_main(["--config", str(CONFIG), "--model.nfe", "0"]) == 2
+    assert _one_error_line(capsys).startswith("error: heun makes 2N − 1 evaluations")
+    assert list(in_tmp.iterdir()) == []  # no runs/gmm_digits/ either
