@@ -205,6 +205,16 @@ def _check_stored_zip(path: Path) -> None:
         raise CheckpointError(f"{path}: {len(packed)} compressed member(s) (first {quoted(packed[0])}); torch.save stores weights uncompressed")
 
 
+def read_embeds_file(path: str | os.PathLike, contents: str) -> tuple[Path, dict[str, Tensor]]:
+    """(path, tensors) of a precomputed prompt-embeddings file: a safetensors file (never a pickle) holding `contents`."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"prompt_embeds file {file} not found: a safetensors file with {contents}")
+    if file.suffix != ".safetensors":
+        raise CheckpointError(f"{file}: prompt_embeds must be a .safetensors file (no pickles)")
+    return file, _read_weights(file)
+
+
 def _read_weights(path: Path) -> dict[str, Tensor]:
     if path.suffix != ".safetensors":
         _check_stored_zip(path)

@@ -35,6 +35,7 @@ from .diffusers_folder import (
     check_unet_config,
     convert_legacy_attention_names,
     load_diffusers_folder,
+    read_embeds_file,
 )
 from .errors import CheckpointError, one_line, quoted, state_dict_mismatch
 from .flow_pipeline import FLOW_PIPELINES, load_flow_pipeline
@@ -221,12 +222,7 @@ def _read_prompts(prompts: Sequence[str] | str | os.PathLike) -> tuple[list[str]
 
 def _read_prompt_embeds(path: str | os.PathLike) -> tuple[Tensor, Tensor | None, str]:
     """(prompt_embeds (P, L, D), negative_prompt_embeds (1, L, D) or None, sha256) from a safetensors file."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"prompt_embeds file {file} not found: a safetensors file with `prompt_embeds` (P, L, D) and optionally `negative_prompt_embeds` (1, L, D)")
-    if file.suffix != ".safetensors":
-        raise CheckpointError(f"{file}: prompt_embeds must be a .safetensors file (no pickles)")
-    tensors = _read_weights(file)
+    file, tensors = read_embeds_file(path, "`prompt_embeds` (P, L, D) and optionally `negative_prompt_embeds` (1, L, D)")
     embeds, negative = tensors.get("prompt_embeds"), tensors.get("negative_prompt_embeds")
     if embeds is None or embeds.ndim != 3 or len(embeds) == 0:
         raise CheckpointError(f"{file}: expected a tensor `prompt_embeds` of shape (P, L, D) with P ≥ 1")

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..flow import VelocityDenoiser
 from ..schedules import FlowMatching, dynamic_shift_mu
 from . import LoadedDenoiser
-from .diffusers_folder import DIFFUSERS_INSTALL_HINT, _folder_digest, _read_json, _read_weights
+from .diffusers_folder import DIFFUSERS_INSTALL_HINT, _folder_digest, _read_json, read_embeds_file
 from .errors import CheckpointError, quoted
 
 __all__ = ["FLOW_PIPELINES", "FLOW_OPTIONS", "GuidedVelocityModel", "flow_schedule", "load_flow_pipeline"]
@@ -136,12 +136,7 @@ class GuidedVelocityModel(nn.Module):
 
 
 def _read_flow_embeds(path: str | os.PathLike, needs_negative: bool, width: int, pooled_width: int) -> tuple[dict[str, Tensor], str]:
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"prompt_embeds file {file} not found: a safetensors file with {', '.join(_EMBED_KEYS)}")
-    if file.suffix != ".safetensors":
-        raise CheckpointError(f"{file}: prompt_embeds must be a .safetensors file (no pickles)")
-    tensors = _read_weights(file)
+    file, tensors = read_embeds_file(path, ", ".join(_EMBED_KEYS))
     embeds, pooled = tensors.get("prompt_embeds"), tensors.get("pooled_prompt_embeds")
     if embeds is None or embeds.ndim != 3 or len(embeds) == 0 or embeds.shape[-1] != width:
         raise CheckpointError(f"{file}: expected `prompt_embeds` of shape (P, L, {width}) with P ≥ 1")
