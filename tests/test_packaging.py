@@ -46,6 +46,9 @@ def test_ci_and_readme_install_the_fid_extra_with_pinned_cpu_torch() -> None:
     command = re.compile(r"pip install -q torch==2\.13\.0 -e \"\.\[test,fid\]\"")
     assert command.search(ci), ci
     assert command.search(readme)
+    ci_command = ci.strip().splitlines()[-1]
+    assert ci_command in readme.splitlines(), "CI must run exactly the README's test command"
+    assert "--no-deps k-diffusion" in ci_command  # the cross-check against k-diffusion's own samplers runs in CI
 
 
 def _category(name: str) -> type:
