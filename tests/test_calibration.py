@@ -204,15 +204,21 @@ def test_adam_reaches_the_closed_form_objective(tmp_path):
     assert [p for group in module.optimizers().optimizer.param_groups for p in group["params"]] == [module.lambdas]
 
 
-def _run_train(tmp_path, *extra, check=True):
-    config = tmp_path / "tiny.yaml"
+def write_tiny_config(tmp_path, name: str, model: str):
+    """A train.py config on the built-in model with 20 seeds, C = 2, logging under tmp_path/runs/<name>."""
+    config = tmp_path / f"{name}.yaml"
     config.write_text(
         "trainer: {accelerator: cpu, devices: 1, enable_progress_bar: false, logger: {class_path: pytorch_lightning.loggers.TensorBoardLogger, init_args: {save_dir: "
         + json.dumps(str(tmp_path / "runs"))
-        + ", name: tiny}}}\n"
-        "model: {denoiser: {source: gmm_digits}, solver: heun, nfe: 5, fit: adam, adam_steps: 5}\n"
+        + f", name: {name}}}}}}}\n"
+        f"model: {{denoiser: {{source: gmm_digits}}, {model}}}\n"
         "data: {scale: 2, batch_size: 20, class_conditional: false, cache_dir: " + json.dumps(str(tmp_path / "cache")) + "}\n"
     )
+    return config
+
+
+def _run_train(tmp_path, *extra, check=True):
+    config = write_tiny_config(tmp_path, "tiny", "solver: heun, nfe: 5, fit: adam, adam_steps: 5")
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "--config", str(config), *extra],
         capture_output=True, text=True, cwd=tmp_path, timeout=300,

@@ -1,5 +1,4 @@
 """The end-to-end joint fit of step positions and λ (dode_lightning.joint_fit, `model.fit: joint`)."""
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from dode_lightning.joint_fit import JointFit, JointFitDiverged, JointSettings, 
 from dode_lightning.lambda_file import load_lambdas
 from dode_lightning.schedules import EDM
 from dode_lightning.solvers import LambdaLayout
+from tests.test_calibration import write_tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,14 +128,7 @@ def test_non_finite_states_name_the_stage(digits):
 
 
 def _train(tmp_path, *extra):
-    config = tmp_path / "joint.yaml"
-    config.write_text(
-        "trainer: {accelerator: cpu, devices: 1, enable_progress_bar: false, logger: {class_path: pytorch_lightning.loggers.TensorBoardLogger, init_args: {save_dir: "
-        + json.dumps(str(tmp_path / "runs"))
-        + ", name: joint}}}\n"
-        "model: {denoiser: {source: gmm_digits}, solver: unipc_3, nfe: 5, fit: joint, history: 4, joint_steps: 4}\n"
-        "data: {scale: 2, batch_size: 20, class_conditional: false, cache_dir: " + json.dumps(str(tmp_path / "cache")) + "}\n"
-    )
+    config = write_tiny_config(tmp_path, "joint", "solver: unipc_3, nfe: 5, fit: joint, history: 4, joint_steps: 4")
     return [sys.executable, str(ROOT / "train.py"), "--config", str(config), "--exact_report", "false", *extra]
 
 
