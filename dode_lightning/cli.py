@@ -196,7 +196,12 @@ def joint_summary(module: DODECalibration) -> str:
     held = "" if result.held_start is None else f", held-out {result.held_start:.4e} → {result.held_end:.4e}"
     kept = "the start (no iterate beat it)" if result.best_iteration == 0 else f"iteration {result.best_iteration}"
     sigmas = ", ".join(f"{float(s):.4g}" for s in result.sigmas)
-    return (
+    hard = module.trainer.datamodule.hard
+    mined = "" if hard is None else (
+        f"hard seeds: {len(hard['seeds'])} of {hard['pool']} screened seeds ({hard['screen_evaluations']} forward evaluations; "
+        f"teacher on those outside the batch {hard['teacher_evaluations']}), row weights hard {hard['weights'][0]:.3g}, others {hard['weights'][1]:.3g}\n"
+    )
+    return mined + (
         f"joint fit: {'final-state MSE' if not module.hparams.joint_intermediate else 'loss (final state + weighted per-stage MSE)'} {result.loss_start:.4e} → {result.loss_end:.4e}{held}; kept {kept} of {result.iterations}; "
         f"{result.forward_rows * module.student.nfe} forward + {result.backward_rows * module.student.nfe} backward network evaluations "
         f"({result.forward_runs} + {result.backward_runs} student runs on its rows)\nfitted σ: {sigmas}"

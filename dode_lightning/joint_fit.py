@@ -39,6 +39,8 @@ __all__ = [
     "step_params",
     "grid_from_params",
     "student_states",
+    "hard_rows",
+    "stratified_weights",
 ]
 
 Coordinate = Literal["log", "karras", "flow"]
@@ -199,6 +201,8 @@ class JointFit:
     `target`: the teacher's final state (B, …) at the grid's end; `path`: its trajectory, for `intermediate` > 0.
     `lambdas`: compact λ to start from (`layout.shape`); `lambda_scale`: c_k per stage (default 1).
     `held`: rows (bool per sample) left out of the fit and used to keep its best iterate (the never-worse guard).
+    `weights`: a weight per row (default 1): the losses are weighted means, e.g. `stratified_weights` for a batch
+    enriched with hard seeds.
     `reduce` pools sums across processes: the loss and gradient are those of the union batch on every rank.
     """
 
@@ -218,6 +222,7 @@ class JointFit:
         held: Tensor | None = None,
         path: TeacherPath | None = None,
         reduce: Reduce | None = None,
+        weights: Tensor | None = None,
     ) -> None:
         if name not in SOLVERS:
             raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(sorted(SOLVERS))}")
@@ -230,8 +235,14 @@ class JointFit:
         self.held = torch.zeros(len(noise), dtype=torch.bool) if held is None else held.to(torch.bool)
         self.train = ~self.held
         self.has_held = bool(self.reduce(self.held.sum().to(torch.float64)) > 0)
+        if weights is not None and (weights.shape != (len(noise),) or not bool((weights > 0).all()) or not bool(weights.isfinite().all())):
+            raise ValueError("the joint fit's row weights must be one finite positive number per calibration sample")
+        self.weights = torch.ones(len(noise), dtype=torch.float64) if weights is None else weights.detach().to(torch.float64)
         elements = noise[0].numel()
-        self.count = {rows: float(self.reduce(torch.tensor(float(mask.sum()) * elements, dtype=torch.float64))) for rows, mask in (("train", self.train), ("held", self.held))}
+        self.count = {
+            rows: float(self.reduce((self.weights[mask].sum() * elements).reshape(())))
+            for rows, mask in (("train", self.train), ("held", self.held))
+        }
         self.image_shape = tuple(noise.shape[1:])
         scale = torch.ones(len(lambdas), dtype=torch.float64) if lambda_scale is None else lambda_scale.to(torch.float64)
         self.lambda_scale = scale.reshape(-1, *[1] * (lambdas.dim() - 1))
@@ -302,7 +313,8 @@ class JointFit:
                     intermediate.append(((state - path.at(solver.target_sigmas[k])) ** 2).sum())
 
         final = student_states(solver, self.denoiser, solver.init_state(noise), lambdas, self.layout.history, labels, observe)
-        loss = ((final.to(torch.float64) - self.target[mask].to(torch.float64)) ** 2).sum()
+        per_row = ((final.to(torch.float64) - self.target[mask].to(torch.float64)) ** 2).flatten(1).sum(1)
+        loss = (self.weights[mask].to(per_row.device) * per_row).sum()
         if intermediate:
             loss = loss + self.settings.intermediate * torch.stack(intermediate).sum()
         return loss
@@ -436,3 +448,25 @@ class JointFit:
             if on_step is not None:
                 on_step(self, loss)
         return self.result()
+
+
+def hard_rows(student_final: Tensor, reference_final: Tensor, count: int) -> Tensor:
+    """Indices of the `count` rows where the student lands farthest from a more accurate reference run: the seeds
+    that carry a few-step sampler's RMSE (about 1 % of them hold most of it), found for a few student-sized runs
+    each instead of a teacher run."""
+    if not 0 <= count <= len(student_final):
+        raise ValueError(f"cannot pick {count} hard seeds out of {len(student_final)}")
+    distance = (student_final.to(torch.float64) - reference_final.to(torch.float64)).flatten(1).pow(2).sum(1)
+    return torch.argsort(distance, descending=True, stable=True)[:count]
+
+
+def stratified_weights(pool: int, hard: int, easy: int) -> tuple[float, float]:
+    """Row weights of a fit on all `hard` hardest seeds of a pool of `pool` plus `easy` of the others drawn at random:
+    each hard row stands for itself and each easy row for (pool − hard)/easy seeds, so the weighted mean squared
+    error estimates the pool's own (a stratified estimate, unbiased, with the rare large errors always sampled).
+    Normalised to a mean weight of 1 over the fitted rows."""
+    if not (0 <= hard < pool and 0 < easy <= pool - hard):
+        raise ValueError(f"need 0 ≤ hard < pool and 0 < easy ≤ pool − hard, got pool {pool}, hard {hard}, easy {easy}")
+    easy_weight = (pool - hard) / easy
+    mean = (hard + easy * easy_weight) / (hard + easy)
+    return 1.0 / mean, easy_weight / mean

@@ -38,11 +38,12 @@ from .distill import (
     rmse,
     seeded_noise,
     stagewise_losses,
+    teacher_on,
     teacher_targets,
 )
 from .figures import lambda_figure
 from .grids import LEARNED_GRIDS, TEACHER_DP, check_sigmas
-from .joint_fit import JointFit, JointFitDiverged, JointSettings, TeacherPath
+from .joint_fit import JointFit, JointFitDiverged, JointSettings, TeacherPath, hard_rows, stratified_weights
 from .placement import placed_sigmas, placement_teacher, states_at, teacher_trajectory
 from .lambda_file import schedule_id
 from .schedules import Schedule
@@ -50,7 +51,13 @@ from .solvers import LambdaLayout, NFEError, Solver
 
 __all__ = ["DODECalibration", "TeacherTargets", "lambda_file_contents", "ConfigError", "BuiltStudent", "build_student", "limit_threads_for_builtin", "image_grid"]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+# Hard seeds: the screening reference takes this many times the student's steps, placed on the teacher's trajectory
+# with `teacher_dp` (on such a grid 3× ranks the seeds as the teacher would: 41–47 of the 50 worst), else the
+# student's teacher refined this many times; and the most seeds one run may screen.
+HARD_REFERENCE_STEPS = 3
+HARD_REFERENCE_SCALE = 5
+MAX_POOL = 1_000_000
 
 
 def limit_threads_for_builtin(loaded: LoadedDenoiser, device: torch.device) -> None:
@@ -186,6 +193,12 @@ class DODECalibration(pl.LightningModule):
             one process only).
         joint_refit: after the joint fit, refit λ in closed form on the fitted σ (with `joint_lambdas: false`:
             steps fitted end to end with λ held, then λ by the paper's least squares on them).
+        joint_pool: hard seeds for the joint fit (0 = off): the closed-form student and a 3× finer teacher sample
+            seeds data.seed … data.seed + joint_pool − 1 (the batch's own included); the `joint_hard` seeds where they
+            disagree most join the fit with their teacher endpoints, weighted so that the loss still estimates the
+            pool's mean squared error (few-step RMSE is carried by about 1 % of the seeds, which a batch of 100 rarely
+            holds). One process only.
+        joint_hard: how many of the pool's hardest seeds join the joint fit.
         dp_steps: `grid: teacher_dp` only: M, the steps of the teacher's fine grid (the solver's default grid kind
             with sigma_min, sigma_max, rho, terminal_zero) on which the student's steps are placed.
         dp_coefficient: `grid: teacher_dp` only: c in the placement objective Σ_n c^n·cost_n (1: plain sum; > 1
@@ -222,6 +235,8 @@ class DODECalibration(pl.LightningModule):
         joint_intermediate: float = 0.0,
         joint_slack: float = 0.0,
         joint_refit: bool = False,
+        joint_pool: int = 0,
+        joint_hard: int = 50,
         dp_steps: int = 100,
         dp_coefficient: float = 1.0,
     ) -> None:
@@ -233,6 +248,13 @@ class DODECalibration(pl.LightningModule):
             raise ConfigError(f"unknown fit method {fit!r}; choose closed_form, adam, compare or joint")
         if joint_steps < 1:
             raise ConfigError(f"the joint fit needs joint_steps ≥ 1, got {joint_steps}")
+        if joint_pool:
+            if fit != "joint":
+                raise ConfigError(f"joint_pool picks hard seeds for the joint fit; set --model.fit joint or --model.joint_pool 0 (fit is {fit})")
+            if joint_hard < 1 or joint_pool > MAX_POOL:
+                raise ConfigError(f"hard seeds need joint_hard ≥ 1 and joint_pool ≤ {MAX_POOL:,}, got {joint_hard} and {joint_pool}")
+            if joint_intermediate:
+                raise ConfigError("joint_intermediate reads the batch's teacher trajectory, which the hard seeds lack; set --model.joint_intermediate 0 or --model.joint_pool 0")
         try:
             self.joint_settings = JointSettings(joint_optimizer, joint_lr, joint_coordinate, rho or 7.0, joint_lambdas, joint_intermediate, joint_slack)
         except ValueError as err:
@@ -333,14 +355,20 @@ class DODECalibration(pl.LightningModule):
         """The joint fit from the closed form on the configured grid, against the teacher's final state."""
         if self.hparams.joint_slack and self.trainer.world_size > 1:
             raise ConfigError("joint_slack moves each calibration latent and works on one process; set --model.joint_slack 0 or --trainer.devices 1")
-        noise, labels, targets = self.trainer.datamodule.full_batch(self.device)
-        holdout = holdout_mask(self.trainer.datamodule.rank_seeds(), self.hparams.guard) if self.hparams.guard else None
+        data = self.trainer.datamodule
+        noise, labels, targets = data.full_batch(self.device)
+        final, seeds, weights = targets[-1], data.rank_seeds(), None
         start = time.perf_counter()
-        path = self.trainer.datamodule.trajectory(self) if self.hparams.joint_intermediate else None
+        if self.hparams.joint_pool:
+            hard = data.hard_seeds(self, self.closed_form.lambdas)
+            noise, final, seeds, weights = torch.cat([noise, hard.noise]), torch.cat([final, hard.final]), seeds + hard.seeds, hard.weights
+            labels = None if labels is None else torch.cat([labels, hard.labels])
+        holdout = holdout_mask(seeds, self.hparams.guard) if self.hparams.guard else None
+        path = data.trajectory(self) if self.hparams.joint_intermediate else None
         try:
             self.joint = JointFit(
-                self.setup_spec.name, self.student.sigmas, self.setup_spec.schedule, self.denoiser, noise, targets[-1], self.closed_form.lambdas,
-                self.layout, self.joint_settings, labels, self.closed_form.natural_scales(), holdout, path, self._pool,
+                self.setup_spec.name, self.student.sigmas, self.setup_spec.schedule, self.denoiser, noise, final, self.closed_form.lambdas,
+                self.layout, self.joint_settings, labels, self.closed_form.natural_scales(), holdout, path, self._pool, weights,
             )
         except ValueError as err:  # a grid the joint fit cannot spread (e.g. from σ = ∞ in log σ)
             raise ConfigError(str(err)) from None
@@ -497,6 +525,19 @@ def lambda_file_contents(module: DODECalibration, data: "TeacherTargets", fit: S
     return tensors, metadata
 
 
+@dataclass
+class HardSeeds:
+    """Hard seeds from outside the calibration batch for the joint fit, and the weights of the fit's rows (the batch's
+    rows, then these)."""
+
+    seeds: list[int]
+    noise: Tensor
+    labels: Tensor | None
+    final: Tensor
+    """The teacher's endpoint of each (B_hard, …)."""
+    weights: Tensor
+
+
 class TeacherTargets(pl.LightningDataModule):
     """Calibration latents and the teacher states the student's stages are compared with.
 
@@ -546,6 +587,8 @@ class TeacherTargets(pl.LightningDataModule):
         self.teacher_seconds = 0.0
         self.teacher_nfe = 0
         self.cache_hit = False
+        self.hard: dict[str, Any] | None = None
+        self.reference_sigmas: Tensor | None = None
 
     @property
     def seeds(self) -> list[int]:
@@ -591,6 +634,7 @@ class TeacherTargets(pl.LightningDataModule):
             "seeds": [self.seed, self.seed + self.batch_size - 1],
             "noise": self.noise,
             "class_conditional": self._conditional(module),
+            **({} if self.hard is None else {"hard_seeds": self.hard["seeds"], "hard_pool": self.hard["pool"]}),
         }
 
     def _conditional(self, module: DODECalibration) -> bool:
@@ -604,6 +648,7 @@ class TeacherTargets(pl.LightningDataModule):
         if self.data is not None:
             return
         module: DODECalibration = self.trainer.lightning_module
+        self._check_hard_settings(module)
         try:
             teacher, indices = self.teacher(module)
         except ValueError as err:
@@ -617,10 +662,11 @@ class TeacherTargets(pl.LightningDataModule):
             "labels": (len(seeds), label_dim) if label_dim else None,
             "targets": (module.student.num_stages, len(seeds), *module.loaded.image_shape),
             "sigmas": (len(module.student.sigmas),) if module.placement else None,
+            "reference_sigmas": (self._reference_steps(module) + 1,) if module.placement else None,
         }
         cached = self._load_cache(key, shapes, module.dtype_)
         if cached is not None:
-            noise, labels, targets, sigmas = cached
+            noise, labels, targets, sigmas, self.reference_sigmas = cached
             self.cache_hit = True
             if module.placement:
                 module.place(sigmas, teacher.name)
@@ -635,6 +681,7 @@ class TeacherTargets(pl.LightningDataModule):
                         trajectory = teacher_trajectory(teacher, module.denoiser, noise_on, labels_on, lambda _j: bar.update(1))
                         self._check_finite(teacher, trajectory.states)
                         sigmas = placed_sigmas(trajectory, len(module.student.sigmas) - 1, module.hparams.dp_coefficient, module._pool)
+                        self.reference_sigmas = placed_sigmas(trajectory, self._reference_steps(module), module.hparams.dp_coefficient, module._pool)
                         module.place(sigmas, teacher.name)
                         targets = states_at(trajectory, module.student.target_sigmas).cpu()
                     else:
@@ -642,9 +689,73 @@ class TeacherTargets(pl.LightningDataModule):
                         targets = teacher_targets(teacher, indices, module.denoiser, noise_on, labels_on, lambda _j: bar.update(1)).cpu()
             self.teacher_seconds = time.perf_counter() - start
             self._check_finite(teacher, targets)
-            self._save_cache(key, noise, labels, targets, sigmas)
+            self._save_cache(key, noise, labels, targets, sigmas, self.reference_sigmas)
         labels = labels if labels is not None else noise.new_zeros(len(noise), 0)
         self.data = TensorDataset(noise, labels, targets.transpose(0, 1).contiguous())
+
+    def hard_seeds(self, module: DODECalibration, lambdas: Tensor) -> "HardSeeds":
+        """The joint fit's hard seeds (`model.joint_pool`): screen the pool with the closed-form student against the
+        teacher refined `HARD_REFERENCE_SCALE` times, keep the `joint_hard` seeds where they disagree most, and give
+        those outside the batch their teacher endpoints (the batch's own teacher, one run on them only)."""
+        pool, count = module.hparams.joint_pool, module.hparams.joint_hard
+        label_dim = module.loaded.label_dim if self._conditional(module) else 0
+        seeds = list(range(self.seed, self.seed + pool))
+        if module.placement:
+            reference = teacher_on(self.teacher(module)[0].name, self.reference_sigmas, module.student, module.setup_spec.schedule, [1] * (len(self.reference_sigmas) - 1))
+        else:
+            reference, _ = build_teacher(module.student, module.setup_spec, HARD_REFERENCE_SCALE, "aligned", self.teacher_for(module), module.layout.history)
+        applied = module.layout.expand(lambdas, module.image_shape)
+        student_final, reference_final = [], []
+        start = time.perf_counter()
+        with torch.no_grad():
+            for chunk in range(0, pool, self.batch_size):
+                noise, labels = seeded_noise(seeds[chunk : chunk + self.batch_size], module.loaded.image_shape, label_dim, module.dtype_)
+                noise, labels = noise.to(module.device), None if labels is None else labels.to(module.device)
+                student_final.append(module.student.sample(module.denoiser, noise, applied, labels).cpu())
+                reference_final.append(reference.sample(module.denoiser, noise, class_labels=labels).cpu())
+            hard = sorted(int(i) for i in hard_rows(torch.cat(student_final), torch.cat(reference_final), count))
+            outside = [i for i in hard if i >= self.batch_size]
+            noise, labels = seeded_noise([seeds[i] for i in outside], module.loaded.image_shape, label_dim, module.dtype_)
+            noise, labels = noise.to(module.device), None if labels is None else labels.to(module.device)
+            teacher, indices = self.teacher(module)
+            if module.placement:  # the placement teacher's last state is the student's last target
+                final = teacher.sample(module.denoiser, noise, class_labels=labels)
+            else:
+                final = teacher_targets(teacher, indices[-1:], module.denoiser, noise, labels)[0]
+        self.teacher_seconds += time.perf_counter() - start
+        self._check_finite(teacher, final)
+        hard_weight, easy_weight = stratified_weights(pool, count, self.batch_size - (count - len(outside)))
+        in_batch = torch.zeros(self.batch_size, dtype=torch.bool)
+        in_batch[[i for i in hard if i < self.batch_size]] = True
+        weights = torch.cat([torch.where(in_batch, hard_weight, easy_weight), torch.full((len(outside),), hard_weight)]).to(torch.float64)
+        self.hard = {
+            "pool": pool,
+            "seeds": [seeds[i] for i in hard],
+            "screen_evaluations": (module.student.nfe + reference.nfe) * pool,
+            "teacher_evaluations": teacher.nfe * len(outside),
+            "weights": [hard_weight, easy_weight],
+        }
+        return HardSeeds([seeds[i] for i in outside], noise.to(module.device), labels, final.to(module.device), weights)
+
+    def _check_hard_settings(self, module: DODECalibration) -> None:
+        """`joint_pool` settings this data can serve (checked before the teacher runs)."""
+        pool, count = module.hparams.joint_pool, module.hparams.joint_hard
+        if not pool:
+            return
+        if self._rank_and_world()[1] > 1:
+            raise ConfigError("joint_pool screens seeds on one process; set --model.joint_pool 0 or --trainer.devices 1")
+        if self.noise != "per_seed":
+            raise ConfigError("joint_pool draws the pool seed by seed; set data.noise per_seed or --model.joint_pool 0")
+        if not self.batch_size < pool <= SEED_LIMIT - self.seed or count >= self.batch_size:
+            raise ConfigError(
+                f"joint_pool counts the seeds screened from data.seed, the batch's {self.batch_size} included: it must exceed data.batch_size "
+                f"(and stay within 32-bit seeds), and joint_hard must stay below data.batch_size; got joint_pool {pool}, joint_hard {count}"
+            )
+
+    @staticmethod
+    def _reference_steps(module: DODECalibration) -> int:
+        """Steps of the hard-seed screening reference placed on the teacher's trajectory (`teacher_dp`)."""
+        return min(HARD_REFERENCE_STEPS * (len(module.student.sigmas) - 1), module.hparams.dp_steps)
 
     def trajectory(self, module: DODECalibration) -> TeacherPath:
         """Every finished state of the teacher on the module's grid refined C times (`joint_intermediate`: targets at
@@ -718,7 +829,7 @@ class TeacherTargets(pl.LightningDataModule):
             raise ConfigError(f"teacher cache folder {path.parent} is not writable ({reason}); set data.cache_dir to a writable folder, or null for no cache")
 
     def _load_cache(self, key: str, shapes: dict[str, tuple[int, ...] | None], dtype: torch.dtype) -> tuple[Tensor | None, ...] | None:
-        """The cached (noise, labels, targets, sigmas) if the file holds exactly what this run needs (the placed σ,
+        """The cached (noise, labels, targets, sigmas, reference_sigmas) if the file holds exactly what this run needs (the placed σ,
         float64, with `teacher_dp`; else None); None (rebuild) otherwise."""
         path = self._cache_path(key)
         if path is None or not path.is_file():
@@ -731,23 +842,25 @@ class TeacherTargets(pl.LightningDataModule):
                 value = blob.get(name)
                 if shape is None and value is None:
                     continue
-                wanted = torch.float64 if name == "sigmas" else dtype
+                wanted = torch.float64 if name.endswith("sigmas") else dtype
                 if not isinstance(value, Tensor) or tuple(value.shape) != shape or value.dtype != wanted:
                     found = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
                     raise ValueError(f"{name} is {found}, expected {shape} {wanted}")
-                if name == "sigmas":
+                if name.endswith("sigmas"):
                     check_sigmas(value)  # σ_0 may be ∞ (flow matching)
                 elif not value.isfinite().all():
                     raise ValueError(f"{name} holds NaN or inf")
-            return tuple(blob.get(name) for name in ("noise", "labels", "targets", "sigmas"))
+            return tuple(blob.get(name) for name in ("noise", "labels", "targets", "sigmas", "reference_sigmas"))
         except Exception as err:  # any unreadable or inconsistent cache is rebuilt, never trusted
             reason = (str(err).splitlines() or [""])[0][:120]
             warnings.warn(f"teacher-target cache {path} is unreadable or inconsistent ({type(err).__name__}: {reason}); rebuilding it")
             return None
 
-    def _save_cache(self, key: str, noise: Tensor, labels: Tensor | None, targets: Tensor, sigmas: Tensor | None = None) -> None:
+    def _save_cache(
+        self, key: str, noise: Tensor, labels: Tensor | None, targets: Tensor, sigmas: Tensor | None = None, reference_sigmas: Tensor | None = None
+    ) -> None:
         path = self._cache_path(key)
         if path is None:
             return
         with atomic_path(path) as tmp:
-            torch.save({"key": key, "noise": noise, "labels": labels, "targets": targets, "sigmas": sigmas}, tmp)
+            torch.save({"key": key, "noise": noise, "labels": labels, "targets": targets, "sigmas": sigmas, "reference_sigmas": reference_sigmas}, tmp)

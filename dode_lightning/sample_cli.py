@@ -70,6 +70,7 @@ SAMPLER_KEYS = ("denoiser", "solver", "nfe", "grid", "sigma_min", "sigma_max", "
 CALIBRATION_ONLY_KEYS = (
     "fit", "adam_lr", "adam_steps", "output", "history", "lambda_groups", "guard",
     "joint_optimizer", "joint_steps", "joint_lr", "joint_coordinate", "joint_lambdas", "joint_intermediate", "joint_slack", "joint_refit",
+    "joint_pool", "joint_hard",
     "dp_steps", "dp_coefficient",
 )
 # A few Trainer arguments named in --help (any other works too).
