@@ -34,14 +34,21 @@ def test_every_config_is_listed():
 OFFLINE = ("gmm_digits.yaml", "gmm_digits_flow.yaml", "edm_digits_net.yaml", "gmm_digits_best.yaml", "edm_digits_net_best.yaml")
 
 
-@pytest.mark.parametrize("config", ["gmm_digits_best.yaml", "edm_digits_net_best.yaml"])
-def test_best_configs_place_the_steps_on_the_teacher_trajectory(tmp_path, config):
+@pytest.mark.parametrize("config,extra", [
+    ("gmm_digits_best.yaml", ("--model.joint_pool", "40", "--model.joint_hard", "2", "--model.joint_steps", "2")),
+    ("edm_digits_net_best.yaml", ()),
+])
+def test_best_configs_place_the_steps_on_the_teacher_trajectory(tmp_path, config, extra):
     out = tmp_path / "l.safetensors"
     result = _train(tmp_path, ROOT / "configs" / config, "--model.nfe", "3", "--data.batch_size", "4", "--model.dp_steps", "12",
-                    "--exact_report", "false", "--model.output", str(out))
+                    "--exact_report", "false", "--model.output", str(out), *extra)
     assert result.returncode == 0, result.stderr[-2000:]
     tensors, meta = load_lambdas(out)
-    assert meta["grid"] == "teacher_dp" and meta["solver"] == "ipndm" and meta["history"] == 10 and len(tensors["sigmas"]) == 4
+    start = meta["grid_kwargs"]["start_grid"] if meta["grid"] == "joint" else meta["grid"]  # the joint fit starts from the placement
+    assert start == "teacher_dp" and meta["solver"] == "ipndm" and meta["history"] == 10 and len(tensors["sigmas"]) == 4
+    assert meta["fit"] == ("joint" if config == "gmm_digits_best.yaml" else "closed_form")
+    if meta["fit"] == "joint":
+        assert meta["hard_pool"] == 40 and len(meta["hard_seeds"]) == 2
 
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c.name not in OFFLINE], ids=lambda c: c.name)
