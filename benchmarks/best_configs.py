@@ -102,6 +102,7 @@ def main() -> None:
     args_parser = parser(__doc__)
     args_parser.add_argument("--model", choices=["exact", "network"], default="exact")
     args_parser.add_argument("--nfe", default=None, help="comma-separated NFEs (default: 3,4,5,6,8,10 exact, 5,10 network)")
+    args_parser.add_argument("--config", default=None, help="score this config file instead (a variant of the model's best config); writes nothing")
     args = args_parser.parse_args()
     silence_lightning_noise()
     torch.set_num_threads(1)
@@ -110,7 +111,7 @@ def main() -> None:
     count = 50 if args.quick else count
     held = HeldOut(denoiser, reference, seeded_noise(range(HELD_OUT_START, HELD_OUT_START + count), (1, 8, 8))[0])
     more = HeldOut(denoiser, reference, seeded_noise(range(MORE_SEEDS, MORE_SEEDS + (100 if args.quick else 2 * count)), (1, 8, 8))[0])
-    config = CONFIGS[args.model]
+    config = CONFIGS[args.model] if args.config is None else Path(args.config).resolve()
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for nfe in nfes:
@@ -118,11 +119,11 @@ def main() -> None:
             rows.append(row(args.model, nfe, output, *calibrate(config, nfe, output), held, more))
             print(markdown_table(HEADER, rows[-1:]), flush=True)
     text = (
-        f"Best configuration `{config.relative_to(ROOT)}` on the {args.model} model ({count} held-out seeds from {HELD_OUT_START:,}; "
+        f"Best configuration `{config.relative_to(ROOT) if config.is_relative_to(ROOT) else config}` on the {args.model} model ({count} held-out seeds from {HELD_OUT_START:,}; "
         f"{machine()}). Reproduce: `PYTHONPATH=. python benchmarks/best_configs.py --model {args.model}`.\n\n"
         + markdown_table(HEADER, rows)
     )
-    print_and_write(text, None if output_dir(args) is None else output_dir(args) / f"best_configs_{args.model}.md")
+    print_and_write(text, None if output_dir(args) is None or args.config is not None else output_dir(args) / f"best_configs_{args.model}.md")
 
 
 if __name__ == "__main__":
