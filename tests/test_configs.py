@@ -36,7 +36,7 @@ OFFLINE = ("gmm_digits.yaml", "gmm_digits_flow.yaml", "edm_digits_net.yaml", "gm
 
 @pytest.mark.parametrize("config,extra", [
     ("gmm_digits_best.yaml", ("--model.joint_pool", "40", "--model.joint_hard", "2", "--model.joint_steps", "2")),
-    ("edm_digits_net_best.yaml", ()),
+    ("edm_digits_net_best.yaml", ("--model.joint_steps", "2")),
 ])
 def test_best_configs_place_the_steps_on_the_teacher_trajectory(tmp_path, config, extra):
     out = tmp_path / "l.safetensors"
@@ -45,10 +45,11 @@ def test_best_configs_place_the_steps_on_the_teacher_trajectory(tmp_path, config
     assert result.returncode == 0, result.stderr[-2000:]
     tensors, meta = load_lambdas(out)
     start = meta["grid_kwargs"]["start_grid"] if meta["grid"] == "joint" else meta["grid"]  # the joint fit starts from the placement
-    assert start == "teacher_dp" and meta["solver"] == "ipndm" and meta["history"] == 10 and len(tensors["sigmas"]) == 4
-    assert meta["fit"] == ("joint" if config == "gmm_digits_best.yaml" else "closed_form")
-    if meta["fit"] == "joint":
-        assert meta["hard_pool"] == 40 and len(meta["hard_seeds"]) == 2
+    assert start == "teacher_dp" and meta["fit"] == "joint" and meta["history"] == 10 and len(tensors["sigmas"]) == 4
+    if config == "gmm_digits_best.yaml":
+        assert meta["solver"] == "ipndm" and meta["hard_pool"] == 40 and len(meta["hard_seeds"]) == 2
+    else:
+        assert meta["solver"] == "unipc_3" and "hard_seeds" not in meta
 
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c.name not in OFFLINE], ids=lambda c: c.name)
