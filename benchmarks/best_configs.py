@@ -80,8 +80,9 @@ def calibrate(config: Path, nfe: int, output: Path) -> tuple[float, Counting]:
 def row(model: str, nfe: int, lambda_file: Path, seconds: float, counts: Counting, held: HeldOut, more: HeldOut) -> list[str]:
     student = load_student(lambda_file)
     shape = held.noise.shape[1:]
-    d_student = SimpleNamespace(solver=student.solver, lambdas=student.layout.expand(student.lambdas, shape))
-    base_student = SimpleNamespace(solver=student.solver, lambdas=None)
+    first = student.first_denoised
+    d_student = SimpleNamespace(solver=student.solver, lambdas=student.layout.expand(student.lambdas, shape), first_denoised=first)
+    base_student = SimpleNamespace(solver=student.solver, lambdas=None, first_denoised=first)
     d_scores, base = held(d_student), held(base_student)["rmse"]
     peer = BEST_PEER[model].get(nfe)
     return [

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from benchmarks.common import CALIBRATION_SEEDS, HELD_OUT_START, SCALE, ExactStates, machine, markdown_table, output_dir, parser
-from dode_lightning.denoisers import Denoiser
+from dode_lightning.denoisers import Denoiser, FirstStepMean
 from dode_lightning.distill import SolverSetup, StageFit, build_teacher, fit_closed_form, holdout_mask, seeded_noise, teacher_targets
 from dode_lightning.grids import karras_sigmas, logsnr_uniform_sigmas
 from dode_lightning.joint_fit import JointFit, JointResult, JointSettings
@@ -181,8 +181,10 @@ class HeldOut:
         self.exact = ExactStates(reference, noise)
 
     def __call__(self, row: Calibrated) -> dict[str, float]:
+        first = getattr(row, "first_denoised", None)  # `first_step: mean` students answer σ_max with it
+        denoiser = self.denoiser if first is None else FirstStepMean(self.denoiser, float(row.solver.sigmas[0]), first)
         with torch.no_grad():
-            out = row.solver.sample(self.denoiser, self.noise, row.lambdas)
+            out = row.solver.sample(denoiser, self.noise, row.lambdas)
         per_seed = ((out - self.exact(row.solver)).flatten(1) ** 2).mean(1)
         return {
             "rmse": math.sqrt(float(per_seed.mean())),

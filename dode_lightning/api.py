@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .denoisers import FirstStepMean
 from .checkpoints import LoadedDenoiser
 from .distill import SolverSetup
 from .lambda_file import LambdaFileError, load_lambdas, save_lambdas, schedule_from_id
@@ -31,6 +32,8 @@ class Student:
     layout: LambdaLayout
     metadata: dict[str, Any]
     """What the λ were fitted for (the λ file's metadata)."""
+    first_denoised: Tensor | None = None
+    """`first_step: mean`: the stored x̂₀ that answers the first evaluation (the network is then called nfe − 1 times)."""
 
     @property
     def sigmas(self) -> Tensor:
@@ -43,6 +46,8 @@ class Student:
 
     def sample(self, denoiser: Callable[..., Tensor], noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
         """The final state from unit-variance latents `noise` (B, C, H, W): `denoiser(x, σ, class_labels) -> x̂₀`."""
+        if self.first_denoised is not None:
+            denoiser = FirstStepMean(denoiser, float(self.solver.sigmas[0]), self.first_denoised)
         lambdas = self.layout.expand(self.lambdas, noise.shape[1:]).to(noise.device)
         with torch.no_grad():
             return self.solver.sample(denoiser, noise, lambdas, class_labels)
@@ -93,7 +98,7 @@ def calibrate(
     tensors, metadata = lambda_file_contents(module, datamodule, module.evaluate())
     if output is not None:
         save_lambdas(output, tensors, metadata)
-    return Student(module.student, tensors["lambdas"], module.layout, metadata)
+    return Student(module.student, tensors["lambdas"], module.layout, metadata, tensors.get("first_denoised"))
 
 
 def load_student(lambda_file: str | Path, schedule: Schedule | None = None) -> Student:
@@ -109,6 +114,6 @@ def load_student(lambda_file: str | Path, schedule: Schedule | None = None) -> S
     try:
         setup = SolverSetup.resolve(metadata["solver"], metadata["nfe"], schedule, metadata.get("grid"), tensors["sigmas"], **metadata.get("grid_kwargs", {}))
         layout = LambdaLayout(int(metadata.get("history", 1)), str(metadata.get("lambda_groups", "none")))
-        return Student(setup.build(), tensors["lambdas"].to(torch.float64), layout, metadata)
+        return Student(setup.build(), tensors["lambdas"].to(torch.float64), layout, metadata, tensors.get("first_denoised"))
     except (KeyError, NFEError, ValueError, TypeError) as err:
         raise LambdaFileError(f"{lambda_file}: cannot rebuild its student ({err}); refit with train.py") from None

@@ -203,7 +203,7 @@ def joint_summary(module: DODECalibration) -> str:
     )
     return mined + (
         f"joint fit: {'final-state MSE' if not module.hparams.joint_intermediate else 'loss (final state + weighted per-stage MSE)'} {result.loss_start:.4e} → {result.loss_end:.4e}{held}; kept {kept} of {result.iterations}; "
-        f"{result.forward_rows * module.student.nfe} forward + {result.backward_rows * module.student.nfe} backward network evaluations "
+        f"{result.forward_rows * module.network_nfe()} forward + {result.backward_rows * module.network_nfe()} backward network evaluations "
         f"({result.forward_runs} + {result.backward_runs} student runs on its rows)\nfitted σ: {sigmas}"
     )
 
@@ -236,7 +236,7 @@ def exact_report(module: DODECalibration, data: TeacherTargets, held_out: int = 
             bar.update(1)
             errors = []
             for lam, solver in ((None, student), (lambdas, student), (None, teacher)):
-                errors.append(rmse(solver.sample(mixture, noise, lam, labels), exact))
+                errors.append(rmse(solver.sample(module.student_denoiser if solver is student else mixture, noise, lam, labels), exact))
                 bar.update(1)
             base, d_ode, teach = errors
             rows.append(f"| {name} ({len(noise)}) | {base:.5f} | {d_ode:.5f} ({d_ode / base:.2f}×) | {teach:.5f} |")
@@ -376,7 +376,8 @@ def _calibrate(args: list[str] | None, progress: dict[str, Any]) -> int:
         targets = f"steps and targets from the {metadata['teacher']} trajectory (teacher_dp, M = {module.hparams.dp_steps}, c = {module.hparams.dp_coefficient:g})"
     else:
         targets = f"targets {data.target_mode}, C = {data.scale}"
-    heading = f"{module.setup_spec.name}, NFE {module.student.nfe}, fit {module.fit_method}, {targets}, |B| = {data.batch_size}"
+    first = "" if module.network_nfe() == module.student.nfe else " (+ the stored first step)"
+    heading = f"{module.setup_spec.name}, NFE {module.network_nfe()}{first}, fit {module.fit_method}, {targets}, |B| = {data.batch_size}"
     table = _stage_table(module, fit)
     print(f"\n{heading}\n{table}")
     if fit.misaligned():
@@ -406,8 +407,8 @@ def _calibrate(args: list[str] | None, progress: dict[str, Any]) -> int:
     teacher_rows = 0 if data.cache_hit else data.teacher_nfe * data.batch_size
     print(
         f"network evaluations ({'forward; the joint fit above' if module.joint is not None else 'forward, no backward'}): teacher {teacher_rows} ({data.teacher_nfe} × {data.batch_size} rows"
-        f"{', cached' if data.cache_hit else ''}), student {student_runs * module.student.nfe * data.batch_size} "
-        f"({student_runs} runs × NFE {module.student.nfe} × {data.batch_size} rows)"
+        f"{', cached' if data.cache_hit else ''}), student {student_runs * module.network_nfe() * data.batch_size} "
+        f"({student_runs} runs × NFE {module.network_nfe()} × {data.batch_size} rows)"
     )
     print(f"λ file: {output}")
     if trainer.logger is not None:

@@ -40,7 +40,7 @@ from torch import Tensor
 from .checkpoints.diffusers_folder import betas_from_scheduler_config
 from .denoisers import DiscreteEpsDenoiser, broadcast_sigma, ve_form
 from .distill import SolverSetup
-from .lambda_file import lambda_metadata, load_lambdas
+from .lambda_file import lambda_metadata, load_lambdas, refuse_first_step
 from .lambda_file import schedule_id as describe_schedule
 from .scheduler_config import (
     EDM_PREDICTION_TYPES,
@@ -632,6 +632,7 @@ def _export_flow(lambda_file: str | os.PathLike, meta: dict[str, Any], base: dic
     if describe_schedule(probe.schedule) != meta.get("schedule"):
         raise SchedulerConfigError(f"{pipeline}: its time shift is not the one {lambda_file} was fitted at ({meta.get('time_shift')}); give the calibrated pipeline folder")
     tensors, meta = load_lambdas(lambda_file, schedule=probe.schedule)
+    refuse_first_step(tensors, lambda_file, "a diffusers pipeline (it calls the network at every timestep)")
     lambdas = tensors["lambdas"].to(torch.float64)
     try:
         setup = SolverSetup.resolve(meta["solver"], int(meta["nfe"]), probe.schedule, meta.get("grid"), tensors["sigmas"], **(meta.get("grid_kwargs") or {}))
@@ -678,6 +679,7 @@ def export_scheduler(lambda_file: str | os.PathLike, pipeline: str | os.PathLike
     if fitted_prediction != folder_prediction:
         raise SchedulerConfigError(f"{pipeline} has prediction_type {folder_prediction!r}, but {lambda_file} was fitted on a {fitted_prediction!r} network; give the calibrated pipeline folder")
     tensors, meta = load_lambdas(lambda_file, schedule=schedule)  # its σ list becomes the config's diffusers `sigmas`
+    refuse_first_step(tensors, lambda_file, "a diffusers pipeline (it calls the network at every timestep)")
     lambdas = tensors["lambdas"]
     try:
         setup = SolverSetup.resolve(meta["solver"], int(meta["nfe"]), schedule, meta.get("grid"), tensors["sigmas"], **(meta.get("grid_kwargs") or {}))

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .lambda_file import LambdaFileError, load_lambdas, schedule_from_id
+from .lambda_file import LambdaFileError, load_lambdas, refuse_first_step, schedule_from_id
 from .flow import flow_state
 from .schedules import FlowMatching, Schedule, VPDiscrete, flow_time, linear_betas
 from .solvers import DEIS, SOLVERS, DPMSolverPP, LambdaLayout, Solver, run_stages
@@ -120,6 +120,7 @@ def sampler_from_lambda_file(path: str | os.PathLike, require_integer_timesteps:
     (ComfyUI calls discrete models at integer timesteps).
     """
     tensors, meta = load_lambdas(path)
+    refuse_first_step(tensors, path, "a k-diffusion sampler (it calls the model at every σ it is given)")
     schedule, exact = _schedule_of(path, meta)
     if require_integer_timesteps and isinstance(schedule, VPDiscrete) and meta.get("integer_timesteps") is not True:
         raise LambdaFileError(f"{path} was not calibrated with integer_timesteps, but discrete models are called at integer timesteps here; recalibrate with the denoiser option integer_timesteps: true")

@@ -26,6 +26,7 @@ from .solvers import SOLVERS, LambdaLayout, NFEError
 __all__ = [
     "save_lambdas",
     "load_lambdas",
+    "refuse_first_step",
     "lambda_metadata",
     "lambdas_to_apply",
     "check_lambdas",
@@ -156,6 +157,9 @@ def load_lambdas(
         raise LambdaFileError(f"{path} holds no σ list (tensor 'sigmas'); refit with train.py")
     check_grid(tensors["sigmas"], tensors["lambdas"], metadata, str(path))
     tensors["sigmas"] = tensors["sigmas"].to(torch.float64)
+    first = tensors.get("first_denoised")
+    if first is not None and (metadata.get("first_step") != "mean" or not first.is_floating_point() or not bool(first.isfinite().all())):
+        raise LambdaFileError(f"{path} holds a first-step x̂₀ (first_denoised) that is not finite or not marked first_step mean; refit with train.py")
     if expect:
         wrong = [
             f"{key}={one_line(repr(metadata.get(key)), 80)} (this run: {expect[key]!r})"
@@ -282,3 +286,12 @@ def lambda_file_in(path: str | Path) -> Path:
         listed = ", ".join(p.name for p in found) or "*.safetensors"
         raise LambdaFileError(f"folder {path} holds {len(found)} λ files ({listed}); pass the λ file itself")
     return found[0]
+
+
+def refuse_first_step(tensors: dict[str, Tensor], path: str | Path, driver: str) -> None:
+    """One line for a `first_step: mean` λ file where `driver` calls the network at every step."""
+    if "first_denoised" in tensors:
+        raise LambdaFileError(
+            f"{path} answers its first evaluation with a stored x̂₀ (first_step: mean), which {driver} cannot do; "
+            "sample it with sample.py or dode_lightning.load_student, or refit with --model.first_step network"
+        )

@@ -41,6 +41,7 @@ from .distill import (
     teacher_on,
     teacher_targets,
 )
+from .denoisers import FirstStepMean, first_step_mean
 from .figures import lambda_figure
 from .grids import LEARNED_GRIDS, TEACHER_DP, check_sigmas
 from .joint_fit import JointFit, JointFitDiverged, JointSettings, TeacherPath, hard_rows, stratified_weights
@@ -199,6 +200,10 @@ class DODECalibration(pl.LightningModule):
             pool's mean squared error (few-step RMSE is carried by about 1 % of the seeds, which a batch of 100 rarely
             holds). One process only.
         joint_hard: how many of the pool's hardest seeds join the joint fit.
+        first_step: `network` (default) or `mean`: the student's first evaluation, at σ_max, is answered by the mean
+            x̂₀ of the calibration batch there (stored in the λ file), so `nfe` network calls drive nfe + 1 solver
+            steps (the analytical first step of AMED-Solver/GITS, with the data-aware mean instead of zero).
+            Unconditional models only (x̂₀ at σ_max is the class's or prompt's mean otherwise).
         dp_steps: `grid: teacher_dp` only: M, the steps of the teacher's fine grid (the solver's default grid kind
             with sigma_min, sigma_max, rho, terminal_zero) on which the student's steps are placed.
         dp_coefficient: `grid: teacher_dp` only: c in the placement objective Σ_n c^n·cost_n (1: plain sum; > 1
@@ -237,6 +242,7 @@ class DODECalibration(pl.LightningModule):
         joint_refit: bool = False,
         joint_pool: int = 0,
         joint_hard: int = 50,
+        first_step: Literal["network", "mean"] = "network",
         dp_steps: int = 100,
         dp_coefficient: float = 1.0,
     ) -> None:
@@ -269,9 +275,13 @@ class DODECalibration(pl.LightningModule):
             self.layout = LambdaLayout(history, lambda_groups)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        if first_step not in ("network", "mean"):
+            raise ConfigError(f"unknown first_step {first_step!r}; choose network or mean")
         self.placement = grid == TEACHER_DP
         # teacher_dp: the student starts on the solver's default grid, whose kind and ends the fine grid shares.
-        self.built = build_student(denoiser, solver, nfe, None if self.placement else grid, sigma_min, sigma_max, rho, state_dtype, terminal_zero=terminal_zero)
+        # first_step mean: nfe network calls drive nfe + 1 solver steps (the first answered by the stored mean).
+        steps = nfe + 1 if first_step == "mean" else nfe
+        self.built = build_student(denoiser, solver, steps, None if self.placement else grid, sigma_min, sigma_max, rho, state_dtype, terminal_zero=terminal_zero)
         self.loaded, self.setup_spec, self.student = self.built.loaded, self.built.setup, self.built.solver
         self.placement_base = self.setup_spec
         if not any(self.student.lambda_fitted):
@@ -294,10 +304,24 @@ class DODECalibration(pl.LightningModule):
         self.teacher_rmse: dict[str, float] = {}
         self.fit_bar: tqdm | None = None
         self.joint: JointFit | None = None
+        # Kept out of the module tree (it wraps the same frozen network): what the student's evaluations go to.
+        self.__dict__["student_denoiser"] = self.denoiser
 
     def metadata(self) -> dict[str, Any]:
         """What determines the student (also the λ file's identity fields)."""
         return self.built.metadata()
+
+    def set_first_step(self, noise: Tensor) -> None:
+        """`first_step: mean`: the batch mean of x̂₀ at the student's first evaluation request (pooled over ranks), and
+        the student's denoiser that answers that request with it."""
+        request = next(self.student.stages(self.student.init_state(noise)))
+        total = self._pool(first_step_mean(self.denoiser, request.x, request.sigma, request.scale).cpu() * len(noise))
+        count = self._pool(torch.tensor(float(len(noise)), dtype=torch.float64))
+        self.__dict__["student_denoiser"] = FirstStepMean(self.denoiser, float(request.sigma), total / count)
+
+    def network_nfe(self) -> int:
+        """Network calls per sample of the student (its stages, less the first with `first_step: mean`)."""
+        return self.student.nfe - (1 if self.hparams.first_step == "mean" else 0)
 
     def placement_settings(self) -> dict[str, Any] | None:
         """How `teacher_dp` places the steps (None for a named grid)."""
@@ -320,7 +344,8 @@ class DODECalibration(pl.LightningModule):
         # The joint fit moves λ the guard had set to 0 (unless λ are refitted in closed form afterwards).
         joint_lambdas = self.joint is not None and not self.hparams.joint_refit
         dropped = [] if self.closed_form is None or joint_lambdas else self.closed_form.dropped
-        return {"history": self.layout.history, "lambda_groups": self.layout.groups, "guard": self.hparams.guard, "dropped_stages": dropped}
+        first = {} if self.hparams.first_step == "network" else {"first_step": "mean", "network_nfe": self.network_nfe()}
+        return {"history": self.layout.history, "lambda_groups": self.layout.groups, "guard": self.hparams.guard, "dropped_stages": dropped, **first}
 
     def scaled_lambdas(self) -> Tensor:
         """λ in paper units: the Adam parameters times each stage's natural scale."""
@@ -339,13 +364,15 @@ class DODECalibration(pl.LightningModule):
     def run_closed_form(self, noise: Tensor, labels: Tensor | None, targets: Tensor) -> StageFit:
         start = time.perf_counter()
         holdout = holdout_mask(self.trainer.datamodule.rank_seeds(), self.hparams.guard) if self.hparams.guard else None
-        result = fit_closed_form(self.student, self.denoiser, noise, targets, labels, self._pool, self.layout, holdout)
+        result = fit_closed_form(self.student, self.student_denoiser, noise, targets, labels, self._pool, self.layout, holdout)
         self.timings["closed_form"] = self.timings.get("closed_form", 0.0) + time.perf_counter() - start
         return result
 
     def on_train_start(self) -> None:
         steps = {"closed_form": 1, "joint": self.hparams.joint_steps}.get(self.fit_method, self.hparams.adam_steps)
         self.fit_bar = tqdm(total=steps, desc=f"fit ({self.fit_method})", disable=self.global_rank != 0)
+        if self.hparams.first_step == "mean":
+            self.set_first_step(self.trainer.datamodule.full_batch(self.device)[0])
         if self.fit_method in ("compare", "joint"):
             self.closed_form = self.run_closed_form(*self.trainer.datamodule.full_batch(self.device))
         if self.fit_method == "joint":
@@ -367,7 +394,7 @@ class DODECalibration(pl.LightningModule):
         path = data.trajectory(self) if self.hparams.joint_intermediate else None
         try:
             self.joint = JointFit(
-                self.setup_spec.name, self.student.sigmas, self.setup_spec.schedule, self.denoiser, noise, final, self.closed_form.lambdas,
+                self.setup_spec.name, self.student.sigmas, self.setup_spec.schedule, self.student_denoiser, noise, final, self.closed_form.lambdas,
                 self.layout, self.joint_settings, labels, self.closed_form.natural_scales(), holdout, path, self._pool, weights,
             )
         except ValueError as err:  # a grid the joint fit cannot spread (e.g. from σ = ∞ in log σ)
@@ -391,11 +418,11 @@ class DODECalibration(pl.LightningModule):
         start = time.perf_counter()
         if self.adam_iterations == 0:
             with torch.no_grad():
-                at_zero = evaluate_lambdas(self.student, self.denoiser, noise, targets, torch.zeros_like(self.lambdas), labels, self._pool, self.layout)
+                at_zero = evaluate_lambdas(self.student, self.student_denoiser, noise, targets, torch.zeros_like(self.lambdas), labels, self._pool, self.layout)
                 self.lambda_scale.copy_(at_zero.natural_scales())
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        losses = stagewise_losses(self.student, self.denoiser, noise, targets, self.scaled_lambdas(), labels, self.layout)
+        losses = stagewise_losses(self.student, self.student_denoiser, noise, targets, self.scaled_lambdas(), labels, self.layout)
         self.manual_backward(losses.sum())
         optimizer.step()
         self.adam_iterations += 1
@@ -463,7 +490,7 @@ class DODECalibration(pl.LightningModule):
     def evaluate(self) -> StageFit:
         """Per-stage statistics of the current λ on the whole (pooled) calibration set."""
         noise, labels, targets = self.trainer.datamodule.full_batch(self.device)
-        return evaluate_lambdas(self.student, self.denoiser, noise, targets, self.lambdas.detach(), labels, self._pool, self.layout)
+        return evaluate_lambdas(self.student, self.student_denoiser, noise, targets, self.lambdas.detach(), labels, self._pool, self.layout)
 
     def on_train_end(self) -> None:
         self.fit_bar.close()
@@ -498,8 +525,8 @@ class DODECalibration(pl.LightningModule):
         noise, labels, targets = self.trainer.datamodule.full_batch(self.device)
         noise, labels, targets = noise[:64], None if labels is None else labels[:64], targets[:, :64]
         with torch.no_grad():
-            base = self.student.sample(self.denoiser, noise, class_labels=labels)
-            d_student = self.student.sample(self.denoiser, noise, self.applied_lambdas(), labels)
+            base = self.student.sample(self.student_denoiser, noise, class_labels=labels)
+            d_student = self.student.sample(self.student_denoiser, noise, self.applied_lambdas(), labels)
         # RMSE of the finished students to the teacher's endpoint on these seeds (latents, before any decoding).
         self.teacher_rmse = {"base": rmse(base, targets[-1]), "d": rmse(d_student, targets[-1]), "seeds": len(noise)}
         decoder = self.loaded.decoder
@@ -522,6 +549,8 @@ def lambda_file_contents(module: DODECalibration, data: "TeacherTargets", fit: S
         "target_sigmas": module.student.target_sigmas.detach(),
         "lambda_fitted": torch.tensor(module.student.lambda_fitted),
     }
+    if isinstance(module.student_denoiser, FirstStepMean):
+        tensors["first_denoised"] = module.student_denoiser.denoised.cpu()
     return tensors, metadata
 
 
@@ -711,7 +740,7 @@ class TeacherTargets(pl.LightningDataModule):
             for chunk in range(0, pool, self.batch_size):
                 noise, labels = seeded_noise(seeds[chunk : chunk + self.batch_size], module.loaded.image_shape, label_dim, module.dtype_)
                 noise, labels = noise.to(module.device), None if labels is None else labels.to(module.device)
-                student_final.append(module.student.sample(module.denoiser, noise, applied, labels).cpu())
+                student_final.append(module.student.sample(module.student_denoiser, noise, applied, labels).cpu())
                 reference_final.append(reference.sample(module.denoiser, noise, class_labels=labels).cpu())
             hard = sorted(int(i) for i in hard_rows(torch.cat(student_final), torch.cat(reference_final), count))
             outside = [i for i in hard if i >= self.batch_size]
@@ -738,7 +767,9 @@ class TeacherTargets(pl.LightningDataModule):
         return HardSeeds([seeds[i] for i in outside], noise.to(module.device), labels, final.to(module.device), weights)
 
     def _check_hard_settings(self, module: DODECalibration) -> None:
-        """`joint_pool` settings this data can serve (checked before the teacher runs)."""
+        """`joint_pool` and `first_step` settings this data can serve (checked before the teacher runs)."""
+        if module.hparams.first_step == "mean" and self._conditional(module):
+            raise ConfigError("first_step mean needs an unconditional model (x̂₀ at σ_max is each class's mean); set data.class_conditional false or --model.first_step network")
         pool, count = module.hparams.joint_pool, module.hparams.joint_hard
         if not pool:
             return

@@ -70,7 +70,7 @@ SAMPLER_KEYS = ("denoiser", "solver", "nfe", "grid", "sigma_min", "sigma_max", "
 CALIBRATION_ONLY_KEYS = (
     "fit", "adam_lr", "adam_steps", "output", "history", "lambda_groups", "guard",
     "joint_optimizer", "joint_steps", "joint_lr", "joint_coordinate", "joint_lambdas", "joint_intermediate", "joint_slack", "joint_refit",
-    "joint_pool", "joint_hard",
+    "joint_pool", "joint_hard", "first_step",
     "dp_steps", "dp_coefficient",
 )
 # A few Trainer arguments named in --help (any other works too).
@@ -400,7 +400,9 @@ def _sample(argv: list[str], progress: dict[str, Any]) -> int:
     fresh, seconds = len(seeds) - data.already_written, timer.seconds
     rate = f", {fresh / seconds:.1f} images/s" if fresh else ""
     kind = "base solver" if module.lambda_file is None else f"D-solver (λ {module.lambda_file['path']})"
-    print(f"\n{module.built.setup.name}, NFE {module.student.nfe}, {kind}")
+    network_nfe = (module.lambda_file or {}).get("metadata", {}).get("network_nfe")
+    nfe = module.student.nfe if network_nfe is None else f"{network_nfe} (+ the stored first step)"
+    print(f"\n{module.built.setup.name}, NFE {nfe}, {kind}")
     print(f"{len(seeds)} seeds ({args.seeds}): {fresh} generated on {trainer.world_size} process(es), {data.already_written} already in {outdir}; predict {seconds:.2f} s{rate}; total {time.perf_counter() - started:.2f} s")
     print(f"image grid of the first {min(len(seeds), GRID_SEEDS)} seeds: {outdir / GRID_FILE}")
     if fid is not None:

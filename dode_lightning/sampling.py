@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .atomic import atomic_write_bytes, is_temporary_of
-from .denoisers import eps_and_denoised
+from .denoisers import FirstStepMean, eps_and_denoised
 from .distill import SEED_LIMIT, seeded_noise
 from .lambda_file import LambdaFileError, fitted_settings, lambdas_to_apply, load_lambdas
 from .errors import ConfigError
@@ -533,6 +533,9 @@ class DODESampler(pl.LightningModule):
         if use_file:
             tensors, meta = load_lambdas(lambdas, expect=self.built.metadata(), schedule=self.built.setup.schedule)
             lam = lambdas_to_apply(lambdas, tensors, meta, self.student.num_stages, self.built.loaded.image_shape)
+            if "first_denoised" in tensors:  # first_step mean: the first evaluation is the stored x̂₀
+                first = FirstStepMean(self.built.loaded.denoiser, float(self.student.sigmas[0]), tensors["first_denoised"])
+                self.denoiser = FixedBatch(first, eval_batch)
             self.lambda_file = {"path": str(Path(lambdas).resolve()), "sha256": file_sha256(lambdas), "metadata": meta}
             fitted_conditional = meta.get("class_conditional")
         self.register_buffer("lambdas", lam, persistent=False)

@@ -45,11 +45,12 @@ def test_best_configs_place_the_steps_on_the_teacher_trajectory(tmp_path, config
     assert result.returncode == 0, result.stderr[-2000:]
     tensors, meta = load_lambdas(out)
     start = meta["grid_kwargs"]["start_grid"] if meta["grid"] == "joint" else meta["grid"]  # the joint fit starts from the placement
-    assert start == "teacher_dp" and meta["fit"] == "joint" and meta["history"] == 10 and len(tensors["sigmas"]) == 4
-    if config == "gmm_digits_best.yaml":
+    assert start == "teacher_dp" and meta["fit"] == "joint" and meta["history"] == 10
+    if config == "gmm_digits_best.yaml":  # 3 network calls, 4 steps: the first answered by the stored x̂₀
         assert meta["solver"] == "ipndm" and meta["hard_pool"] == 40 and len(meta["hard_seeds"]) == 2
+        assert meta["first_step"] == "mean" and meta["network_nfe"] == 3 and len(tensors["sigmas"]) == 5
     else:
-        assert meta["solver"] == "unipc_3" and "hard_seeds" not in meta
+        assert meta["solver"] == "unipc_3" and "hard_seeds" not in meta and len(tensors["sigmas"]) == 4
 
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c.name not in OFFLINE], ids=lambda c: c.name)
