@@ -50,7 +50,7 @@ def test_best_configs_place_the_steps_on_the_teacher_trajectory(tmp_path, config
         assert meta["solver"] == "ipndm" and meta["hard_pool"] == 40 and len(meta["hard_seeds"]) == 2
         assert meta["first_step"] == "mean" and meta["network_nfe"] == 3 and len(tensors["sigmas"]) == 5
     else:
-        assert meta["solver"] == "unipc_3" and "hard_seeds" not in meta and len(tensors["sigmas"]) == 4
+        assert meta["solver"] == "unipc_3" and "hard_seeds" not in meta and meta["first_step"] == "mean" and len(tensors["sigmas"]) == 5
 
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c.name not in OFFLINE], ids=lambda c: c.name)
