@@ -268,12 +268,14 @@ def _normalise(value: Any) -> Any:
 
 
 def fitted_settings(path: str | Path) -> dict[str, Any]:
-    """Solver, NFE, grid and grid settings a λ file was fitted for (with its σ list they rebuild its student)."""
+    """Solver, NFE, grid and grid settings a λ file was fitted for (with its σ list they rebuild its student), and its
+    network calls per sample (`network_nfe`: the NFE train.py was given; one less than the solver's with a stored
+    first step)."""
     meta = lambda_metadata(path)
     missing = [key for key in ("solver", "nfe", "grid", "grid_kwargs") if key not in meta]
     if missing:
         raise LambdaFileError(f"{path} lacks {', '.join(missing)} in its metadata; refit with train.py")
-    return {key: meta[key] for key in ("solver", "nfe", "grid", "grid_kwargs")}
+    return {**{key: meta[key] for key in ("solver", "nfe", "grid", "grid_kwargs")}, "network_nfe": meta.get("network_nfe", meta["nfe"])}
 
 
 def lambda_file_in(path: str | Path) -> Path:

@@ -194,9 +194,10 @@ def _model_args(config: dict[str, Any], lambdas: str, eval_batch: int, command_l
     if args["lambdas"] is not None:
         fitted = fitted_settings(args["lambdas"])
         values = {"solver": fitted["solver"], "nfe": fitted["nfe"], "grid": fitted["grid"], **{k: v for k, v in fitted["grid_kwargs"].items() if k in _FITTED_KEYS}}
+        given = {**values, "nfe": fitted["network_nfe"]}  # what train.py was told (with a stored first step, one less)
         for key in _FITTED_KEYS:
-            if key in command_line and key in values and command_line[key] != values[key]:
-                raise ConfigError(f"--model.{key} {command_line[key]} conflicts with the λ file, fitted with {key} {values[key]}; drop the override, refit, or use --lambdas none")
+            if key in command_line and key in given and command_line[key] != given[key]:
+                raise ConfigError(f"--model.{key} {command_line[key]} conflicts with the λ file, fitted with {key} {given[key]}; drop the override, refit, or use --lambdas none")
             args.pop(key, None)
         args.update(values)
     args["eval_batch"] = eval_batch

@@ -74,3 +74,21 @@ def test_first_step_mean_refuses_a_class_conditional_run_in_one_line(tmp_path, c
     code, output, captured = _calibrate(tmp_path, capsys, "--data.class_conditional", "true")
     assert code == 2 and not output.exists()
     assert captured.err.strip().splitlines()[-1].startswith("error: first_step mean needs an unconditional model")
+
+
+def test_sample_py_takes_the_nfe_train_py_was_given(tmp_path, capsys, monkeypatch):
+    """A first-step λ file's solver has N + 1 stages; sample.py speaks of (and accepts) the N network calls."""
+    import subprocess
+
+    from tests.test_calibration import ROOT
+
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    code, output, _ = _calibrate(tmp_path, capsys)
+    assert code == 0
+    config = tmp_path / "first.yaml"
+    run = [sys.executable, str(ROOT / "sample.py"), "--config", str(config), "--lambdas", str(output), "--seeds", "0-3"]
+    ok = subprocess.run([*run, "--outdir", str(tmp_path / "a"), "--model.nfe", "3"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "ipndm, NFE 3 (+ the stored first step)" in ok.stdout
+    wrong = subprocess.run([*run, "--outdir", str(tmp_path / "b"), "--model.nfe", "4"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert wrong.returncode == 2 and "--model.nfe 4 conflicts with the λ file, fitted with nfe 3" in wrong.stderr
