@@ -54,7 +54,7 @@ __all__ = ["DODECalibration", "TeacherTargets", "lambda_file_contents", "ConfigE
 
 CACHE_VERSION = 2
 # Hard seeds: the screening reference takes this many times the student's steps, placed on the teacher's trajectory
-# with `teacher_dp` (on such a grid 3× ranks the seeds as the teacher would: 41–47 of the 50 worst), else the
+# with `teacher_dp` (it finds 47–49 of the 50 seeds worst against the exact ODE at NFE 4–10), else the
 # student's teacher refined this many times; and the most seeds one run may screen.
 HARD_REFERENCE_STEPS = 3
 HARD_REFERENCE_SCALE = 5
@@ -194,7 +194,7 @@ class DODECalibration(pl.LightningModule):
             one process only).
         joint_refit: after the joint fit, refit λ in closed form on the fitted σ (with `joint_lambdas: false`:
             steps fitted end to end with λ held, then λ by the paper's least squares on them).
-        joint_pool: hard seeds for the joint fit (0 = off): the closed-form student and a 3× finer teacher sample
+        joint_pool: hard seeds for the joint fit (0 = off): the closed-form student and a 3×-step reference sample
             seeds data.seed … data.seed + joint_pool − 1 (the batch's own included); the `joint_hard` seeds where they
             disagree most join the fit with their teacher endpoints, weighted so that the loss still estimates the
             pool's mean squared error (few-step RMSE is carried by about 1 % of the seeds, which a batch of 100 rarely
@@ -723,8 +723,9 @@ class TeacherTargets(pl.LightningDataModule):
         self.data = TensorDataset(noise, labels, targets.transpose(0, 1).contiguous())
 
     def hard_seeds(self, module: DODECalibration, lambdas: Tensor) -> "HardSeeds":
-        """The joint fit's hard seeds (`model.joint_pool`): screen the pool with the closed-form student against the
-        teacher refined `HARD_REFERENCE_SCALE` times, keep the `joint_hard` seeds where they disagree most, and give
+        """The joint fit's hard seeds (`model.joint_pool`): screen the pool with the closed-form student against a
+        reference (`HARD_REFERENCE_STEPS`× its steps placed on the teacher's trajectory with `teacher_dp`, else its
+        teacher refined `HARD_REFERENCE_SCALE` times), keep the `joint_hard` seeds where they disagree most, and give
         those outside the batch their teacher endpoints (the batch's own teacher, one run on them only)."""
         pool, count = module.hparams.joint_pool, module.hparams.joint_hard
         label_dim = module.loaded.label_dim if self._conditional(module) else 0
@@ -744,10 +745,14 @@ class TeacherTargets(pl.LightningDataModule):
                 reference_final.append(reference.sample(module.denoiser, noise, class_labels=labels).cpu())
             hard = sorted(int(i) for i in hard_rows(torch.cat(student_final), torch.cat(reference_final), count))
             outside = [i for i in hard if i >= self.batch_size]
-            noise, labels = seeded_noise([seeds[i] for i in outside], module.loaded.image_shape, label_dim, module.dtype_)
-            noise, labels = noise.to(module.device), None if labels is None else labels.to(module.device)
+            # Every hard seed's row, then those outside the batch get their own teacher run.
+            noise, labels = seeded_noise([seeds[i] for i in hard], module.loaded.image_shape, label_dim, module.dtype_)
+            keep = torch.tensor([i >= self.batch_size for i in hard])
+            noise, labels = noise[keep].to(module.device), None if labels is None else labels[keep].to(module.device)
             teacher, indices = self.teacher(module)
-            if module.placement:  # the placement teacher's last state is the student's last target
+            if not outside:
+                final = noise.clone()
+            elif module.placement:  # the placement teacher's last state is the student's last target
                 final = teacher.sample(module.denoiser, noise, class_labels=labels)
             else:
                 final = teacher_targets(teacher, indices[-1:], module.denoiser, noise, labels)[0]
@@ -760,7 +765,7 @@ class TeacherTargets(pl.LightningDataModule):
         self.hard = {
             "pool": pool,
             "seeds": [seeds[i] for i in hard],
-            "screen_evaluations": (module.student.nfe + reference.nfe) * pool,
+            "screen_evaluations": (module.network_nfe() + reference.nfe) * pool,
             "teacher_evaluations": teacher.nfe * len(outside),
             "weights": [hard_weight, easy_weight],
         }
