@@ -175,14 +175,15 @@ def run_until_stopped(run: Callable[[], int], stopped: Callable[[Interrupted], s
         finally:
             if not finished(code):
                 release_run_folders()
-            release_process_group()
+            if code == 0:  # a failing rank leaves its group to the exit, so the others' watchdog names it
+                release_process_group()
     return code
 
 
 def release_process_group() -> None:
-    """Tear down this process's torch.distributed group (DDP ranks) before the interpreter exits: left to exit-time
-    destruction, gloo's threads can abort a rank that finished early ("terminate called without an active exception",
-    seen on train.py's rank 1 while rank 0 wrote its report)."""
+    """Tear down this process's torch.distributed group (a DDP rank that finished) before the interpreter exits: left to
+    exit-time destruction, gloo's threads can abort it ("terminate called without an active exception", seen on
+    train.py's rank 1 while rank 0 wrote its report)."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
