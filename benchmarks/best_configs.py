@@ -16,14 +16,13 @@ import dataclasses
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 from benchmarks.common import HELD_OUT_START, machine, markdown_table, output_dir, parser, print_and_write
-from benchmarks.learned_steps import HeldOut, load_model
+from benchmarks.learned_steps import Counter, HeldOut, load_model
 from dode_lightning import lightning
-from dode_lightning.api import load_student
+from dode_lightning.api import Student, load_student
 from dode_lightning.cli import train_main
 from dode_lightning.distill import seeded_noise
 from dode_lightning.quiet import silence_lightning_noise
@@ -40,29 +39,14 @@ HEADER = ["NFE", "RMSE", "median", "p99", "× best learned peer", "base on the s
 MORE_SEEDS = 2_000_000
 
 
-class Counting(torch.nn.Module):
-    """The denoiser, counting sample-evaluations: rows per call, and rows a backward pass will go through."""
-
-    def __init__(self, inner: torch.nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.forward_rows = self.backward_rows = 0
-
-    def forward(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
-        self.forward_rows += len(x)
-        if torch.is_grad_enabled() and (x.requires_grad or (isinstance(sigma, torch.Tensor) and sigma.requires_grad)):
-            self.backward_rows += len(x)
-        return self.inner(x, sigma, class_labels)
-
-
-def calibrate(config: Path, nfe: int, output: Path) -> tuple[float, Counting]:
+def calibrate(config: Path, nfe: int, output: Path) -> tuple[float, Counter]:
     """Run train.py on `config` at this NFE; its CPU seconds and the denoiser's evaluation counts."""
-    counted: list[Counting] = []
+    counted: list[Counter] = []
     load = lightning.load_denoiser
 
     def load_counting(**kwargs):
         loaded = load(**kwargs)
-        counted.append(Counting(loaded.denoiser))
+        counted.append(Counter(loaded.denoiser))
         return dataclasses.replace(loaded, denoiser=counted[-1])
 
     lightning.load_denoiser = load_counting
@@ -77,13 +61,15 @@ def calibrate(config: Path, nfe: int, output: Path) -> tuple[float, Counting]:
     return time.process_time() - start, counted[-1]
 
 
-def row(model: str, nfe: int, lambda_file: Path, seconds: float, counts: Counting, held: HeldOut, more: HeldOut) -> list[str]:
+def scores(student: Student, held: HeldOut) -> dict[str, float]:
+    """The held-out figures of a student as it samples (its stored first step included)."""
+    return held.score(student.sample(held.denoiser, held.noise), student.solver)
+
+
+def row(model: str, nfe: int, lambda_file: Path, seconds: float, counts: Counter, held: HeldOut, more: HeldOut) -> list[str]:
     student = load_student(lambda_file)
-    shape = held.noise.shape[1:]
-    first = student.first_denoised
-    d_student = SimpleNamespace(solver=student.solver, lambdas=student.layout.expand(student.lambdas, shape), first_denoised=first)
-    base_student = SimpleNamespace(solver=student.solver, lambdas=None, first_denoised=first)
-    d_scores, base = held(d_student), held(base_student)["rmse"]
+    base_student = dataclasses.replace(student, lambdas=torch.zeros_like(student.lambdas))  # λ = 0: the base solver
+    d_scores, base = scores(student, held), scores(base_student, held)["rmse"]
     peer = BEST_PEER[model].get(nfe)
     return [
         str(nfe),
@@ -92,7 +78,7 @@ def row(model: str, nfe: int, lambda_file: Path, seconds: float, counts: Countin
         f"{d_scores['p99']:.4f}",
         "–" if peer is None else f"{d_scores['rmse'] / peer:.2f}×",
         f"{base:.4f}",
-        f"{more(d_student)['rmse']:.4f} ({more(base_student)['rmse']:.4f})",
+        f"{scores(student, more)['rmse']:.4f} ({scores(base_student, more)['rmse']:.4f})",
         ", ".join(f"{float(s):.3g}" for s in student.sigmas),
         f"{counts.forward_rows:,} / {counts.backward_rows:,}",
         f"{seconds:.1f}",

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from benchmarks.common import CALIBRATION_SEEDS, HELD_OUT_START, SCALE, ExactStates, machine, markdown_table, output_dir, parser
-from dode_lightning.denoisers import Denoiser, FirstStepMean
+from dode_lightning.denoisers import Denoiser
 from dode_lightning.distill import SolverSetup, StageFit, build_teacher, fit_closed_form, holdout_mask, seeded_noise, teacher_targets
 from dode_lightning.grids import karras_sigmas, logsnr_uniform_sigmas
 from dode_lightning.joint_fit import JointFit, JointResult, JointSettings
@@ -56,18 +56,19 @@ def iterations(nfe: int) -> int:
     return max(30, 300 // nfe)
 
 
-class Counter:
+class Counter(torch.nn.Module):
     """A denoiser that counts sample-evaluations: rows per call, and rows whose output a backward pass will reach
-    (the call's state or σ carries a graph)."""
+    (the call's state or σ carries a graph). A module, so it can stand in for a loaded network (benchmarks/best_configs.py)."""
 
     def __init__(self, denoiser: Denoiser) -> None:
+        super().__init__()
         self.denoiser = denoiser
-        self.forward = self.backward = 0
+        self.forward_rows = self.backward_rows = 0
 
-    def __call__(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
-        self.forward += len(x)
+    def forward(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+        self.forward_rows += len(x)
         if torch.is_grad_enabled() and (x.requires_grad or (isinstance(sigma, Tensor) and sigma.requires_grad)):
-            self.backward += len(x)
+            self.backward_rows += len(x)
         return self.denoiser(x, sigma, class_labels)
 
 
@@ -107,7 +108,7 @@ def run_gits(denoiser: Denoiser, noise: Tensor, nfe: int, held: Callable[[Calibr
     counter, start = Counter(denoiser), time.process_time()
     sigmas = gits_grid(counter, noise, nfe)
     seconds = time.process_time() - start
-    rows = [Calibrated("GITS", SOLVERS[name].from_grid(sigmas, EDM()), None, counter.forward, 0, seconds, name) for name in GITS_STUDENTS]
+    rows = [Calibrated("GITS", SOLVERS[name].from_grid(sigmas, EDM()), None, counter.forward_rows, 0, seconds, name) for name in GITS_STUDENTS]
     for row in rows:
         row.scores = held(row)
     return min(rows, key=lambda r: r.scores["rmse"])
@@ -126,7 +127,7 @@ def run_ld3(denoiser: Denoiser, noise: Tensor, nfe: int, held: Callable[[Calibra
         settings = JointSettings(fit_lambdas=False, slack=radius)
         fit = JointFit(name, student.sigmas, EDM(), counter, noise, target, torch.zeros(student.num_stages, dtype=torch.float64), LambdaLayout(), settings, held=validation)
         result = fit.fit(iterations(nfe))
-        row = Calibrated("LD3", SOLVERS[name].from_grid(result.sigmas, EDM()), None, counter.forward, counter.backward, time.process_time() - start, f"{name}, kept it. {result.best_iteration}/{result.iterations}")
+        row = Calibrated("LD3", SOLVERS[name].from_grid(result.sigmas, EDM()), None, counter.forward_rows, counter.backward_rows, time.process_time() - start, f"{name}, kept it. {result.best_iteration}/{result.iterations}")
         row.scores = held(row)
         rows.append(row)
     return min(rows, key=lambda r: r.scores["rmse"])
@@ -151,14 +152,14 @@ def run_package(denoiser: Denoiser, noise: Tensor, nfe: int, held: Callable[[Cal
             return student, targets, fit_closed_form(student, counter, noise, targets, layout=layout, holdout=guard)
 
         def row(method: str, student: Solver, lambdas: Tensor, seconds: float, note: str) -> Calibrated:
-            return Calibrated(method, student, layout.expand(lambdas, noise.shape[1:]), counter.forward, counter.backward, seconds, note)
+            return Calibrated(method, student, layout.expand(lambdas, noise.shape[1:]), counter.forward_rows, counter.backward_rows, seconds, note)
 
         student, targets, closed = closed_on(sigmas)
         out["dp"].append(row("DP grid + D h-all", student, closed.lambdas, time.process_time() - start, name))
-        dp_forward, dp_seconds = counter.forward, out["dp"][-1].cpu_seconds
+        dp_forward, dp_seconds = counter.forward_rows, out["dp"][-1].cpu_seconds
         for key, settings in (("joint", JointSettings()), ("refit", JointSettings(fit_lambdas=False))):
             # Each recipe's cost: the DP teacher and closed form it starts from, then its own fit.
-            counter.forward, counter.backward, start = dp_forward, 0, time.process_time() - dp_seconds
+            counter.forward_rows, counter.backward_rows, start = dp_forward, 0, time.process_time() - dp_seconds
             fit = JointFit(name, sigmas, EDM(), counter, noise, targets[-1], closed.lambdas, layout, settings, lambda_scale=closed.natural_scales(), held=guard)
             result = fit.fit(iterations(nfe))
             note = f"{name}, kept it. {result.best_iteration}/{result.iterations}"
@@ -181,11 +182,12 @@ class HeldOut:
         self.exact = ExactStates(reference, noise)
 
     def __call__(self, row: Calibrated) -> dict[str, float]:
-        first = getattr(row, "first_denoised", None)  # `first_step: mean` students answer σ_max with it
-        denoiser = self.denoiser if first is None else FirstStepMean(self.denoiser, float(row.solver.sigmas[0]), first)
         with torch.no_grad():
-            out = row.solver.sample(denoiser, self.noise, row.lambdas)
-        per_seed = ((out - self.exact(row.solver)).flatten(1) ** 2).mean(1)
+            return self.score(row.solver.sample(self.denoiser, self.noise, row.lambdas), row.solver)
+
+    def score(self, out: Tensor, solver: Solver) -> dict[str, float]:
+        """RMSE, median and p99 of the per-seed RMSE of final states `out` of `solver` on these latents."""
+        per_seed = ((out - self.exact(solver)).flatten(1) ** 2).mean(1)
         return {
             "rmse": math.sqrt(float(per_seed.mean())),
             "median": math.sqrt(float(per_seed.median())),

@@ -217,8 +217,8 @@ class FirstStepMean(nn.Module):
         return eps_and_denoised(self.denoiser, x, sigma, class_labels)
 
 
-def first_step_mean(denoiser: Denoiser, request_x: Tensor, sigma: Tensor, scale: Tensor, class_labels: Tensor | None = None) -> Tensor:
+def first_step_mean(denoiser: Denoiser, request_x: Tensor, sigma: Tensor, scale: Tensor) -> Tensor:
     """The constant of `FirstStepMean`: the mean over the batch of x̂₀ at the student's first evaluation request
-    (state `request_x` = s·x_VE at σ_0), in float64."""
+    (state `request_x` = s·x_VE at σ_0), in float64; unconditional (a class's x̂₀ there is that class's mean)."""
     with torch.no_grad():
-        return denoiser(ve_form(request_x, sigma, scale), sigma, class_labels).to(torch.float64).mean(0)
+        return denoiser(ve_form(request_x, sigma, scale), sigma).to(torch.float64).mean(0)

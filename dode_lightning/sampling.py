@@ -524,7 +524,7 @@ class DODESampler(pl.LightningModule):
         else:
             self.built = build_student(denoiser, solver, nfe, grid, sigma_min, sigma_max, rho, state_dtype, terminal_zero=terminal_zero)
         self.eval_batch = eval_batch
-        self.denoiser = FixedBatch(self.built.loaded.denoiser, eval_batch)
+        network = self.built.loaded.denoiser
         self.decoder = self.built.loaded.decoder
         self.student = self.built.solver
         self.lambda_file: dict[str, Any] | None = None
@@ -534,10 +534,10 @@ class DODESampler(pl.LightningModule):
             tensors, meta = load_lambdas(lambdas, expect=self.built.metadata(), schedule=self.built.setup.schedule)
             lam = lambdas_to_apply(lambdas, tensors, meta, self.student.num_stages, self.built.loaded.image_shape)
             if "first_denoised" in tensors:  # first_step mean: the first evaluation is the stored x̂₀
-                first = FirstStepMean(self.built.loaded.denoiser, float(self.student.sigmas[0]), tensors["first_denoised"])
-                self.denoiser = FixedBatch(first, eval_batch)
+                network = FirstStepMean(network, float(self.student.sigmas[0]), tensors["first_denoised"])
             self.lambda_file = {"path": str(Path(lambdas).resolve()), "sha256": file_sha256(lambdas), "metadata": meta}
             fitted_conditional = meta.get("class_conditional")
+        self.denoiser = FixedBatch(network, eval_batch)
         self.register_buffer("lambdas", lam, persistent=False)
         label_dim = self.built.loaded.label_dim
         if class_conditional is None:
