@@ -259,8 +259,6 @@ class DODECalibration(pl.LightningModule):
                 raise ConfigError(f"joint_pool picks hard seeds for the joint fit; set --model.fit joint or --model.joint_pool 0 (fit is {fit})")
             if joint_hard < 1 or joint_pool > MAX_POOL:
                 raise ConfigError(f"hard seeds need joint_hard ≥ 1 and joint_pool ≤ {MAX_POOL:,}, got {joint_hard} and {joint_pool}")
-            if joint_intermediate:
-                raise ConfigError("joint_intermediate reads the batch's teacher trajectory, which the hard seeds lack; set --model.joint_intermediate 0 or --model.joint_pool 0")
         try:
             self.joint_settings = JointSettings(joint_optimizer, joint_lr, joint_coordinate, rho or 7.0, joint_lambdas, joint_intermediate, joint_slack)
         except ValueError as err:
@@ -386,12 +384,12 @@ class DODECalibration(pl.LightningModule):
         noise, labels, targets = data.full_batch(self.device)
         final, seeds, weights = targets[-1], data.rank_seeds(), None
         start = time.perf_counter()
-        if self.hparams.joint_pool:
-            hard = data.hard_seeds(self, self.closed_form.lambdas)
+        hard = data.hard_seeds(self, self.closed_form.lambdas) if self.hparams.joint_pool else None
+        if hard is not None:
             noise, final, seeds, weights = torch.cat([noise, hard.noise]), torch.cat([final, hard.final]), seeds + hard.seeds, hard.weights
             labels = None if labels is None else torch.cat([labels, hard.labels])
         holdout = holdout_mask(seeds, self.hparams.guard) if self.hparams.guard else None
-        path = data.trajectory(self) if self.hparams.joint_intermediate else None
+        path = data.trajectory(self, hard) if self.hparams.joint_intermediate else None
         try:
             self.joint = JointFit(
                 self.setup_spec.name, self.student.sigmas, self.setup_spec.schedule, self.student_denoiser, noise, final, self.closed_form.lambdas,
@@ -793,18 +791,25 @@ class TeacherTargets(pl.LightningDataModule):
         """Steps of the hard-seed screening reference placed on the teacher's trajectory (`teacher_dp`)."""
         return min(HARD_REFERENCE_STEPS * (len(module.student.sigmas) - 1), module.hparams.dp_steps)
 
-    def trajectory(self, module: DODECalibration) -> TeacherPath:
+    def trajectory(self, module: DODECalibration, hard: "HardSeeds | None" = None) -> TeacherPath:
         """Every finished state of the teacher on the module's grid refined C times (`joint_intermediate`: targets at
-        wherever the joint fit moves the steps); one more teacher run, memory O(C·NFE·|B|·D)."""
+        wherever the joint fit moves the steps) for the batch, then the hard seeds outside it (rows as the joint
+        fit's); one more teacher run, memory O(C·NFE·|B|·D)."""
         noise, labels, _ = self.data.tensors
+        noise, labels = noise.to(module.device), labels.to(module.device) if labels.shape[-1] else None
+        if hard is not None:
+            noise = torch.cat([noise, hard.noise.to(noise)])
+            labels = None if labels is None else torch.cat([labels, hard.labels.to(labels)])
         teacher, _ = build_teacher(module.student, module.setup_spec, self.scale, "aligned", self.teacher_for(module), module.layout.history)
         slots = teacher.state_slots()
         sigmas = sorted(slots, reverse=True)
         start = time.perf_counter()
         with torch.no_grad():
-            states = teacher_targets(teacher, [slots[s] for s in sigmas], module.denoiser, noise.to(module.device), labels.to(module.device) if labels.shape[-1] else None)
+            states = teacher_targets(teacher, [slots[s] for s in sigmas], module.denoiser, noise, labels)
         self.teacher_seconds += time.perf_counter() - start
         self.teacher_nfe += teacher.nfe
+        if hard is not None and self.hard is not None:
+            self.hard["teacher_evaluations"] += teacher.nfe * len(hard.noise)
         return TeacherPath(torch.tensor(sigmas, dtype=torch.float64), states)
 
     def retarget(self, module: DODECalibration) -> None:

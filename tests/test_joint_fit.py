@@ -172,7 +172,6 @@ def test_train_py_hard_seeds_join_the_joint_fit(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("extra,message", [
     (["--model.fit", "closed_form"], "joint_pool picks hard seeds for the joint fit"),
     (["--model.joint_pool", "20"], "joint_pool counts the seeds screened from data.seed"),
-    (["--model.joint_intermediate", "0.5"], "joint_intermediate reads the batch's teacher trajectory"),
 ])
 def test_train_py_bad_hard_seed_settings_fail_in_one_line(tmp_path, capsys, monkeypatch, extra, message):
     monkeypatch.setattr(sys, "argv", ["train.py"])
@@ -182,6 +181,23 @@ def test_train_py_bad_hard_seed_settings_fail_in_one_line(tmp_path, capsys, monk
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1], err
     assert not output.exists()
+
+
+def test_hard_seeds_get_their_own_intermediate_targets(tmp_path, capsys, monkeypatch):
+    """`joint_pool` with `joint_intermediate`: the teacher trajectory covers the hard seeds outside the batch, row for
+    row with the fit's latents (its last state is each row's final target, from the same C-refined teacher)."""
+    from dode_lightning import lightning
+
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    fits = []
+    monkeypatch.setattr(lightning, "JointFit", lambda *args, **kwargs: fits.append(JointFit(*args, **kwargs)) or fits[-1])
+    config = write_tiny_config(tmp_path, "hard", "solver: ipndm, nfe: 4, fit: joint, history: 4, joint_steps: 2, joint_pool: 60, joint_hard: 5, joint_intermediate: 0.5")
+    args = ["--config", str(config), "--exact_report", "false", "--trainer.logger", "false", "--model.output", str(tmp_path / "l.safetensors")]
+    assert train_main(args) == 0, capsys.readouterr().err[-3000:]
+    fit = fits[-1]
+    assert len(fit.noise) > 20 and fit.path.states.shape[1] == len(fit.noise)
+    assert float(fit.path.sigmas[-1]) == float(fit.start_sigmas[-1])  # the grid's end: the teacher's final state
+    torch.testing.assert_close(fit.path.states[-1].to(torch.float64), fit.target.to(torch.float64), rtol=0, atol=1e-6)
 
 
 def _train(tmp_path, *extra):
