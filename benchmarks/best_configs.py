@@ -10,7 +10,8 @@ move the 500-seed figure). Cost: network sample-evaluations of the whole calibra
 (train.py's whole process time for the fit, Lightning set-up included).
 `--large N` adds N more seeds from 3,000,000 (exact model: 20,000 take ≈ 3 min for their ODE solutions): the RMSE
 there, and how many seeds end in another mode (per-seed RMSE > 0.1) — at NFE ≥ 8 those few seeds carry the RMSE,
-so 500 seeds rank configurations by luck, 20,000 by their expected error.
+so 500 seeds rank configurations by luck, 20,000 by their expected error; the GITS and LD3 reproductions of
+benchmarks/learned_steps.py are scored there too.
 Usage: PYTHONPATH=. python benchmarks/best_configs.py [--quick] [--model exact|network] [--nfe 3,4,5,6,8,10] [--large N] [--out-dir docs]
 """
 from __future__ import annotations
@@ -21,14 +22,16 @@ import time
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
-from benchmarks.common import HELD_OUT_START, machine, markdown_table, output_dir, parser, print_and_write
-from benchmarks.learned_steps import Counter, HeldOut, load_model
+from benchmarks.common import CALIBRATION_SEEDS, HELD_OUT_START, machine, markdown_table, output_dir, parser, print_and_write
+from benchmarks.learned_steps import Counter, HeldOut, load_model, run_gits, run_ld3
 from dode_lightning import lightning
 from dode_lightning.api import Student, load_student
 from dode_lightning.cli import train_main
 from dode_lightning.distill import seeded_noise
 from dode_lightning.quiet import silence_lightning_noise
+from dode_lightning.solvers import Solver
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"exact": ROOT / "configs" / "gmm_digits_best.yaml", "network": ROOT / "configs" / "edm_digits_net_best.yaml"}
@@ -73,14 +76,28 @@ def scores(student: Student, held: HeldOut) -> dict[str, float]:
     return held.score(student.sample(held.denoiser, held.noise), student.solver)
 
 
-def large_cell(student: Student, held: HeldOut | None) -> list[str]:
-    """RMSE on the large seed set and the seeds that ended in another mode (empty without `--large`)."""
-    if held is None:
+def large_scores(out: Tensor, solver: Solver, held: HeldOut) -> tuple[float, int]:
+    """RMSE of final states `out` on the large seed set, and how many seeds ended in another mode."""
+    per_seed = ((out - held.exact(solver)).flatten(1) ** 2).mean(1).sqrt()
+    return float(per_seed.square().mean().sqrt()), int((per_seed > WRONG_MODE).sum())
+
+
+def large_cells(student: Student, nfe: int, held: HeldOut, large: HeldOut | None) -> list[str]:
+    """`--large`: the config's RMSE (seeds in another mode) on the large set, the same for the GITS and LD3
+    reproductions of benchmarks/learned_steps.py (calibrated on seeds 0–99, each keeping the student that is better
+    on the 500 held-out seeds), and the config's ratio to the better of them there. Empty without `--large`."""
+    if large is None:
         return []
     with torch.no_grad():
-        out = student.sample(held.denoiser, held.noise)
-    per_seed = ((out - held.exact(student.solver)).flatten(1) ** 2).mean(1).sqrt()
-    return [f"{float(per_seed.square().mean().sqrt()):.4f} ({int((per_seed > WRONG_MODE).sum())})"]
+        ours = large_scores(student.sample(large.denoiser, large.noise), student.solver, large)
+        calibration = seeded_noise(CALIBRATION_SEEDS, (1, 8, 8))[0]
+        peers = [run(large.denoiser, calibration, nfe, held) for run in (run_gits, run_ld3)]
+        theirs = [large_scores(peer.solver.sample(large.denoiser, large.noise), peer.solver, large) for peer in peers]
+    return [
+        f"{ours[0]:.4f} ({ours[1]})",
+        ", ".join(f"{peer.method} {rmse:.4f} ({wrong})" for peer, (rmse, wrong) in zip(peers, theirs)),
+        f"{ours[0] / min(rmse for rmse, _ in theirs):.2f}×",
+    ]
 
 
 def row(model: str, nfe: int, lambda_file: Path, seconds: float, counts: Counter, held: HeldOut, more: HeldOut, large: HeldOut | None) -> list[str]:
@@ -96,7 +113,7 @@ def row(model: str, nfe: int, lambda_file: Path, seconds: float, counts: Counter
         "–" if peer is None else f"{d_scores['rmse'] / peer:.2f}×",
         f"{base:.4f}",
         f"{scores(student, more)['rmse']:.4f} ({scores(base_student, more)['rmse']:.4f})",
-        *large_cell(student, large),
+        *large_cells(student, nfe, held, large),
         ", ".join(f"{float(s):.3g}" for s in student.sigmas),
         f"{counts.forward_rows:,} / {counts.backward_rows:,}",
         f"{seconds:.1f}",
@@ -108,7 +125,7 @@ def main() -> None:
     args_parser.add_argument("--model", choices=["exact", "network"], default="exact")
     args_parser.add_argument("--nfe", default=None, help="comma-separated NFEs (default: 3,4,5,6,8,10 exact, 5,10 network)")
     args_parser.add_argument("--large", type=int, default=0, help="also score on this many seeds from 3,000,000 (RMSE, seeds in another mode)")
-    args_parser.add_argument("--config", default=None, help="score this config file instead (a variant of the model's best config); writes nothing")
+    args_parser.add_argument("--config", default=None, help="score this config file instead: one of configs/ writes docs/best_configs_<its name>.md, any other file nothing")
     args = args_parser.parse_args()
     silence_lightning_noise()
     torch.set_num_threads(1)
@@ -118,7 +135,8 @@ def main() -> None:
     held = HeldOut(denoiser, reference, seeded_noise(range(HELD_OUT_START, HELD_OUT_START + count), (1, 8, 8))[0])
     more = HeldOut(denoiser, reference, seeded_noise(range(MORE_SEEDS, MORE_SEEDS + (100 if args.quick else 2 * count)), (1, 8, 8))[0])
     large = HeldOut(denoiser, reference, seeded_noise(range(LARGE_SEEDS, LARGE_SEEDS + args.large), (1, 8, 8))[0]) if args.large else None
-    header = HEADER[:7] + ([f"RMSE on {args.large:,} seeds from 3,000,000 (seeds in another mode)"] if large else []) + HEADER[7:]
+    large_header = [f"RMSE on {args.large:,} seeds from 3,000,000 (seeds in another mode)", "GITS, LD3 there", "× better of them there"]
+    header = HEADER[:7] + (large_header if large else []) + HEADER[7:]
     config = CONFIGS[args.model] if args.config is None else Path(args.config).resolve()
     rows = []
     with tempfile.TemporaryDirectory() as folder:
@@ -128,10 +146,13 @@ def main() -> None:
             print(markdown_table(header, rows[-1:]), flush=True)
     text = (
         f"Best configuration `{config.relative_to(ROOT) if config.is_relative_to(ROOT) else config}` on the {args.model} model ({count} held-out seeds from {HELD_OUT_START:,}; "
-        f"{machine()}). Reproduce: `PYTHONPATH=. python benchmarks/best_configs.py --model {args.model}{f' --large {args.large}' if large else ''}`.\n\n"
+        f"{machine()}). Reproduce: `PYTHONPATH=. python benchmarks/best_configs.py --model {args.model}"
+        f"{'' if args.config is None else f' --config {args.config}'}{f' --large {args.large}' if large else ''}`.\n\n"
         + markdown_table(header, rows)
     )
-    print_and_write(text, None if output_dir(args) is None or args.config is not None else output_dir(args) / f"best_configs_{args.model}.md")
+    shipped = config.parent == ROOT / "configs"
+    name = f"best_configs_{args.model}.md" if args.config is None else f"best_configs_{config.stem}.md"
+    print_and_write(text, None if output_dir(args) is None or not shipped else output_dir(args) / name)
 
 
 if __name__ == "__main__":

@@ -26,17 +26,18 @@ def _train(tmp_path, config, *extra):
 def test_every_config_is_listed():
     assert {c.name for c in CONFIGS} == {
         "gmm_digits.yaml", "edm_digits_net.yaml", "edm_ffhq.yaml", "edm_cifar10.yaml", "edm_imagenet64.yaml", "ddpm_cifar10.yaml",
-        "sd_latent.yaml", "gmm_digits_flow.yaml", "gmm_digits_best.yaml", "edm_digits_net_best.yaml",
+        "sd_latent.yaml", "gmm_digits_flow.yaml", "gmm_digits_best.yaml", "edm_digits_net_best.yaml", "gmm_digits_budget.yaml",
     }
 
 
 # Configs whose model ships with the package (built in, or a file in the repository).
-OFFLINE = ("gmm_digits.yaml", "gmm_digits_flow.yaml", "edm_digits_net.yaml", "gmm_digits_best.yaml", "edm_digits_net_best.yaml")
+OFFLINE = ("gmm_digits.yaml", "gmm_digits_flow.yaml", "edm_digits_net.yaml", "gmm_digits_best.yaml", "edm_digits_net_best.yaml", "gmm_digits_budget.yaml")
 
 
 @pytest.mark.parametrize("config,extra", [
     ("gmm_digits_best.yaml", ("--model.joint_pool", "40", "--model.joint_hard", "2", "--model.joint_steps", "2")),
     ("edm_digits_net_best.yaml", ("--model.joint_steps", "2")),
+    ("gmm_digits_budget.yaml", ()),
 ])
 def test_best_configs_place_the_steps_on_the_teacher_trajectory(tmp_path, config, extra):
     out = tmp_path / "l.safetensors"
@@ -46,9 +47,12 @@ def test_best_configs_place_the_steps_on_the_teacher_trajectory(tmp_path, config
     tensors, meta = load_lambdas(out)
     start = meta["grid_kwargs"]["start_grid"] if meta["grid"] == "joint" else meta["grid"]  # the joint fit starts from the placement
     assert start == "teacher_dp" and meta["fit"] == "joint" and meta["history"] == 10
-    if config == "gmm_digits_best.yaml":  # 3 network calls, 4 steps: the first answered by the stored x̂₀
-        assert meta["solver"] == "ipndm" and meta["hard_pool"] == 40 and len(meta["hard_seeds"]) == 2
-        assert meta["first_step"] == "mean" and meta["network_nfe"] == 3 and len(tensors["sigmas"]) == 5
+    if config.startswith("gmm_digits"):  # 3 network calls, 4 steps: the first answered by the stored x̂₀
+        assert meta["solver"] == "ipndm" and meta["first_step"] == "mean" and meta["network_nfe"] == 3 and len(tensors["sigmas"]) == 5
+        if config == "gmm_digits_best.yaml":
+            assert meta["hard_pool"] == 40 and len(meta["hard_seeds"]) == 2
+        else:
+            assert "hard_seeds" not in meta and meta["grid_kwargs"]["iterations"] == 15
     else:
         assert meta["solver"] == "unipc_3" and "hard_seeds" not in meta and meta["first_step"] == "mean" and len(tensors["sigmas"]) == 5
 
