@@ -701,7 +701,7 @@ class TeacherTargets(pl.LightningDataModule):
             self._check_cache_writable(key)  # before the teacher runs, not after
             noise, labels = self.calibration_noise(module.loaded.image_shape, label_dim, module.dtype_, *self._rank_and_world())
             start = time.perf_counter()
-            with tqdm(total=teacher.nfe, desc=f"teacher ({teacher.name}, NFE {teacher.nfe})", disable=self.trainer.global_rank != 0) as bar:
+            with tqdm(total=teacher.num_stages, desc=f"teacher ({teacher.name}, NFE {teacher.nfe})", disable=self.trainer.global_rank != 0) as bar:
                 with torch.no_grad():
                     noise_on, labels_on = noise.to(module.device), None if labels is None else labels.to(module.device)
                     if module.placement:
