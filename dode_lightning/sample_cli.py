@@ -389,7 +389,9 @@ def _sample(argv: list[str], progress: dict[str, Any]) -> int:
         return _fail(str(err))
     except OSError as err:
         # Disk full, a quota, a folder that vanished: what was written is whole (atomic writes) and a rerun resumes.
-        reason = f"{err.strerror or type(err).__name__}{f': {err.filename}' if err.filename else ''}"
+        # A failed rename (atomic write) names the hidden temporary first and the image it was to become second.
+        path = err.filename2 or err.filename
+        reason = f"{err.strerror or type(err).__name__}{f': {path}' if path else ''}"
         return _fail(f"writing the samples failed ({reason}); {writer.written} new image(s) are kept, fix that and rerun the same command to resume")
     finally:
         store.unlock()

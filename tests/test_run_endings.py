@@ -64,6 +64,16 @@ def test_mistyped_lambda_metadata_is_one_line(in_tmp, capsys, key, value, messag
     assert not (in_tmp / "out").exists()
 
 
+def test_an_image_that_cannot_be_written_is_named_not_its_temporary(in_tmp, capsys):
+    """An atomic write whose rename fails (the image's path is a folder) names the image, not the hidden temporary."""
+    blocked = in_tmp / "out" / "000000" / "000002.png"
+    blocked.mkdir(parents=True)
+    assert sample_main(_args(in_tmp / "out", "0-3", "--batch-size", "1")) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: writing the samples failed (Is a directory: {blocked}); 2 new image(s) are kept"), line
+    assert sorted(p.name for p in blocked.parent.iterdir()) == ["000000.png", "000001.png", "000002.png"]
+
+
 def test_well_typed_metadata_passes_the_check():
     check_metadata({**_VALID_META, "guidance_scale": 7, "class_conditional": None, "dropped_stages": [0, 3], "extra": [1]}, "f")
     with pytest.raises(LambdaFileError, match="'dropped_stages' is a list, expected a list of integers"):
@@ -405,6 +415,24 @@ def test_rank_watchdog_of_rank_0_names_the_launched_rank_that_died(how):
         child.wait()
 
 
+@pytest.mark.parametrize("error", [RuntimeError("Connection closed by peer"), OSError("disk full")], ids=["collective", "own"])
+def test_rank_0_whose_closing_barrier_broke_names_the_rank_still_exiting(error):
+    """The closing barrier breaks while the failed rank 1 is still exiting (its watch has ended with predict): rank 0
+    waits for its exit code and names it. An error of rank 0's own (not a collective's) is reported at once."""
+    child = subprocess.Popen([sys.executable, "-c", "import time, sys; time.sleep(0.5); sys.exit(2)"])
+    try:
+        watchdog, messages, _ = _watch(_fake_trainer(0, SimpleNamespace(procs=[child])))
+        watchdog.on_predict_end(None, None)
+        watchdog.on_exception(None, None, error)
+        if isinstance(error, RuntimeError):
+            assert messages == [f"rank 1 (pid {child.pid}) ended with exit code 2, so rank 0 stopped too; every file written is whole: rerun the same command to resume"]
+        else:
+            assert messages == []  # a wait would have seen the child's exit code 2 half a second later
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_rank_watchdog_of_a_launched_rank_notices_rank_0_is_gone(monkeypatch):
     from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
@@ -471,7 +499,7 @@ def test_ddp_sampling_stops_when_one_rank_dies(tmp_path, victim):
         assert lines == [f"error: rank 0 (pid {process.pid}) ended, so rank 1 stopped too; every file written is whole: rerun the same command to resume"]
     else:
         assert process.returncode == 1 and len(lines) == 2
-        assert lines[0].startswith("error: writing the samples failed") and "000041.png" in lines[0]
+        assert lines[0].startswith("error: writing the samples failed (Is a directory: ") and f"{outdir / '000000' / '000041.png'})" in lines[0]
         assert lines[1].startswith(f"error: rank 1 (pid {child}) ended with exit code 2, so rank 0 stopped too")
         (outdir / "000000" / "000041.png").rmdir()
     rerun = subprocess.run(_command("sample.py", *_args(outdir, "0-299", "--batch-size", "64")), cwd=tmp_path, env=_env(), capture_output=True, text=True)
