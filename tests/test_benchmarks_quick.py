@@ -59,3 +59,18 @@ def test_sections_are_replaced_in_place(tmp_path):
     text = (tmp_path / "benchmarks.md").read_text()
     assert "hand-written intro" in text and "second" in text and "first" not in text
     assert text.index("<!-- begin a -->") < text.index("<!-- begin b -->")
+
+
+@pytest.mark.slow
+def test_best_configs_quick_scores_a_shipped_config_on_the_large_set(tmp_path):
+    """`--config` of a shipped config writes its own page; `--large` adds the large-set RMSE with the wrong-mode
+    count, the GITS and LD3 reproductions there, and the ratio to the better of them."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    command = [sys.executable, str(ROOT / "benchmarks" / "best_configs.py"), "--quick", "--nfe", "5", "--large", "40",
+               "--config", "configs/gmm_digits_budget.yaml", "--out-dir", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    page = (tmp_path / "best_configs_gmm_digits_budget.md").read_text()
+    assert "--config configs/gmm_digits_budget.yaml --large 40" in page and "RMSE on 40 seeds from 3,000,000" in page
+    row = next(line for line in page.splitlines() if line.startswith("| 5 |")).split(" | ")
+    assert row[8].startswith("GITS 0.") and ", LD3 0." in row[8] and row[9].endswith("×")
