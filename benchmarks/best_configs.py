@@ -78,8 +78,8 @@ def scores(student: Student, held: HeldOut) -> dict[str, float]:
 
 def large_scores(out: Tensor, solver: Solver, held: HeldOut) -> tuple[float, int]:
     """RMSE of final states `out` on the large seed set, and how many seeds ended in another mode."""
-    per_seed = ((out - held.exact(solver)).flatten(1) ** 2).mean(1).sqrt()
-    return float(per_seed.square().mean().sqrt()), int((per_seed > WRONG_MODE).sum())
+    per_seed = held.per_seed_mse(out, solver)
+    return float(per_seed.mean().sqrt()), int((per_seed.sqrt() > WRONG_MODE).sum())
 
 
 def large_cells(student: Student, nfe: int, held: HeldOut, large: HeldOut | None) -> list[str]:

@@ -185,9 +185,13 @@ class HeldOut:
         with torch.no_grad():
             return self.score(row.solver.sample(self.denoiser, self.noise, row.lambdas), row.solver)
 
+    def per_seed_mse(self, out: Tensor, solver: Solver) -> Tensor:
+        """Mean squared error of each final state `out` of `solver` on these latents to the reference state."""
+        return ((out - self.exact(solver)).flatten(1) ** 2).mean(1)
+
     def score(self, out: Tensor, solver: Solver) -> dict[str, float]:
         """RMSE, median and p99 of the per-seed RMSE of final states `out` of `solver` on these latents."""
-        per_seed = ((out - self.exact(solver)).flatten(1) ** 2).mean(1)
+        per_seed = self.per_seed_mse(out, solver)
         return {
             "rmse": math.sqrt(float(per_seed.mean())),
             "median": math.sqrt(float(per_seed.median())),
