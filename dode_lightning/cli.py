@@ -352,6 +352,10 @@ def _calibrate(args: list[str] | None, progress: dict[str, Any]) -> int:
             )
         module, data, trainer = cli.model, cli.datamodule, cli.trainer
         progress["data"] = data
+        # Under DDP a rank that dies leaves the others in a collective: they stop in one line naming it.
+        from .sampling import RankWatchdog
+
+        trainer.callbacks.append(RankWatchdog(advice="no λ file written: rerun the same command to calibrate"))
         limit_threads_for_builtin(module.loaded, trainer.strategy.root_device)
         output = progress["output"] = _output_path(module, trainer)
         _check_writable(output)

@@ -103,10 +103,10 @@ def seeded_noise(
         latents.append(torch.randn(shape, generator=gen))
         if label_dim:
             labels.append(torch.randint(label_dim, (1,), generator=gen))
-    noise = torch.stack(latents).to(dtype)
+    noise = torch.stack(latents).to(dtype) if latents else torch.empty(0, *shape, dtype=dtype)
     if not label_dim:
         return noise, None
-    return noise, torch.eye(label_dim, dtype=dtype)[torch.cat(labels)]
+    return noise, torch.eye(label_dim, dtype=dtype)[torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)]
 
 
 def global_stream_noise(

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .api import load_student
 from .lambda_file import LambdaFileError, load_lambdas, refuse_first_step, schedule_from_id
 from .flow import flow_state
 from .schedules import FlowMatching, Schedule, VPDiscrete, flow_time, linear_betas
@@ -124,11 +125,12 @@ def sampler_from_lambda_file(path: str | os.PathLike, require_integer_timesteps:
     schedule, exact = _schedule_of(path, meta)
     if require_integer_timesteps and isinstance(schedule, VPDiscrete) and meta.get("integer_timesteps") is not True:
         raise LambdaFileError(f"{path} was not calibrated with integer_timesteps, but discrete models are called at integer timesteps here; recalibrate with the denoiser option integer_timesteps: true")
-    solver = _solver_of(path, tensors, meta, schedule, exact)
-    layout = LambdaLayout(int(meta.get("history", 1)), str(meta.get("lambda_groups", "none")))
+    if issubclass(SOLVERS[str(meta["solver"])], DEIS) and not exact:  # known: load_lambdas checked the grid against it
+        raise LambdaFileError(f"{path}: DEIS depends on the schedule's β table, which this file names only by a hash that matches no known table; sample it with sample.py")
+    student = load_student(path, schedule)
     flow = isinstance(schedule, FlowMatching)
-    run = solver_sampler(solver, tensors["lambdas"].to(torch.float64), layout, flow)
-    grid = schedule.sigma_inv(solver.sigmas) if flow else solver.sigmas
+    run = solver_sampler(student.solver, student.lambdas, student.layout, flow)
+    grid = schedule.sigma_inv(student.sigmas) if flow else student.sigmas
     listed = grid if float(grid[-1]) == 0 else torch.cat([grid, grid.new_zeros(1)])
 
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):  # noqa: ANN001, ANN202 (KSampler)
@@ -157,9 +159,3 @@ def _schedule_of(path: str | os.PathLike, meta: dict[str, Any]) -> tuple[Schedul
     raise LambdaFileError(f"{path}: unknown schedule {described[:80]!r}; refit with train.py")
 
 
-def _solver_of(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict[str, Any], schedule: Schedule, exact: bool) -> Solver:
-    """The calibrated student on the file's σ grid."""
-    cls = SOLVERS[str(meta["solver"])]  # known: load_lambdas checked the grid against this solver
-    if issubclass(cls, DEIS) and not exact:
-        raise LambdaFileError(f"{path}: DEIS depends on the schedule's β table, which this file names only by a hash that matches no known table; sample it with sample.py")
-    return cls.from_grid(tensors["sigmas"], schedule)

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
 import pytorch_lightning as pl
 import torch
@@ -157,6 +158,28 @@ def own_direction(lambdas: Tensor) -> Tensor:
     return lambdas if lambdas.dim() == 1 else lambdas[:, 0].mean(-1)
 
 
+# Settings that only one fit or grid reads, by prefix, and when they apply: set elsewhere they are ignored, which
+# says so (a typo'd or forgotten fit or grid would otherwise pass unnoticed).
+_WHEN_APPLIES = {
+    "joint": "they configure --model.fit joint only",
+    "adam": "they configure --model.fit adam or compare only",
+    "dp": "they configure --model.grid teacher_dp only",
+}
+
+
+def _settings_that_do_not_apply(hparams: Mapping[str, Any]) -> dict[str, list[str]]:
+    """By prefix, the `joint_*`, `adam_*` and `dp_*` settings given a non-default value where their fit or grid is
+    not used (a warning, not an error: a config may keep them for switching `fit` or `grid` on the command line)."""
+    applies = {"joint": hparams["fit"] == "joint", "adam": hparams["fit"] in ("adam", "compare"), "dp": hparams["grid"] == TEACHER_DP}
+    defaults = inspect.signature(DODECalibration.__init__).parameters
+    unused: dict[str, list[str]] = {}
+    for name, value in hparams.items():
+        prefix = name.split("_")[0]
+        if prefix in applies and not applies[prefix] and name in defaults and value != defaults[name].default:
+            unused.setdefault(prefix, []).append(name)
+    return unused
+
+
 class DODECalibration(pl.LightningModule):
     """Fits the λ of a D-ODE solver for a frozen denoiser against cached teacher targets.
 
@@ -259,6 +282,8 @@ class DODECalibration(pl.LightningModule):
                 raise ConfigError(f"joint_pool picks hard seeds for the joint fit; set --model.fit joint or --model.joint_pool 0 (fit is {fit})")
             if joint_hard < 1 or joint_pool > MAX_POOL:
                 raise ConfigError(f"hard seeds need joint_hard ≥ 1 and joint_pool ≤ {MAX_POOL:,}, got {joint_hard} and {joint_pool}")
+        for prefix, names in _settings_that_do_not_apply(self.hparams).items():
+            warnings.warn(f"{', '.join(names)} ignored: {_WHEN_APPLIES[prefix]} (fit is {fit}, grid {grid or 'the solver default'})", stacklevel=2)
         try:
             self.joint_settings = JointSettings(joint_optimizer, joint_lr, joint_coordinate, rho or 7.0, joint_lambdas, joint_intermediate, joint_slack)
         except ValueError as err:
@@ -743,10 +768,9 @@ class TeacherTargets(pl.LightningDataModule):
                 reference_final.append(reference.sample(module.denoiser, noise, class_labels=labels).cpu())
             hard = sorted(int(i) for i in hard_rows(torch.cat(student_final), torch.cat(reference_final), count))
             outside = [i for i in hard if i >= self.batch_size]
-            # Every hard seed's row, then those outside the batch get their own teacher run.
-            noise, labels = seeded_noise([seeds[i] for i in hard], module.loaded.image_shape, label_dim, module.dtype_)
-            keep = torch.tensor([i >= self.batch_size for i in hard])
-            noise, labels = noise[keep].to(module.device), None if labels is None else labels[keep].to(module.device)
+            # The hard seeds inside the batch are rows already; those outside get their own teacher run.
+            noise, labels = seeded_noise([seeds[i] for i in outside], module.loaded.image_shape, label_dim, module.dtype_)
+            noise, labels = noise.to(module.device), None if labels is None else labels.to(module.device)
             teacher, indices = self.teacher(module)
             if not outside:
                 final = noise.clone()

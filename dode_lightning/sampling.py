@@ -651,7 +651,9 @@ DEAD_RANK_WAIT = 10.0
 
 class RankWatchdog(Callback):
     """Under DDP: when another rank dies mid-run (killed, crashed, or ended on an error of its own), this process
-    prints one line naming it and ends within `interval` seconds (exit code 1); the rerun resumes.
+    prints one line naming it, ending with `advice` (sample.py: the rerun resumes), and ends within `interval` seconds
+    (exit code 1). train.py's ranks run the teacher before the callbacks' setup starts the watch: a rank that dies
+    then is named when the survivors' next collective breaks (`on_exception`).
 
     Why a thread that polls processes: the survivors are inside, or heading into, a gloo collective that fails only at
     its timeout (30 minutes by default, and a shorter one would also fire on a slow but healthy rank), and until then
@@ -665,17 +667,23 @@ class RankWatchdog(Callback):
     the message (default: print it and `os._exit(1)`).
     """
 
-    def __init__(self, interval: float = 0.05, stop: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, interval: float = 0.05, stop: Callable[[str], None] | None = None, advice: str = "every file written is whole: rerun the same command to resume"
+    ) -> None:
         self.interval = interval
         self.stop = stop or _print_and_exit
+        self.advice = advice
         self.finished = threading.Event()
         self.check: Callable[[], str | None] | None = None
         self.rank = 0
         self.launched_others = False
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def _bind(self, trainer: pl.Trainer) -> None:
         self.check, self.rank = rank_failure_check(trainer), trainer.global_rank
         self.launched_others = trainer.local_rank == 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._bind(trainer)
         if self.check is not None:
             self.finished.clear()
             threading.Thread(target=self._watch, daemon=True, name="dode-rank-watchdog").start()
@@ -687,7 +695,7 @@ class RankWatchdog(Callback):
     def _stop_on_failure(self) -> bool:
         failure = self.check()
         if failure is not None:
-            self.stop(f"{failure}, so rank {self.rank} stopped too; every file written is whole: rerun the same command to resume")
+            self.stop(f"{failure}, so rank {self.rank} stopped too; {self.advice}")
         return failure is not None
 
     def on_predict_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -695,12 +703,14 @@ class RankWatchdog(Callback):
         if self.check is not None:
             self._stop_on_failure()
 
-    # The watch ends with predict (other ranks then exit on their own) or with this rank's own error or interrupt.
+    # The watch ends with predict or fit (other ranks then exit on their own) or with this rank's own error or interrupt.
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.finished.set()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.finished.set()
+        if self.check is None:  # failed before the callbacks' setup (train.py's teacher runs in the datamodule's)
+            self._bind(trainer)
         # A rank that failed near the end is still exiting when this one reaches the closing barrier, which then
         # breaks (gloo: RuntimeError "Connection closed by peer") before the watch saw that rank end: the launching
         # rank waits for it and names it, rather than the broken connection's traceback.

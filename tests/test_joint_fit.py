@@ -1,6 +1,7 @@
 """The end-to-end joint fit of step positions and λ (dode_lightning.joint_fit, `model.fit: joint`)."""
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -181,6 +182,21 @@ def test_train_py_bad_hard_seed_settings_fail_in_one_line(tmp_path, capsys, monk
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1], err
     assert not output.exists()
+
+
+def test_settings_of_another_fit_or_grid_are_named_as_ignored(tmp_path):
+    """joint_*, adam_* and dp_* settings that the chosen fit or grid never reads are named in a warning (a config may
+    keep them for switching fit or grid on the command line); the defaults and the settings in use are not."""
+    from dode_lightning.lightning import DODECalibration
+
+    with pytest.warns(UserWarning) as caught:
+        DODECalibration({"source": "gmm_digits"}, "ipndm", 4, fit="closed_form", joint_steps=5, joint_intermediate=0.1, adam_lr=0.5, dp_steps=30)
+    messages = [str(w.message) for w in caught]
+    assert "joint_steps, joint_intermediate ignored: they configure --model.fit joint only (fit is closed_form, grid the solver default)" in messages
+    assert any(m.startswith("adam_lr ignored") for m in messages) and any(m.startswith("dp_steps ignored") for m in messages)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DODECalibration({"source": "gmm_digits"}, "ipndm", 4, fit="joint", grid="teacher_dp", joint_steps=5, dp_steps=30, adam_steps=300)
 
 
 def test_hard_seeds_get_their_own_intermediate_targets(tmp_path, capsys, monkeypatch):

@@ -433,6 +433,45 @@ def test_rank_0_whose_closing_barrier_broke_names_the_rank_still_exiting(error):
         child.wait()
 
 
+def test_a_collective_that_broke_before_the_watch_started_still_names_the_dead_rank():
+    """train.py: the teacher runs in the datamodule's setup, before the callbacks' setup starts the watch; a rank that
+    died there is named when the survivor's collective breaks, with train.py's advice."""
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+    try:
+        messages = []
+        watchdog = RankWatchdog(interval=0.01, stop=messages.append, advice="no λ file written: rerun the same command to calibrate")
+        watchdog.on_exception(_fake_trainer(0, SimpleNamespace(procs=[child])), None, RuntimeError("Connection reset by peer"))
+        assert messages == [f"rank 1 (pid {child.pid}) ended with exit code 3, so rank 0 stopped too; no λ file written: rerun the same command to calibrate"]
+    finally:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the launched rank through /proc")
+def test_ddp_calibration_stops_in_one_line_when_a_rank_dies(tmp_path):
+    """train.py on two gloo ranks (CPU), rank 1 killed during a long Adam fit: rank 0 stops within seconds with one
+    line naming it, exit code 1, and no λ file."""
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {denoiser: {source: gmm_digits}, solver: euler, nfe: 4, fit: adam, adam_steps: 100000}\ndata: {cache_dir: null}\n")
+    output = tmp_path / "l.safetensors"
+    args = ["--config", str(config), "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.logger", "false", "--model.output", str(output)]
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr_file:
+        process = subprocess.Popen(_command("train.py", *args), cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=stderr_file, text=True)
+        _wait_for_text(process, log, "fit (adam)")
+        child = _launched_rank(process)
+        os.kill(child, signal.SIGKILL)
+        killed = time.monotonic()
+        process.wait(timeout=120)
+    stderr = log.read_text(errors="replace")
+    assert time.monotonic() - killed < 10 and process.returncode == 1, stderr[-2000:]
+    # The line follows the progress bar's last, unterminated update.
+    lines = [line[line.index("error: "):] for line in stderr.splitlines() if "error: " in line]
+    assert lines == [f"error: rank 1 (pid {child}) was killed by SIGKILL, so rank 0 stopped too; no λ file written: rerun the same command to calibrate"]
+    assert not output.exists()
+
+
 def test_rank_watchdog_of_a_launched_rank_notices_rank_0_is_gone(monkeypatch):
     from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 

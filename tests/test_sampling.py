@@ -65,6 +65,12 @@ def test_parse_and_format_seeds():
             parse_seeds(bad)
 
 
+def test_seeded_noise_of_no_seeds_is_empty_with_the_right_shape():
+    """The joint fit draws its hard seeds outside the batch, which may be none."""
+    noise, labels = seeded_noise([], (3, 4, 4), label_dim=10)
+    assert noise.shape == (0, 3, 4, 4) and labels.shape == (0, 10) and noise.dtype == labels.dtype == torch.float64
+
+
 def test_to_uint8_is_edm_rounding():
     x = torch.tensor([-1.0, -1.5, 1.0, 2.0, 0.0, (0.5 - 128) / 127.5, (1.4999 - 128) / 127.5], dtype=torch.float64)
     assert to_uint8(x).tolist() == [0, 0, 255, 255, 128, 0, 1]
