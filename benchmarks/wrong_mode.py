@@ -8,7 +8,8 @@ state at the same σ (those seeds, and the others), and how many of them are alr
 continued from the student's state ends in the other mode. Then, on the first `--first-step-seeds` seeds, what one
 step from σ_max alone does: one DDIM/Euler step to the student's σ_1 (with the network's x̂₀, and with the batch-mean
 x̂₀ of `first_step: mean`), then the exact ODE to the end, against the exact ODE all the way.
-Usage: PYTHONPATH=. python benchmarks/wrong_mode.py [--quick] [--config configs/gmm_digits_best.yaml] [--nfe 10] [--seeds 20000] [--out-dir docs]
+Usage: PYTHONPATH=. python benchmarks/wrong_mode.py [--quick] [--config configs/gmm_digits_best.yaml] [--nfe 10] [--seeds 20000]
+       [--first-step-seeds 4000] [--out-dir docs]
 """
 from __future__ import annotations
 
@@ -37,8 +38,11 @@ def exact_from(mixture: GaussianMixture, x: Tensor, sigma: float, sigma_end: flo
     return torch.cat([mixture.exact_endpoint(part, sigma, sigma_end=sigma_end) for part in torch.split(x, chunk)])
 
 
-def stage_table(mixture: GaussianMixture, student: Student, noise: Tensor, end: Tensor, lost: Tensor) -> list[list[str]]:
-    """Per stage: state RMSE to the exact ODE (lost seeds / the others) and how many lost seeds are lost there."""
+def stage_table(mixture: GaussianMixture, student: Student, noise: Tensor, end: Tensor, lost: Tensor, others: int) -> list[list[str]]:
+    """Per stage: state RMSE to the exact ODE (lost seeds / the first `others` of the rest) and how many lost seeds
+    are lost there."""
+    keep = lost | (torch.cumsum((~lost).long(), 0) <= others)  # the exact ODE to every stage costs: not all seeds
+    noise, end, lost = noise[keep], end[keep], lost[keep]
     solver = student.solver
     denoiser = mixture if student.first_denoised is None else FirstStepMean(mixture, float(solver.sigmas[0]), student.first_denoised)
     states: list[tuple[float, Tensor]] = []
@@ -76,11 +80,11 @@ def main() -> None:
     args_parser = parser(__doc__)
     args_parser.add_argument("--config", type=Path, default=CONFIGS["exact"], help="a train.py config of the exact model")
     args_parser.add_argument("--nfe", type=int, default=10)
-    args_parser.add_argument("--seeds", type=int, default=20_000, help="held-out seeds from 3,000,000")
-    args_parser.add_argument("--first-step-seeds", type=int, default=4_000, help="of those, how many the one-step check uses")
+    args_parser.add_argument("--seeds", type=int, default=None, help="held-out seeds from 3,000,000 (default 20,000; --quick 2,000)")
+    args_parser.add_argument("--first-step-seeds", type=int, default=None, help="seeds of the one-step check and of the other seeds' column (default 4,000; --quick 500)")
     args = args_parser.parse_args()
-    if args.quick:
-        args.seeds, args.first_step_seeds = 2_000, 500
+    args.seeds = args.seeds or (2_000 if args.quick else 20_000)
+    args.first_step_seeds = args.first_step_seeds or (500 if args.quick else 4_000)
     silence_lightning_noise()
     torch.set_num_threads(1)
     mixture, reference, _ = load_model("exact")
@@ -92,16 +96,18 @@ def main() -> None:
     end = held.exact(student.solver)
     final = student.sample(mixture, held.noise)
     lost = per_seed_rmse(final, end) > WRONG_MODE
-    stages = stage_table(mixture, student, held.noise.to(torch.float64), end, lost)
+    stages = stage_table(mixture, student, held.noise.to(torch.float64), end, lost, args.first_step_seeds)
     count = min(args.first_step_seeds, args.seeds)
     first = first_step_rows(mixture, student, held.noise[:count].to(torch.float64), end[:count])
+    config = args.config.resolve().relative_to(ROOT) if args.config.resolve().is_relative_to(ROOT) else args.config
     text = (
-        f"Seeds that end in another mode, `{args.config.resolve().relative_to(ROOT) if args.config.resolve().is_relative_to(ROOT) else args.config}` "
+        f"Seeds that end in another mode, `{config}` "
         f"at NFE {args.nfe} on the exact model: {int(lost.sum())} of {args.seeds:,} held-out seeds from 3,000,000 "
         f"(RMSE {float(per_seed_rmse(final, end).pow(2).mean().sqrt()):.4f}, without them {float(per_seed_rmse(final[~lost], end[~lost]).pow(2).mean().sqrt()):.4f}). "
-        f"{machine()}. Reproduce: `PYTHONPATH=. python benchmarks/wrong_mode.py --nfe {args.nfe} --seeds {args.seeds}`.\n\n"
+        f"{machine()}. Reproduce: `PYTHONPATH=. python benchmarks/wrong_mode.py --config {config} --nfe {args.nfe} --seeds {args.seeds} "
+        f"--first-step-seeds {args.first_step_seeds}`.\n\n"
         "Along the student (\"lost there\": the exact ODE continued from the student's state at that σ ends in the other mode):\n\n"
-        + markdown_table(["σ of the state", "state RMSE to the exact ODE, those seeds", "the other seeds", "lost there"], stages)
+        + markdown_table(["σ of the state", "state RMSE to the exact ODE, those seeds", f"{args.first_step_seeds:,} of the others", "lost there"], stages)
         + f"\n\nOne step from σ_max alone, then the exact ODE (first {count:,} seeds; the student itself loses "
         f"{int(lost[:count].sum())} of them):\n\n"
         + markdown_table(["step", "seeds in another mode"], first)

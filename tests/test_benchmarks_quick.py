@@ -74,3 +74,19 @@ def test_best_configs_quick_scores_a_shipped_config_on_the_large_set(tmp_path):
     assert "--config configs/gmm_digits_budget.yaml --large 40" in page and "RMSE on 40 seeds from 3,000,000" in page
     row = next(line for line in page.splitlines() if line.startswith("| 5 |")).split(" | ")
     assert row[8].startswith("GITS 0.") and ", LD3 0." in row[8] and row[9].endswith("×")
+
+
+@pytest.mark.slow
+def test_wrong_mode_follows_the_lost_seeds_along_the_student(tmp_path):
+    """benchmarks/wrong_mode.py: a table row per stage of the student, and the one-step check for the network's and
+    the stored x̂₀."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    command = [sys.executable, str(ROOT / "benchmarks" / "wrong_mode.py"), "--quick", "--nfe", "5", "--seeds", "300", "--first-step-seeds", "100",
+               "--config", "configs/gmm_digits_budget.yaml", "--out-dir", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    page = (tmp_path / "wrong_mode_nfe5.md").read_text()
+    assert "--config configs/gmm_digits_budget.yaml --nfe 5 --seeds 300 --first-step-seeds 100" in page
+    stage_rows = [line for line in page.splitlines() if line.startswith("| ") and " of " in line.split(" | ")[-1] and "→" not in line]
+    assert len(stage_rows) == 6  # first_step mean: NFE 5 network calls drive 6 stages
+    assert "the stored batch-mean x̂₀ (first_step mean) | " in page and "the network's x̂₀ | " in page
