@@ -644,8 +644,8 @@ class SampleWriter(BasePredictionWriter):
 # handling of the same signal (which ends the watch) before it reports such a rank as failed.
 INTERRUPTED_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)
 INTERRUPT_GRACE = 2.0
-# How long a launching rank whose collective broke waits to see which launched rank ended (seconds; it ends as soon as
-# one is seen, and an exiting rank's interpreter shutdown takes 1–2 s on a busy machine).
+# How long a rank whose collective broke waits to see which rank ended (seconds; it ends as soon as one is seen, and
+# an exiting rank's interpreter shutdown takes 1–2 s on a busy machine).
 DEAD_RANK_WAIT = 10.0
 
 
@@ -676,11 +676,9 @@ class RankWatchdog(Callback):
         self.finished = threading.Event()
         self.check: Callable[[], str | None] | None = None
         self.rank = 0
-        self.launched_others = False
 
     def _bind(self, trainer: pl.Trainer) -> None:
         self.check, self.rank = rank_failure_check(trainer), trainer.global_rank
-        self.launched_others = trainer.local_rank == 0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._bind(trainer)
@@ -711,10 +709,10 @@ class RankWatchdog(Callback):
         self.finished.set()
         if self.check is None:  # failed before the callbacks' setup (train.py's teacher runs in the datamodule's)
             self._bind(trainer)
-        # A rank that failed near the end is still exiting when this one reaches the closing barrier, which then
-        # breaks (gloo: RuntimeError "Connection closed by peer") before the watch saw that rank end: the launching
-        # rank waits for it and names it, rather than the broken connection's traceback.
-        if self.check is not None and self.launched_others and isinstance(exception, RuntimeError):
+        # A rank that failed is still exiting when this one's collective breaks (gloo: RuntimeError "Connection
+        # closed by peer"): the socket closes before the process table shows the end (its exit code, or a launched
+        # rank's re-parenting). Wait for it and name it, rather than print the broken connection's traceback.
+        if self.check is not None and isinstance(exception, RuntimeError):
             deadline = time.monotonic() + DEAD_RANK_WAIT
             while not self._stop_on_failure() and time.monotonic() < deadline:
                 time.sleep(self.interval)

@@ -472,6 +472,20 @@ def test_ddp_calibration_stops_in_one_line_when_a_rank_dies(tmp_path):
     assert not output.exists()
 
 
+def test_a_launched_rank_whose_collective_broke_waits_to_name_rank_0(monkeypatch):
+    """Rank 0 killed: rank 1's collective breaks before rank 1 is re-parented (the socket closes first); it waits for
+    that and names rank 0 instead of printing gloo's traceback."""
+    from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    parent = os.getppid()
+    calls, messages = iter(range(1_000_000)), []
+    watchdog = RankWatchdog(interval=0.01, stop=messages.append)
+    watchdog._bind(_fake_trainer(1, object.__new__(_SubprocessScriptLauncher)))
+    monkeypatch.setattr(os, "getppid", lambda: parent if next(calls) < 5 else 1)  # re-parented a few polls later
+    watchdog.on_exception(None, None, RuntimeError("Connection reset by peer"))
+    assert len(messages) == 1 and messages[0].startswith(f"rank 0 (pid {parent}) ended, so rank 1 stopped too")
+
+
 def test_rank_watchdog_of_a_launched_rank_notices_rank_0_is_gone(monkeypatch):
     from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
