@@ -676,9 +676,11 @@ class RankWatchdog(Callback):
         self.finished = threading.Event()
         self.check: Callable[[], str | None] | None = None
         self.rank = 0
+        # A launched rank builds this at its start, while its launching process lives; `on_exception` may bind later.
+        self.parent = os.getppid()
 
     def _bind(self, trainer: pl.Trainer) -> None:
-        self.check, self.rank = rank_failure_check(trainer), trainer.global_rank
+        self.check, self.rank = rank_failure_check(trainer, self.parent), trainer.global_rank
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._bind(trainer)
@@ -721,9 +723,10 @@ class RankWatchdog(Callback):
         self.finished.set()
 
 
-def rank_failure_check(trainer: pl.Trainer) -> Callable[[], str | None] | None:
+def rank_failure_check(trainer: pl.Trainer, parent: int | None = None) -> Callable[[], str | None] | None:
     """A function describing the first dead rank this process can see (None while all live); None without DDP or
-    where this process sees none (a rank 0 that launched no process)."""
+    where this process sees none (a rank 0 that launched no process). `parent`: a launched rank's launching process
+    (default: the current parent; pass the one seen earlier where it may already be gone)."""
     from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
     if trainer.world_size < 2:
@@ -731,7 +734,7 @@ def rank_failure_check(trainer: pl.Trainer) -> Callable[[], str | None] | None:
     launcher = trainer.strategy.launcher
     first = trainer.node_rank * trainer.num_devices  # the node's rank 0, which launched the node's other ranks
     if trainer.local_rank > 0:
-        parent = os.getppid()
+        parent = os.getppid() if parent is None else parent
         name = f"rank {first} (pid {parent})" if isinstance(launcher, _SubprocessScriptLauncher) else f"the launching process (pid {parent})"
         return lambda: f"{name} ended" if os.getppid() != parent else None
     children = list(getattr(launcher, "procs", None) or [])

@@ -480,10 +480,15 @@ def test_a_launched_rank_whose_collective_broke_waits_to_name_rank_0(monkeypatch
     parent = os.getppid()
     calls, messages = iter(range(1_000_000)), []
     watchdog = RankWatchdog(interval=0.01, stop=messages.append)
+    late = RankWatchdog(interval=0.01, stop=messages.append)  # built at the rank's start, bound only on the error
     watchdog._bind(_fake_trainer(1, object.__new__(_SubprocessScriptLauncher)))
     monkeypatch.setattr(os, "getppid", lambda: parent if next(calls) < 5 else 1)  # re-parented a few polls later
     watchdog.on_exception(None, None, RuntimeError("Connection reset by peer"))
     assert len(messages) == 1 and messages[0].startswith(f"rank 0 (pid {parent}) ended, so rank 1 stopped too")
+    # Rank 0 gone before the watch ever started (train.py's teacher): the parent seen when the watchdog was built.
+    messages.clear()
+    late.on_exception(_fake_trainer(1, object.__new__(_SubprocessScriptLauncher)), None, RuntimeError("Connection reset by peer"))
+    assert messages == [f"rank 0 (pid {parent}) ended, so rank 1 stopped too; every file written is whole: rerun the same command to resume"]
 
 
 def test_rank_watchdog_of_a_launched_rank_notices_rank_0_is_gone(monkeypatch):
