@@ -757,11 +757,16 @@ def rank_failure_check(trainer: pl.Trainer, parent: int | None = None) -> Callab
 
 
 def _print_and_exit(message: str) -> None:
+    from tqdm import tqdm
+
     from .cli_common import release_run_folders
 
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    release_run_folders()  # an FID run's TensorBoard folder: the run did not finish
-    os._exit(1)
+    # Progress bars are cleared first (the line is then the last one, not appended to a bar's last update) and not
+    # redrawn: the process ends inside the context.
+    with tqdm.external_write_mode(file=sys.stderr):
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        release_run_folders()  # an FID run's TensorBoard folder: the run did not finish
+        os._exit(1)
 
 
 class PredictTimer(Callback):

@@ -466,8 +466,7 @@ def test_ddp_calibration_stops_in_one_line_when_a_rank_dies(tmp_path):
         process.wait(timeout=120)
     stderr = log.read_text(errors="replace")
     assert time.monotonic() - killed < 10 and process.returncode == 1, stderr[-2000:]
-    # The line follows the progress bar's last, unterminated update.
-    lines = [line[line.index("error: "):] for line in stderr.splitlines() if "error: " in line]
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]  # on its own line, not after the bar
     assert lines == [f"error: rank 1 (pid {child}) was killed by SIGKILL, so rank 0 stopped too; no λ file written: rerun the same command to calibrate"]
     assert not output.exists()
 
