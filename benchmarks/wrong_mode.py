@@ -23,7 +23,6 @@ from benchmarks.best_configs import CONFIGS, LARGE_SEEDS, ROOT, WRONG_MODE, cali
 from benchmarks.common import machine, markdown_table, output_dir, parser, print_and_write
 from benchmarks.learned_steps import HeldOut, load_model
 from dode_lightning.api import Student, load_student
-from dode_lightning.denoisers import FirstStepMean
 from dode_lightning.distill import seeded_noise
 from dode_lightning.gmm import GaussianMixture
 from dode_lightning.quiet import silence_lightning_noise
@@ -44,10 +43,8 @@ def stage_table(mixture: GaussianMixture, student: Student, noise: Tensor, end: 
     keep = lost | (torch.cumsum((~lost).long(), 0) <= others)  # the exact ODE to every stage costs: not all seeds
     noise, end, lost = noise[keep], end[keep], lost[keep]
     solver = student.solver
-    denoiser = mixture if student.first_denoised is None else FirstStepMean(mixture, float(solver.sigmas[0]), student.first_denoised)
     states: list[tuple[float, Tensor]] = []
-    with torch.no_grad():
-        solver.sample(denoiser, noise, student.layout.expand(student.lambdas, noise.shape[1:]), observe=lambda k, _s, x: states.append((float(solver.target_sigmas[k]), x.clone())))
+    student.sample(mixture, noise, observe=lambda k, _stage, x: states.append((float(solver.target_sigmas[k]), x.clone())))
     start, sigma_start, sigma_end = solver.init_state(noise), float(solver.sigmas[0]), float(solver.sigmas[-1])
     rows = []
     for sigma, state in states:

@@ -17,7 +17,7 @@ from .checkpoints import LoadedDenoiser
 from .distill import SolverSetup
 from .lambda_file import LambdaFileError, load_lambdas, save_lambdas, schedule_from_id
 from .schedules import EDM, Schedule
-from .solvers import LambdaLayout, NFEError, Solver
+from .solvers import LambdaLayout, NFEError, Solver, Stage
 
 __all__ = ["Student", "calibrate", "load_student"]
 
@@ -44,13 +44,16 @@ class Student:
     def nfe(self) -> int:
         return self.solver.nfe
 
-    def sample(self, denoiser: Callable[..., Tensor], noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        """The final state from unit-variance latents `noise` (B, C, H, W): `denoiser(x, σ, class_labels) -> x̂₀`."""
+    def sample(
+        self, denoiser: Callable[..., Tensor], noise: Tensor, class_labels: Tensor | None = None, observe: Callable[[int, Stage, Tensor], None] | None = None
+    ) -> Tensor:
+        """The final state from unit-variance latents `noise` (B, C, H, W): `denoiser(x, σ, class_labels) -> x̂₀`.
+        `observe(k, stage, state)` sees each stage's state (at `solver.target_sigmas[k]`)."""
         if self.first_denoised is not None:
             denoiser = FirstStepMean(denoiser, float(self.solver.sigmas[0]), self.first_denoised)
         lambdas = self.layout.expand(self.lambdas, noise.shape[1:]).to(noise.device)
         with torch.no_grad():
-            return self.solver.sample(denoiser, noise, lambdas, class_labels)
+            return self.solver.sample(denoiser, noise, lambdas, class_labels, observe=observe)
 
 
 

@@ -23,6 +23,9 @@ def test_calibrate_then_load_student_samples_the_same(tmp_path, digits):
     assert torch.equal(out, student.sample(digits, noise)) and out.shape == noise.shape
     exact = digits.exact_endpoint(noise * 80.0, 80.0, sigma_end=float(student.sigmas[-1]))
     assert rmse(out, exact) < rmse(student.solver.sample(digits, noise), exact)  # the D-student beats its base solver
+    seen = []
+    assert torch.equal(loaded.sample(digits, noise, observe=lambda k, _stage, state: seen.append((k, state.clone()))), out)
+    assert [k for k, _ in seen] == list(range(loaded.solver.num_stages)) and torch.equal(seen[-1][1], out)
 
 
 def test_calibrate_takes_a_bare_network(digits):
