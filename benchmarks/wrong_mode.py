@@ -92,7 +92,8 @@ def main() -> None:
     held = HeldOut(mixture, reference, seeded_noise(range(LARGE_SEEDS, LARGE_SEEDS + args.seeds), (1, 8, 8))[0])
     end = held.exact(student.solver)
     final = student.sample(mixture, held.noise)
-    lost = per_seed_rmse(final, end) > WRONG_MODE
+    per_seed = held.per_seed_mse(final, student.solver)
+    lost = per_seed.sqrt() > WRONG_MODE
     stages = stage_table(mixture, student, held.noise.to(torch.float64), end, lost, args.first_step_seeds)
     count = min(args.first_step_seeds, args.seeds)
     first = first_step_rows(mixture, student, held.noise[:count].to(torch.float64), end[:count])
@@ -100,7 +101,7 @@ def main() -> None:
     text = (
         f"Seeds that end in another mode, `{config}` "
         f"at NFE {args.nfe} on the exact model: {int(lost.sum())} of {args.seeds:,} held-out seeds from 3,000,000 "
-        f"(RMSE {float(per_seed_rmse(final, end).pow(2).mean().sqrt()):.4f}, without them {float(per_seed_rmse(final[~lost], end[~lost]).pow(2).mean().sqrt()):.4f}). "
+        f"(RMSE {float(per_seed.mean().sqrt()):.4f}, without them {float(per_seed[~lost].mean().sqrt()):.4f}). "
         f"{machine()}. Reproduce: `PYTHONPATH=. python benchmarks/wrong_mode.py --config {config} --nfe {args.nfe} --seeds {args.seeds} "
         f"--first-step-seeds {args.first_step_seeds}`.\n\n"
         "Along the student (\"lost there\": the exact ODE continued from the student's state at that σ ends in the other mode):\n\n"

@@ -114,6 +114,11 @@ def load_student(lambda_file: str | Path, schedule: Schedule | None = None) -> S
     schedule = schedule or schedule_from_id(metadata.get("schedule", ""))
     if schedule is None:
         raise LambdaFileError(f"{lambda_file} was fitted on the schedule {metadata.get('schedule')!r}, which it cannot rebuild; pass schedule= (the denoiser's)")
+    return student_of(tensors, metadata, schedule, lambda_file)
+
+
+def student_of(tensors: dict[str, Tensor], metadata: dict[str, Any], schedule: Schedule, lambda_file: str | Path) -> Student:
+    """The student of a λ file already read with `load_lambdas` (`lambda_file` names it in errors), on `schedule`."""
     try:
         setup = SolverSetup.resolve(metadata["solver"], metadata["nfe"], schedule, metadata.get("grid"), tensors["sigmas"], **metadata.get("grid_kwargs", {}))
         layout = LambdaLayout(int(metadata.get("history", 1)), str(metadata.get("lambda_groups", "none")))

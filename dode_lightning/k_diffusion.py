@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .api import load_student
+from .api import student_of
 from .lambda_file import LambdaFileError, load_lambdas, refuse_first_step, schedule_from_id
 from .flow import flow_state
 from .schedules import FlowMatching, Schedule, VPDiscrete, flow_time, linear_betas
@@ -127,7 +127,7 @@ def sampler_from_lambda_file(path: str | os.PathLike, require_integer_timesteps:
         raise LambdaFileError(f"{path} was not calibrated with integer_timesteps, but discrete models are called at integer timesteps here; recalibrate with the denoiser option integer_timesteps: true")
     if issubclass(SOLVERS[str(meta["solver"])], DEIS) and not exact:  # known: load_lambdas checked the grid against it
         raise LambdaFileError(f"{path}: DEIS depends on the schedule's β table, which this file names only by a hash that matches no known table; sample it with sample.py")
-    student = load_student(path, schedule)
+    student = student_of(tensors, meta, schedule, path)
     flow = isinstance(schedule, FlowMatching)
     run = solver_sampler(student.solver, student.lambdas, student.layout, flow)
     grid = schedule.sigma_inv(student.sigmas) if flow else student.sigmas
