@@ -90,3 +90,20 @@ def test_wrong_mode_follows_the_lost_seeds_along_the_student(tmp_path):
     stage_rows = [line for line in page.splitlines() if line.startswith("| ") and " of " in line.split(" | ")[-1] and "→" not in line]
     assert len(stage_rows) == 6  # first_step mean: NFE 5 network calls drive 6 stages
     assert "the stored batch-mean x̂₀ (first_step mean) | " in page and "the network's x̂₀ | " in page
+
+
+@pytest.mark.slow
+def test_family_floor_refits_the_config_against_the_exact_ode(tmp_path):
+    """benchmarks/family_floor.py: the config's student and its refit on the exact ODE, scored alike; the refit
+    keeps its best iterate, so its training loss never ends above where it started."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    command = [sys.executable, str(ROOT / "benchmarks" / "family_floor.py"), "--quick", "--nfe", "5", "--calibration-seeds", "50", "--iterations", "3",
+               "--seeds", "300", "--config", "configs/gmm_digits_budget.yaml", "--out-dir", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    page = (tmp_path / "family_floor_nfe5.md").read_text()
+    assert "--config configs/gmm_digits_budget.yaml --nfe 5 --calibration-seeds 50 --iterations 3 --seeds 300" in page
+    start, end = (float(value) for value in page.split("training loss ")[1].split(" in ")[0].split(" → "))
+    assert end <= start
+    rows = [line for line in page.splitlines() if line.startswith("| `configs/") or line.startswith("| its σ and λ refitted")]
+    assert len(rows) == 2 and all(float(line.split(" | ")[1]) > 0 for line in rows)
