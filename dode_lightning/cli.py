@@ -409,9 +409,10 @@ def _calibrate(args: list[str] | None, progress: dict[str, Any]) -> int:
     # start, its own runs and backward passes are in the joint summary) and the final statistics.
     student_runs = {"adam": module.adam_iterations, "compare": module.adam_iterations + 1}.get(module.fit_method, 1) + 1
     teacher_rows = 0 if data.cache_hit else data.teacher_nfe * data.batch_size
+    placement = f"placement teacher on the dp_seeds after the batch {data.placement_evaluations}, " if data.placement_evaluations else ""
     print(
         f"network evaluations ({'forward; the joint fit above' if module.joint is not None else 'forward, no backward'}): teacher {teacher_rows} ({data.teacher_nfe} × {data.batch_size} rows"
-        f"{', cached' if data.cache_hit else ''}), student {student_runs * module.network_nfe() * data.batch_size} "
+        f"{', cached' if data.cache_hit else ''}), {placement}student {student_runs * module.network_nfe() * data.batch_size} "
         f"({student_runs} runs × NFE {module.network_nfe()} × {data.batch_size} rows)"
     )
     print(f"λ file: {output}")

@@ -12,8 +12,9 @@ import json
 import time
 import warnings
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Iterator, Literal, Mapping
 
 import pytorch_lightning as pl
 import torch
@@ -46,7 +47,7 @@ from .denoisers import FirstStepMean, first_step_mean
 from .figures import lambda_figure
 from .grids import LEARNED_GRIDS, TEACHER_DP, check_sigmas
 from .joint_fit import JointFit, JointFitDiverged, JointSettings, TeacherPath, hard_rows, stratified_weights
-from .placement import placed_sigmas, placement_teacher, states_at, teacher_trajectory
+from .placement import Trajectory, one_step_costs, place_knots, placement_teacher, states_at, teacher_trajectory
 from .lambda_file import schedule_id
 from .schedules import Schedule
 from .solvers import LambdaLayout, NFEError, Solver
@@ -231,6 +232,9 @@ class DODECalibration(pl.LightningModule):
             with sigma_min, sigma_max, rho, terminal_zero) on which the student's steps are placed.
         dp_coefficient: `grid: teacher_dp` only: c in the placement objective Σ_n c^n·cost_n (1: plain sum; > 1
             weighs the later, low-noise steps more).
+        dp_seeds: `grid: teacher_dp` only: average the one-step errors over this many seeds from data.seed, the
+            batch's own first (0: the batch only); those after the batch cost one more fine-grid teacher run each.
+            The placement picks among the fine grid's points, and a batch of 100 can tip that discrete choice.
 
     `grid: teacher_dp` places the steps GITS-like (`dode_lightning.placement`): the teacher (data.teacher, default
     iPNDM) runs once on the fine grid, dynamic programming picks the student's σ among its grid points by one-step
@@ -268,11 +272,14 @@ class DODECalibration(pl.LightningModule):
         first_step: Literal["network", "mean"] = "network",
         dp_steps: int = 100,
         dp_coefficient: float = 1.0,
+        dp_seeds: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if grid == TEACHER_DP and not (2 <= dp_steps <= MAX_TEACHER_STEPS and dp_coefficient > 0):
             raise ConfigError(f"teacher_dp needs 2 ≤ dp_steps ≤ {MAX_TEACHER_STEPS} and dp_coefficient > 0 (GITS: 100 and about 1), got {dp_steps} and {dp_coefficient}")
+        if dp_seeds < 0:
+            raise ConfigError(f"dp_seeds counts seeds (0: the calibration batch only), got {dp_seeds}")
         if fit not in ("closed_form", "adam", "compare", "joint"):
             raise ConfigError(f"unknown fit method {fit!r}; choose closed_form, adam, compare or joint")
         if joint_steps < 1:
@@ -351,7 +358,8 @@ class DODECalibration(pl.LightningModule):
         if not self.placement:
             return None
         base = self.placement_base
-        return {**base.grid_kwargs, "dp_grid": base.grid, "dp_steps": self.hparams.dp_steps, "dp_coefficient": self.hparams.dp_coefficient}
+        settings = {**base.grid_kwargs, "dp_grid": base.grid, "dp_steps": self.hparams.dp_steps, "dp_coefficient": self.hparams.dp_coefficient}
+        return settings | ({"dp_seeds": self.hparams.dp_seeds} if self.hparams.dp_seeds else {})
 
     def place(self, sigmas: Tensor, teacher: str) -> None:
         """Move the student onto the σ `teacher_dp` placed with `teacher` (same stage count, so λ keep their shape)."""
@@ -638,6 +646,7 @@ class TeacherTargets(pl.LightningDataModule):
         self.data: TensorDataset | None = None
         self.teacher_seconds = 0.0
         self.teacher_nfe = 0
+        self.placement_evaluations = 0
         self.cache_hit = False
         self.hard: dict[str, Any] | None = None
         self.reference_sigmas: Tensor | None = None
@@ -700,7 +709,7 @@ class TeacherTargets(pl.LightningDataModule):
         if self.data is not None:
             return
         module: DODECalibration = self.trainer.lightning_module
-        self._check_hard_settings(module)
+        self._check_seed_settings(module)
         try:
             teacher, indices = self.teacher(module)
         except ValueError as err:
@@ -732,8 +741,9 @@ class TeacherTargets(pl.LightningDataModule):
                     if module.placement:
                         trajectory = teacher_trajectory(teacher, module.denoiser, noise_on, labels_on, lambda _j: bar.update(1))
                         self._check_finite(teacher, trajectory.states)
-                        sigmas = placed_sigmas(trajectory, len(module.student.sigmas) - 1, module.hparams.dp_coefficient, module._pool)
-                        self.reference_sigmas = placed_sigmas(trajectory, self._reference_steps(module), module.hparams.dp_coefficient, module._pool)
+                        costs = one_step_costs(chain([trajectory], self._placement_runs(module, teacher, label_dim)), module._pool)
+                        sigmas = trajectory.sigmas[place_knots(costs, len(module.student.sigmas) - 1, module.hparams.dp_coefficient)]
+                        self.reference_sigmas = trajectory.sigmas[place_knots(costs, self._reference_steps(module), module.hparams.dp_coefficient)]
                         module.place(sigmas, teacher.name)
                         targets = states_at(trajectory, module.student.target_sigmas).cpu()
                     else:
@@ -744,6 +754,22 @@ class TeacherTargets(pl.LightningDataModule):
             self._save_cache(key, noise, labels, targets, sigmas, self.reference_sigmas)
         labels = labels if labels is not None else noise.new_zeros(len(noise), 0)
         self.data = TensorDataset(noise, labels, targets.transpose(0, 1).contiguous())
+
+    def _placement_runs(self, module: DODECalibration, teacher: Solver, label_dim: int) -> Iterator[Trajectory]:
+        """The placement teacher on this rank's share of the `dp_seeds` seeds after the batch, a batch at a time (each
+        run is released once its one-step errors are summed)."""
+        rank, world = self._rank_and_world()
+        seeds = list(range(self.seed + self.batch_size, self.seed + module.hparams.dp_seeds))[rank::world]
+        chunks = range(0, len(seeds), self.batch_size)
+        for chunk in tqdm(chunks, desc=f"placement ({teacher.name}, NFE {teacher.nfe}) on {len(seeds)} more seeds", disable=not seeds or rank != 0):
+            noise, labels = seeded_noise(seeds[chunk : chunk + self.batch_size], module.loaded.image_shape, label_dim, module.dtype_)
+            start = time.perf_counter()
+            with torch.no_grad():
+                run = teacher_trajectory(teacher, module.denoiser, noise.to(module.device), None if labels is None else labels.to(module.device))
+            self.teacher_seconds += time.perf_counter() - start
+            self._check_finite(teacher, run.states)
+            self.placement_evaluations += teacher.nfe * len(noise)
+            yield run
 
     def hard_seeds(self, module: DODECalibration, lambdas: Tensor) -> "HardSeeds":
         """The joint fit's hard seeds (`model.joint_pool`): screen the pool with the closed-form student against a
@@ -793,10 +819,16 @@ class TeacherTargets(pl.LightningDataModule):
         }
         return HardSeeds([seeds[i] for i in outside], noise.to(module.device), labels, final.to(module.device), weights)
 
-    def _check_hard_settings(self, module: DODECalibration) -> None:
-        """`joint_pool` and `first_step` settings this data can serve (checked before the teacher runs)."""
+    def _check_seed_settings(self, module: DODECalibration) -> None:
+        """`dp_seeds`, `joint_pool` and `first_step` settings this data can serve (checked before the teacher runs)."""
         if module.hparams.first_step == "mean" and self._conditional(module):
             raise ConfigError("first_step mean needs an unconditional model (x̂₀ at σ_max is each class's mean); set data.class_conditional false or --model.first_step network")
+        dp_seeds = module.hparams.dp_seeds
+        if module.placement and dp_seeds and not self.batch_size <= dp_seeds <= SEED_LIMIT - self.seed:
+            raise ConfigError(
+                f"dp_seeds counts the seeds the placement measures from data.seed, the batch's {self.batch_size} included: use 0 (the batch only) "
+                f"or at least data.batch_size (and stay within 32-bit seeds); got dp_seeds {dp_seeds}"
+            )
         pool, count = module.hparams.joint_pool, module.hparams.joint_hard
         if not pool:
             return

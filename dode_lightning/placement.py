@@ -16,7 +16,7 @@ are teacher states, so the λ fit's aligned targets are read from the same run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -117,9 +117,28 @@ def teacher_trajectory(
     return Trajectory(teacher.sigmas.detach(), alpha.detach(), beta.detach(), states, denoised, eps)
 
 
-def one_step_costs(trajectory: Trajectory, reduce: Reduce | None = None) -> Tensor:
-    """c_ij (module docstring) as an (M + 1, M + 1) float64 matrix, +∞ where j ≤ i; batch means pooled by `reduce`."""
-    count = trajectory.states.shape[1]
+def one_step_costs(trajectories: Trajectory | Iterable[Trajectory], reduce: Reduce | None = None) -> Tensor:
+    """c_ij (module docstring) as an (M + 1, M + 1) float64 matrix, +∞ where j ≤ i: the mean over the rows of one
+    run, or of several runs of the same teacher (e.g. one batch of seeds each), pooled by `reduce`."""
+    runs = [trajectories] if isinstance(trajectories, Trajectory) else trajectories
+    sums, count, points = None, 0, 0
+    for trajectory in runs:
+        points = len(trajectory.sigmas)
+        run_sums = _error_sums(trajectory)
+        sums = run_sums if sums is None else sums + run_sums
+        count += trajectory.states.shape[1]
+    if sums is None:
+        raise ValueError("one_step_costs needs at least one teacher run")
+    pooled = torch.cat([sums.flatten(), torch.tensor([float(count)], dtype=torch.float64)])
+    if reduce is not None:
+        pooled = reduce(pooled)
+    costs = (pooled[:-1] / pooled[-1]).reshape(points, points)
+    upper = torch.ones(points, points, dtype=torch.bool).triu(1)
+    return torch.where(upper, costs, torch.full_like(costs, float("inf")))
+
+
+def _error_sums(trajectory: Trajectory) -> Tensor:
+    """Σ over the run's rows of ‖α_j·x̂₀(x_i) + β_j·ε̂(x_i) − x_j‖₂ for every pair i < j (0 elsewhere)."""
     points = len(trajectory.sigmas)
     sums = torch.zeros(points, points, dtype=torch.float64)
     alpha, beta = trajectory.scales, trajectory.noise_scales
@@ -129,12 +148,7 @@ def one_step_costs(trajectory: Trajectory, reduce: Reduce | None = None) -> Tens
         step = alpha[later].reshape(shape).to(trajectory.states.dtype) * trajectory.denoised[i] + beta[later].reshape(shape).to(trajectory.states.dtype) * trajectory.eps[i]
         error = (step - trajectory.states[later]).flatten(2).to(torch.float64).norm(dim=2)
         sums[i, later] = error.sum(1).cpu()
-    pooled = torch.cat([sums.flatten(), torch.tensor([float(count)], dtype=torch.float64)])
-    if reduce is not None:
-        pooled = reduce(pooled)
-    costs = (pooled[:-1] / pooled[-1]).reshape(points, points)
-    upper = torch.ones(points, points, dtype=torch.bool).triu(1)
-    return torch.where(upper, costs, torch.full_like(costs, float("inf")))
+    return sums
 
 
 def place_knots(costs: Tensor, steps: int, coefficient: float = 1.0) -> list[int]:

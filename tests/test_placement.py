@@ -70,6 +70,16 @@ def test_placed_grid_descends_between_the_fixed_ends(calibration):
         assert all(float(s) in set(fine.tolist()) for s in sigmas)
 
 
+def test_costs_of_several_runs_are_those_of_one_run_over_all_their_seeds(calibration, digits):
+    """`one_step_costs` over runs of 30 + 70 seeds (dp_seeds: the batch, then the seeds after it) equals one run's."""
+    schedule, noise, setup, trajectory = calibration
+    teacher = placement_teacher(make_solver("ipndm", 5, schedule, terminal_zero=False), setup, 100)
+    runs = (teacher_trajectory(teacher, digits, part) for part in (noise[:30], noise[30:]))
+    assert torch.allclose(one_step_costs(runs), one_step_costs(trajectory), rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="at least one teacher run"):
+        one_step_costs([])
+
+
 def test_dp_grid_beats_the_karras_grid_on_held_out_seeds(calibration, digits):
     schedule, noise, setup, trajectory = calibration
     held, _ = seeded_noise(range(1_000_000, 1_000_100), (1, 8, 8))
@@ -118,3 +128,29 @@ def test_train_py_teacher_dp_writes_the_placed_grid(tmp_path, monkeypatch, capsy
     assert "teacher_dp needs 2 ≤ dp_steps" in capsys.readouterr().err
     assert train_main([*args, "--data.teacher", "heun"]) == 2
     assert "evaluate once per step" in capsys.readouterr().err
+
+
+def test_train_py_dp_seeds_places_on_the_batch_and_the_seeds_after_it(tmp_path, monkeypatch, capsys, digits):
+    """`dp_seeds: 40` with a batch of 8: the placement's one-step errors are averaged over seeds 0 … 39, the λ
+    targets still come from the batch's own run; the setting is recorded and a count below the batch is refused."""
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "trainer: {logger: false}\n"
+        "model: {denoiser: {source: gmm_digits}, solver: ipndm, nfe: 4, grid: teacher_dp, dp_steps: 40, dp_seeds: 40, terminal_zero: false, history: 4}\n"
+        "data: {batch_size: 8, class_conditional: false, cache_dir: null}\n"
+    )
+    out = tmp_path / "l.safetensors"
+    args = ["--config", str(config), "--model.output", str(out), "--exact_report", "false"]
+    assert train_main(args) == 0
+    assert "placement teacher on the dp_seeds after the batch 1280, " in capsys.readouterr().out  # 32 seeds × NFE 40
+    tensors, meta = load_lambdas(out)
+    assert meta["grid_kwargs"]["dp_seeds"] == 40
+    student = make_solver("ipndm", 4, EDM(), terminal_zero=False)
+    setup = SolverSetup.resolve("ipndm", 4, EDM(), terminal_zero=False)
+    teacher = placement_teacher(student, setup, 40)
+    pooled = placed_sigmas(teacher_trajectory(teacher, digits, seeded_noise(range(40), (1, 8, 8))[0]), 4)
+    batch_only = placed_sigmas(teacher_trajectory(teacher, digits, seeded_noise(range(8), (1, 8, 8))[0]), 4)
+    assert torch.equal(tensors["sigmas"], pooled) and not torch.equal(pooled, batch_only)
+    assert train_main([*args, "--model.dp_seeds", "5"]) == 2
+    assert "dp_seeds counts the seeds the placement measures from data.seed" in capsys.readouterr().err
