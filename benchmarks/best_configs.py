@@ -71,6 +71,19 @@ def calibrate(config: Path, nfe: int, output: Path) -> tuple[float, Counter]:
     return time.process_time() - start, counted[-1]
 
 
+def calibrated_student(config: Path, nfe: int) -> Student:
+    """The student train.py calibrates from `config` at this NFE (its λ file in a temporary folder)."""
+    with tempfile.TemporaryDirectory() as folder:
+        output = Path(folder) / "lambdas.safetensors"
+        calibrate(config, nfe, output)
+        return load_student(output)
+
+
+def shown(config: Path) -> Path:
+    """`config` as a reproduce command names it: relative to the repository where it lies inside it."""
+    return config.resolve().relative_to(ROOT) if config.resolve().is_relative_to(ROOT) else config
+
+
 def scores(student: Student, held: HeldOut) -> dict[str, float]:
     """The held-out figures of a student as it samples (its stored first step included)."""
     return held.score(student.sample(held.denoiser, held.noise), student.solver)
@@ -145,7 +158,7 @@ def main() -> None:
             rows.append(row(args.model, nfe, output, *calibrate(config, nfe, output), held, more, large))
             print(markdown_table(header, rows[-1:]), flush=True)
     text = (
-        f"Best configuration `{config.relative_to(ROOT) if config.is_relative_to(ROOT) else config}` on the {args.model} model ({count} held-out seeds from {HELD_OUT_START:,}; "
+        f"Best configuration `{shown(config)}` on the {args.model} model ({count} held-out seeds from {HELD_OUT_START:,}; "
         f"{machine()}). Reproduce: `PYTHONPATH=. python benchmarks/best_configs.py --model {args.model}"
         f"{'' if args.config is None else f' --config {args.config}'}{f' --large {args.large}' if large else ''}`.\n\n"
         + markdown_table(header, rows)

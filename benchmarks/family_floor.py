@@ -12,17 +12,16 @@ Usage: PYTHONPATH=. python benchmarks/family_floor.py [--quick] [--config config
 """
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from benchmarks.best_configs import CONFIGS, LARGE_SEEDS, ROOT, WRONG_MODE, calibrate
+from benchmarks.best_configs import CONFIGS, LARGE_SEEDS, WRONG_MODE, calibrated_student, shown
 from benchmarks.common import machine, markdown_table, output_dir, parser, print_and_write
 from benchmarks.learned_steps import HeldOut, load_model
-from dode_lightning.api import Student, load_student
+from dode_lightning.api import Student
 from dode_lightning.denoisers import FirstStepMean
 from dode_lightning.distill import fit_closed_form, seeded_noise
 from dode_lightning.gmm import GaussianMixture
@@ -83,13 +82,10 @@ def main() -> None:
     silence_lightning_noise()
     torch.set_num_threads(1)
     mixture, reference, _ = load_model("exact")
-    with tempfile.TemporaryDirectory() as folder:
-        output = Path(folder) / "lambdas.safetensors"
-        calibrate(args.config, args.nfe, output)
-        student = load_student(output)
+    student = calibrated_student(args.config, args.nfe)
     refitted, loss_start, loss_end, seconds = refit(mixture, student, args.calibration_seeds, args.iterations)
     held = HeldOut(mixture, reference, seeded_noise(range(LARGE_SEEDS, LARGE_SEEDS + args.seeds), (1, 8, 8))[0])
-    config = args.config.resolve().relative_to(ROOT) if args.config.resolve().is_relative_to(ROOT) else args.config
+    config = shown(args.config)
     rows = [
         row(f"`{config}` (teacher targets, batch 100 + hard seeds)", student, held),
         row(f"its σ and λ refitted on the exact ODE, {args.calibration_seeds:,} seeds", refitted, held),

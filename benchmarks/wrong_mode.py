@@ -13,16 +13,15 @@ Usage: PYTHONPATH=. python benchmarks/wrong_mode.py [--quick] [--config configs/
 """
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from benchmarks.best_configs import CONFIGS, LARGE_SEEDS, ROOT, WRONG_MODE, calibrate
+from benchmarks.best_configs import CONFIGS, LARGE_SEEDS, WRONG_MODE, calibrated_student, shown
 from benchmarks.common import machine, markdown_table, output_dir, parser, print_and_write
 from benchmarks.learned_steps import HeldOut, load_model
-from dode_lightning.api import Student, load_student
+from dode_lightning.api import Student
 from dode_lightning.distill import seeded_noise
 from dode_lightning.gmm import GaussianMixture
 from dode_lightning.quiet import silence_lightning_noise
@@ -85,10 +84,7 @@ def main() -> None:
     silence_lightning_noise()
     torch.set_num_threads(1)
     mixture, reference, _ = load_model("exact")
-    with tempfile.TemporaryDirectory() as folder:
-        output = Path(folder) / "lambdas.safetensors"
-        calibrate(args.config, args.nfe, output)
-        student = load_student(output)
+    student = calibrated_student(args.config, args.nfe)
     held = HeldOut(mixture, reference, seeded_noise(range(LARGE_SEEDS, LARGE_SEEDS + args.seeds), (1, 8, 8))[0])
     end = held.exact(student.solver)
     final = student.sample(mixture, held.noise)
@@ -97,7 +93,7 @@ def main() -> None:
     stages = stage_table(mixture, student, held.noise.to(torch.float64), end, lost, args.first_step_seeds)
     count = min(args.first_step_seeds, args.seeds)
     first = first_step_rows(mixture, student, held.noise[:count].to(torch.float64), end[:count])
-    config = args.config.resolve().relative_to(ROOT) if args.config.resolve().is_relative_to(ROOT) else args.config
+    config = shown(args.config)
     text = (
         f"Seeds that end in another mode, `{config}` "
         f"at NFE {args.nfe} on the exact model: {int(lost.sum())} of {args.seeds:,} held-out seeds from 3,000,000 "
