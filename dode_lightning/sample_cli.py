@@ -71,7 +71,7 @@ CALIBRATION_ONLY_KEYS = (
     "fit", "adam_lr", "adam_steps", "output", "history", "lambda_groups", "guard",
     "joint_optimizer", "joint_steps", "joint_lr", "joint_coordinate", "joint_lambdas", "joint_intermediate", "joint_slack", "joint_refit",
     "joint_pool", "joint_hard", "first_step",
-    "dp_steps", "dp_coefficient",
+    "dp_steps", "dp_coefficient", "dp_seeds",
 )
 # A few Trainer arguments named in --help (any other works too).
 _TRAINER_EXAMPLES = "accelerator, strategy, devices, num_nodes, precision, logger, callbacks, default_root_dir"

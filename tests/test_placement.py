@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,3 +156,21 @@ def test_train_py_dp_seeds_places_on_the_batch_and_the_seeds_after_it(tmp_path, 
     assert torch.equal(tensors["sigmas"], pooled) and not torch.equal(pooled, batch_only)
     assert train_main([*args, "--model.dp_seeds", "5"]) == 2
     assert "dp_seeds counts the seeds the placement measures from data.seed" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_dp_seeds_over_two_ranks_places_like_one_process(tmp_path):
+    """Under DDP the ranks split the seeds after the batch and pool their one-step errors: the same σ as one process."""
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "trainer: {logger: false, accelerator: cpu}\n"
+        "model: {denoiser: {source: gmm_digits}, solver: ipndm, nfe: 4, grid: teacher_dp, dp_steps: 40, dp_seeds: 40, terminal_zero: false, history: 4}\n"
+        "data: {batch_size: 8, class_conditional: false, cache_dir: null}\n"
+    )
+    command = [sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), "--config", str(config), "--exact_report", "false"]
+    runs = {}
+    for name, extra in (("one", []), ("two", ["--trainer.devices", "2", "--trainer.strategy", "ddp"])):
+        result = subprocess.run([*command, "--model.output", str(tmp_path / f"{name}.safetensors"), *extra], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = load_lambdas(tmp_path / f"{name}.safetensors")[0]["sigmas"]
+    assert torch.equal(runs["two"], runs["one"])
