@@ -87,7 +87,7 @@ def main() -> None:
     held = HeldOut(mixture, reference, seeded_noise(range(LARGE_SEEDS, LARGE_SEEDS + args.seeds), (1, 8, 8))[0])
     config = shown(args.config)
     rows = [
-        row(f"`{config}` (teacher targets, batch 100 + hard seeds)", student, held),
+        row(f"`{config}` (train.py: its teacher targets on its batch)", student, held),
         row(f"its σ and λ refitted on the exact ODE, {args.calibration_seeds:,} seeds", refitted, held),
     ]
     text = (
