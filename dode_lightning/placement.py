@@ -121,14 +121,14 @@ def one_step_costs(trajectories: Trajectory | Iterable[Trajectory], reduce: Redu
     """c_ij (module docstring) as an (M + 1, M + 1) float64 matrix, +∞ where j ≤ i: the mean over the rows of one
     run, or of several runs of the same teacher (e.g. one batch of seeds each), pooled by `reduce`."""
     runs = [trajectories] if isinstance(trajectories, Trajectory) else trajectories
-    sums, count, points = None, 0, 0
+    sums, count = None, 0
     for trajectory in runs:
-        points = len(trajectory.sigmas)
         run_sums = _error_sums(trajectory)
         sums = run_sums if sums is None else sums + run_sums
         count += trajectory.states.shape[1]
     if sums is None:
         raise ValueError("one_step_costs needs at least one teacher run")
+    points = len(sums)
     pooled = torch.cat([sums.flatten(), torch.tensor([float(count)], dtype=torch.float64)])
     if reduce is not None:
         pooled = reduce(pooled)
