@@ -8,7 +8,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 import yaml
 from jsonargparse import Namespace
 from lightning_fabric.utilities.exceptions import MisconfigurationException

@@ -40,7 +40,7 @@ from torch import Tensor
 from .checkpoints.diffusers_folder import betas_from_scheduler_config
 from .denoisers import DiscreteEpsDenoiser, broadcast_sigma, ve_form
 from .distill import SolverSetup
-from .lambda_file import lambda_metadata, load_lambdas, refuse_first_step
+from .lambda_file import LambdaFile, refuse_first_step
 from .lambda_file import schedule_id as describe_schedule
 from .scheduler_config import (
     EDM_PREDICTION_TYPES,
@@ -618,9 +618,10 @@ def _scheduler_config(pipeline: str | os.PathLike) -> dict[str, Any]:
     raise FileNotFoundError(f"no scheduler config in {path}: give the diffusers pipeline folder the λ were fitted on (it holds scheduler/scheduler_config.json)")
 
 
-def _export_flow(lambda_file: str | os.PathLike, meta: dict[str, Any], base: dict[str, Any], pipeline: str | os.PathLike) -> DODEScheduler:
+def _export_flow(fitted: LambdaFile, base: dict[str, Any], pipeline: str | os.PathLike) -> DODEScheduler:
     """`export_scheduler` for a λ file fitted on a flow-matching (SD3/FLUX) pipeline: its FlowMatch config with the
     fitted shift (μ of the calibrated image size stored for dynamic shifting), the stored σ from t = 1 and the λ."""
+    lambda_file, meta = fitted.path, fitted.metadata
     if not str(base.get("_class_name", "")).startswith("FlowMatch"):
         raise SchedulerConfigError(f"{lambda_file} was fitted on a flow-matching model, but {pipeline} has a {base.get('_class_name')} scheduler; give the calibrated SD3/FLUX pipeline folder")
     options = foreign_config(base, {}, set(inspect.signature(DODEScheduler.__init__).parameters))
@@ -631,7 +632,7 @@ def _export_flow(lambda_file: str | os.PathLike, meta: dict[str, Any], base: dic
     probe = DODEScheduler(num_train_timesteps=int(base.get("num_train_timesteps", 1000)), **options)
     if describe_schedule(probe.schedule) != meta.get("schedule"):
         raise SchedulerConfigError(f"{pipeline}: its time shift is not the one {lambda_file} was fitted at ({meta.get('time_shift')}); give the calibrated pipeline folder")
-    tensors, meta = load_lambdas(lambda_file, schedule=probe.schedule)
+    tensors, meta = fitted.load(schedule=probe.schedule)
     refuse_first_step(tensors, lambda_file, "a diffusers pipeline (it calls the network at every timestep)")
     lambdas = tensors["lambdas"].to(torch.float64)
     try:
@@ -663,10 +664,11 @@ def export_scheduler(lambda_file: str | os.PathLike, pipeline: str | os.PathLike
     table and the network's prediction type; a table of another hash is refused. `integer_timesteps` must be what
     the calibration's denoiser used (its `integer_timesteps` option). Save the result with `save_pretrained`.
     """
-    meta = lambda_metadata(lambda_file)
+    fitted = LambdaFile.read(lambda_file)
+    meta = fitted.metadata
     schedule_wanted = str(meta.get("schedule", ""))
     if schedule_wanted.startswith("FlowMatching"):
-        return _export_flow(lambda_file, meta, _scheduler_config(pipeline), pipeline)
+        return _export_flow(fitted, _scheduler_config(pipeline), pipeline)
     if not schedule_wanted.startswith("VPDiscrete"):
         raise SchedulerConfigError(f"{lambda_file} was fitted on the schedule {schedule_wanted or '?'}; DODEScheduler runs discrete VP (diffusers DDPM-type) models only")
     base = _scheduler_config(pipeline)
@@ -678,7 +680,7 @@ def export_scheduler(lambda_file: str | os.PathLike, pipeline: str | os.PathLike
     fitted_prediction, folder_prediction = meta.get("prediction_type", "epsilon"), init.get("prediction_type", "epsilon")
     if fitted_prediction != folder_prediction:
         raise SchedulerConfigError(f"{pipeline} has prediction_type {folder_prediction!r}, but {lambda_file} was fitted on a {fitted_prediction!r} network; give the calibrated pipeline folder")
-    tensors, meta = load_lambdas(lambda_file, schedule=schedule)  # its σ list becomes the config's diffusers `sigmas`
+    tensors, meta = fitted.load(schedule=schedule)  # its σ list becomes the config's diffusers `sigmas`
     refuse_first_step(tensors, lambda_file, "a diffusers pipeline (it calls the network at every timestep)")
     lambdas = tensors["lambdas"]
     try:

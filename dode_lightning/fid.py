@@ -19,7 +19,6 @@ import hashlib
 import importlib
 import importlib.util
 import io
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load as load_safetensors, save_file
 from torch import Tensor
 
 from .atomic import atomic_path
@@ -26,8 +27,8 @@ from .solvers import SOLVERS, LambdaLayout, NFEError
 __all__ = [
     "save_lambdas",
     "load_lambdas",
+    "LambdaFile",
     "refuse_first_step",
-    "lambda_metadata",
     "lambdas_to_apply",
     "check_lambdas",
     "check_metadata",
@@ -148,55 +149,82 @@ def load_lambdas(
     The tensors always hold the grid `sigmas` (float64, descending) the λ were fitted on, checked against the λ; an
     older file's grid is rebuilt from its metadata on `schedule` (default: the schedule its metadata describes).
     """
-    tensors, metadata, version = _read(Path(path))
-    if version == FORMAT_1:
-        if "sigmas" in tensors:
-            tensors["eval_sigmas"] = tensors.pop("sigmas")
-        tensors["sigmas"] = _rebuilt_grid(path, metadata, schedule)
-    elif "sigmas" not in tensors:
-        raise LambdaFileError(f"{path} holds no σ list (tensor 'sigmas'); refit with train.py")
-    check_grid(tensors["sigmas"], tensors["lambdas"], metadata, str(path))
-    tensors["sigmas"] = tensors["sigmas"].to(torch.float64)
-    first = tensors.get("first_denoised")
-    if first is not None and (metadata.get("first_step") != "mean" or not first.is_floating_point() or not bool(first.isfinite().all())):
-        raise LambdaFileError(f"{path} holds a first-step x̂₀ (first_denoised) that is not finite or not marked first_step mean; refit with train.py")
-    if expect:
-        wrong = [
-            f"{key}={one_line(repr(metadata.get(key)), 80)} (this run: {expect[key]!r})"
-            for key in MATCH_KEYS
-            if key in expect and _normalise(metadata.get(key)) != _normalise(expect[key])
-        ]
-        if wrong:
-            raise LambdaFileError(f"{path} was fitted for another configuration: {'; '.join(wrong)}; refit with train.py")
-    return tensors, metadata
+    return LambdaFile.read(path).load(expect, schedule)
 
 
-def lambda_metadata(path: str | Path) -> dict[str, Any]:
-    """The metadata of a λ file (checked as by `load_lambdas`, except its σ list)."""
-    return _read(Path(path))[1]
+@dataclass(frozen=True)
+class LambdaFile:
+    """One read of a λ file: the tensors and metadata of the bytes read, and those bytes' SHA-256.
 
+    A run that takes several things from the file (its settings, its σ once the denoiser's schedule is known, its λ,
+    the hash it records) takes them all from one read, so a file replaced meanwhile (train.py rewriting the same path)
+    cannot mix two fits.
+    """
 
-def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, Any], str]:
-    """Tensors, metadata and format of a readable λ file with valid λ."""
-    if not path.is_file():
-        raise LambdaFileError(f"λ file {path} does not exist: run train.py first or pass the path it printed")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise LambdaFileError(f"{path} is not a readable λ file ({err}); refit with train.py") from None
-    if header.get("format") not in (FORMAT, FORMAT_1) or "lambdas" not in tensors:
-        raise LambdaFileError(f"{path} is not a dode-lightning λ file (format {one_line(repr(header.get('format')), 60)})")
-    try:
-        metadata = json.loads(header["metadata"])
-    except (KeyError, ValueError, RecursionError):
-        metadata = None
-    if not isinstance(metadata, dict):
-        raise LambdaFileError(f"{path} has no readable metadata (a JSON object under 'metadata'); refit with train.py")
-    check_metadata(metadata, str(path))
-    check_lambdas(tensors["lambdas"], str(path))
-    return tensors, metadata, header["format"]
+    path: Path
+    tensors: dict[str, Tensor]
+    metadata: dict[str, Any]
+    version: str
+    sha256: str
+
+    @classmethod
+    def read(cls, path: str | Path) -> LambdaFile:
+        """The file's contents, refused in one line unless it is a readable λ file with valid λ and metadata."""
+        path = Path(path)
+        if not path.is_file():
+            raise LambdaFileError(f"λ file {path} does not exist: run train.py first or pass the path it printed")
+        try:
+            data = path.read_bytes()
+            tensors = load_safetensors(data)
+            # load() has parsed the header: 8 bytes of little-endian length, then a JSON object
+            header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
+        except (SafetensorError, OSError, ValueError) as err:
+            raise LambdaFileError(f"{path} is not a readable λ file ({one_line(str(err), 120)}); refit with train.py") from None
+        if header.get("format") not in (FORMAT, FORMAT_1) or "lambdas" not in tensors:
+            raise LambdaFileError(f"{path} is not a dode-lightning λ file (format {one_line(repr(header.get('format')), 60)})")
+        try:
+            metadata = json.loads(header["metadata"])
+        except (KeyError, ValueError, RecursionError):
+            metadata = None
+        if not isinstance(metadata, dict):
+            raise LambdaFileError(f"{path} has no readable metadata (a JSON object under 'metadata'); refit with train.py")
+        check_metadata(metadata, str(path))
+        check_lambdas(tensors["lambdas"], str(path))
+        return cls(path, tensors, metadata, header["format"], hashlib.sha256(data).hexdigest())
+
+    def load(self, expect: dict[str, Any] | None = None, schedule: Schedule | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Tensors (with the checked float64 grid `sigmas`) and metadata, as `load_lambdas` gives them."""
+        path, tensors, metadata = self.path, dict(self.tensors), self.metadata
+        if self.version == FORMAT_1:
+            if "sigmas" in tensors:
+                tensors["eval_sigmas"] = tensors.pop("sigmas")
+            tensors["sigmas"] = _rebuilt_grid(path, metadata, schedule)
+        elif "sigmas" not in tensors:
+            raise LambdaFileError(f"{path} holds no σ list (tensor 'sigmas'); refit with train.py")
+        check_grid(tensors["sigmas"], tensors["lambdas"], metadata, str(path))
+        tensors["sigmas"] = tensors["sigmas"].to(torch.float64)
+        first = tensors.get("first_denoised")
+        if first is not None and (metadata.get("first_step") != "mean" or not first.is_floating_point() or not bool(first.isfinite().all())):
+            raise LambdaFileError(f"{path} holds a first-step x̂₀ (first_denoised) that is not finite or not marked first_step mean; refit with train.py")
+        if expect:
+            wrong = [
+                f"{key}={one_line(repr(metadata.get(key)), 80)} (this run: {expect[key]!r})"
+                for key in MATCH_KEYS
+                if key in expect and _normalise(metadata.get(key)) != _normalise(expect[key])
+            ]
+            if wrong:
+                raise LambdaFileError(f"{path} was fitted for another configuration: {'; '.join(wrong)}; refit with train.py")
+        return tensors, metadata
+
+    def settings(self) -> dict[str, Any]:
+        """Solver, NFE, grid and grid settings the λ were fitted for (with the σ list they rebuild the student), and
+        the network calls per sample (`network_nfe`: the NFE train.py was given; one less than the solver's with a
+        stored first step)."""
+        meta = self.metadata
+        missing = [key for key in ("solver", "nfe", "grid", "grid_kwargs") if key not in meta]
+        if missing:
+            raise LambdaFileError(f"{self.path} lacks {', '.join(missing)} in its metadata; refit with train.py")
+        return {**{key: meta[key] for key in ("solver", "nfe", "grid", "grid_kwargs")}, "network_nfe": meta.get("network_nfe", meta["nfe"])}
 
 
 def lambdas_to_apply(
@@ -268,14 +296,8 @@ def _normalise(value: Any) -> Any:
 
 
 def fitted_settings(path: str | Path) -> dict[str, Any]:
-    """Solver, NFE, grid and grid settings a λ file was fitted for (with its σ list they rebuild its student), and its
-    network calls per sample (`network_nfe`: the NFE train.py was given; one less than the solver's with a stored
-    first step)."""
-    meta = lambda_metadata(path)
-    missing = [key for key in ("solver", "nfe", "grid", "grid_kwargs") if key not in meta]
-    if missing:
-        raise LambdaFileError(f"{path} lacks {', '.join(missing)} in its metadata; refit with train.py")
-    return {**{key: meta[key] for key in ("solver", "nfe", "grid", "grid_kwargs")}, "network_nfe": meta.get("network_nfe", meta["nfe"])}
+    """`LambdaFile.settings` of the file at `path`."""
+    return LambdaFile.read(path).settings()
 
 
 def lambda_file_in(path: str | Path) -> Path:

@@ -258,7 +258,6 @@ def _sampling_logger(config: dict[str, Any], module: DODESampler) -> TensorBoard
     (save_dir from the config's logger, default runs); none when the config turns logging off."""
     from pytorch_lightning.loggers import TensorBoardLogger
 
-    from .sampling import SampleWriter
 
     logger = (config.get("trainer") or {}).get("logger", True)
     if logger in (False, None):

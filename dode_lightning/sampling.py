@@ -16,7 +16,6 @@ size and batch size do not change them (see docs/sampling.md for the floating-po
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import json
 import math
@@ -43,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from .atomic import atomic_write_bytes, is_temporary_of
 from .denoisers import FirstStepMean, eps_and_denoised
 from .distill import SEED_LIMIT, seeded_noise
-from .lambda_file import LambdaFileError, fitted_settings, lambdas_to_apply, load_lambdas
+from .lambda_file import LambdaFile, lambdas_to_apply
 from .errors import ConfigError
 from .fid import Detector, FrechetDistance, Reference, clamped_fid, load_reference_side, make_metric
 from .images import GRID_FILE, GRID_SEEDS, MANIFEST, image_grid, to_uint8
@@ -73,7 +72,6 @@ __all__ = [
     "RankWatchdog",
     "rank_failure_check",
     "write_grid",
-    "fitted_settings",
     "FIDCallback",
 ]
 
@@ -477,14 +475,6 @@ class SeedData(pl.LightningDataModule):
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class DODESampler(pl.LightningModule):
     """Samples a D-ODE (or base) solver for a frozen denoiser.
 
@@ -516,10 +506,11 @@ class DODESampler(pl.LightningModule):
             raise ConfigError(f"--eval-batch must be ≥ 1, got {eval_batch}")
         use_file = lambdas is not None and str(lambdas).lower() != "none"
         if use_file:
-            fitted = fitted_settings(lambdas)
+            fitted_file = LambdaFile.read(lambdas)
+            fitted = fitted_file.settings()
             self.built = build_student(
                 denoiser, fitted["solver"], fitted["nfe"], fitted["grid"], state_dtype=state_dtype, grid_kwargs=fitted["grid_kwargs"],
-                sigmas=lambda schedule: load_lambdas(lambdas, schedule=schedule)[0]["sigmas"],
+                sigmas=lambda schedule: fitted_file.load(schedule=schedule)[0]["sigmas"],
             )
         else:
             self.built = build_student(denoiser, solver, nfe, grid, sigma_min, sigma_max, rho, state_dtype, terminal_zero=terminal_zero)
@@ -531,11 +522,11 @@ class DODESampler(pl.LightningModule):
         fitted_conditional = None
         lam = None
         if use_file:
-            tensors, meta = load_lambdas(lambdas, expect=self.built.metadata(), schedule=self.built.setup.schedule)
+            tensors, meta = fitted_file.load(expect=self.built.metadata(), schedule=self.built.setup.schedule)
             lam = lambdas_to_apply(lambdas, tensors, meta, self.student.num_stages, self.built.loaded.image_shape)
             if "first_denoised" in tensors:  # first_step mean: the first evaluation is the stored x̂₀
                 network = FirstStepMean(network, float(self.student.sigmas[0]), tensors["first_denoised"])
-            self.lambda_file = {"path": str(Path(lambdas).resolve()), "sha256": file_sha256(lambdas), "metadata": meta}
+            self.lambda_file = {"path": str(Path(lambdas).resolve()), "sha256": fitted_file.sha256, "metadata": meta}
             fitted_conditional = meta.get("class_conditional")
         self.denoiser = FixedBatch(network, eval_batch)
         self.register_buffer("lambdas", lam, persistent=False)

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from dode_lightning.lambda_file import load_lambdas
 from tests.conftest import fixture_path

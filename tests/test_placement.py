@@ -16,7 +16,7 @@ from dode_lightning.lambda_file import load_lambdas
 from dode_lightning.placement import one_step_costs, place_knots, placed_sigmas, placement_teacher, states_at, teacher_trajectory
 from dode_lightning.sampling import DODESampler
 from dode_lightning.schedules import EDM
-from dode_lightning.solvers import SOLVERS, LambdaLayout, make_solver
+from dode_lightning.solvers import LambdaLayout, make_solver
 
 
 def _brute_force(costs: torch.Tensor, steps: int, coefficient: float) -> float:

@@ -210,6 +210,30 @@ def test_lambda_file_changes_the_samples_and_is_recorded(tmp_path, monkeypatch):
     assert sample_main(base) == 2
 
 
+def test_sampler_takes_everything_from_one_read_of_the_lambda_file(tmp_path, monkeypatch):
+    """A λ file replaced while the sampler loads the denoiser (train.py rewriting the same path) does not mix two
+    fits: σ, λ and the recorded hash are the first file's."""
+    import hashlib
+
+    from dode_lightning import sampling
+
+    first = _lambda_file(tmp_path / "lam.safetensors", 9)
+    first_bytes = first.read_bytes()
+    _lambda_file(tmp_path / "other.safetensors", 5)
+    build = sampling.build_student
+
+    def build_then_replace(*args, **kwargs):
+        built = build(*args, **kwargs)
+        os.replace(tmp_path / "other.safetensors", first)
+        return built
+
+    monkeypatch.setattr(sampling, "build_student", build_then_replace)
+    sampler = sampling.DODESampler(lambdas=str(first))
+    assert first.read_bytes() != first_bytes
+    assert sampler.lambda_file["sha256"] == hashlib.sha256(first_bytes).hexdigest()
+    assert sampler.lambda_file["metadata"]["nfe"] == 9 and sampler.student.nfe == 9 and len(sampler.lambdas) == sampler.student.num_stages
+
+
 def _bad_npz(path: Path, **arrays) -> str:
     np.savez(path, **arrays)
     return str(path)
