@@ -42,7 +42,14 @@ class Student:
 
     @property
     def nfe(self) -> int:
+        """The solver's evaluations per sample, the first (at σ_0) included."""
         return self.solver.nfe
+
+    @property
+    def network_nfe(self) -> int:
+        """The network calls per sample: `nfe`, less the first evaluation where `first_denoised` answers it (the NFE
+        train.py was given)."""
+        return self.solver.nfe - (self.first_denoised is not None)
 
     def sample(
         self, denoiser: Callable[..., Tensor], noise: Tensor, class_labels: Tensor | None = None, observe: Callable[[int, Stage, Tensor], None] | None = None
@@ -50,6 +57,8 @@ class Student:
         """The final state from unit-variance latents `noise` (B, C, H, W): `denoiser(x, σ, class_labels) -> x̂₀`.
         `observe(k, stage, state)` sees each stage's state (at `solver.target_sigmas[k]`)."""
         if self.first_denoised is not None:
+            if tuple(noise.shape[1:]) != tuple(self.first_denoised.shape):
+                raise ValueError(f"noise of shape {tuple(noise.shape)}: this student was calibrated on images of shape {tuple(self.first_denoised.shape)}; pass (B, {', '.join(map(str, self.first_denoised.shape))})")
             denoiser = FirstStepMean(denoiser, float(self.solver.sigmas[0]), self.first_denoised)
         lambdas = self.layout.expand(self.lambdas, noise.shape[1:]).to(noise.device)
         with torch.no_grad():

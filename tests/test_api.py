@@ -38,3 +38,21 @@ def test_calibrate_takes_a_bare_network(digits):
 def test_load_student_refuses_a_missing_file(tmp_path):
     with pytest.raises(LambdaFileError, match="does not exist"):
         dode_lightning.load_student(tmp_path / "nothing.safetensors")
+
+
+def test_student_counts_its_network_calls_and_refuses_noise_of_another_shape(digits):
+    student = dode_lightning.calibrate(
+        {"source": "gmm_digits"}, "ipndm", 3, grid="teacher_dp", dp_steps=20, terminal_zero=False, first_step="mean", data={"batch_size": 8, "class_conditional": False}
+    )
+    assert student.first_denoised is not None and (student.nfe, student.network_nfe) == (4, 3)
+    calls = []
+
+    def counted(x, sigma, class_labels=None):
+        calls.append(1)
+        return digits(x, sigma, class_labels)
+
+    student.sample(counted, torch.randn(2, 1, 8, 8, dtype=torch.float64))
+    assert len(calls) == student.network_nfe
+    for shape in [(2, 64), (2, 3, 8, 8)]:
+        with pytest.raises(ValueError, match=r"calibrated on images of shape \(1, 8, 8\)"):
+            student.sample(digits, torch.randn(*shape, dtype=torch.float64))
