@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .api import student_of
-from .lambda_file import LambdaFileError, load_lambdas, refuse_first_step, schedule_from_id
+from .lambda_file import LambdaFileError, load_lambdas, schedule_from_id
 from .flow import flow_state
 from .schedules import FlowMatching, Schedule, VPDiscrete, flow_time, linear_betas
 from .solvers import DEIS, SOLVERS, DPMSolverPP, LambdaLayout, Solver, run_stages
@@ -63,14 +63,19 @@ def sample_dode(
     return solver_sampler(built, lambdas, LambdaLayout(history, lambda_groups))(model, x, sigmas, extra_args, callback, disable)
 
 
-def solver_sampler(solver: Solver, lambdas: Tensor | None = None, layout: LambdaLayout | None = None, flow: bool = False) -> KSampler:
+def solver_sampler(
+    solver: Solver, lambdas: Tensor | None = None, layout: LambdaLayout | None = None, flow: bool = False, first_denoised: Tensor | None = None
+) -> KSampler:
     """`solver` (built on `sigmas` up to a final 0 it may stop before) with these λ as a k-diffusion sampler: from
     the VE-form state x at sigmas[0] to the VE-form state at the solver's last σ. `flow`: ComfyUI's flow convention
-    (module doc) for a solver on a flow schedule's σ from ∞: x and the model's σ are x_t and t."""
+    (module doc) for a solver on a flow schedule's σ from ∞: x and the model's σ are x_t and t. `first_denoised`: the
+    stored x̂₀ of a `first_step: mean` calibration, which answers the evaluation at sigmas[0] without calling the
+    model (so the model runs one time less than the solver evaluates)."""
     layout = layout or LambdaLayout()
     if lambdas is not None and len(lambdas) != solver.num_stages:
         raise ValueError(f"{solver.name} on these {len(solver.sigmas)} sigmas has {solver.num_stages} stages, got {len(lambdas)} λ")
     index = {float(s): i for i, s in enumerate(solver.sigmas)}
+    first_sigma = float(solver.sigmas[0])
     ends = solver.step_ends
 
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):  # noqa: ANN001, ANN202 (KSampler)
@@ -80,12 +85,17 @@ def solver_sampler(solver: Solver, lambdas: Tensor | None = None, layout: Lambda
             applied = layout.expand(torch.as_tensor(lambdas, dtype=torch.float64), x.shape[1:]).to(x.device)
             rule = lambda k, _stage: applied[k]  # noqa: E731
         s_in = x.new_ones([x.shape[0]])
+        if first_denoised is not None and tuple(x.shape[1:]) != tuple(first_denoised.shape):
+            raise ValueError(f"latents of shape {tuple(x.shape)}: the λ file was calibrated on images of shape {tuple(first_denoised.shape)}")
         starts_step = [True]
         progress = _progress(len(sigmas) - 1, disable)
 
         def denoiser(x_ve: Tensor, sigma: Tensor, class_labels: Tensor | None = None) -> Tensor:
             x_model, sigma_model = (flow_state(x_ve, sigma), flow_time(sigma)) if flow else (x_ve, sigma)
-            denoised = model(x_model, sigma_model * s_in, **extra_args)
+            if first_denoised is not None and float(sigma) == first_sigma:
+                denoised = first_denoised.to(x_model.device, x_model.dtype).expand_as(x_model).clone()
+            else:
+                denoised = model(x_model, sigma_model * s_in, **extra_args)
             if starts_step[0]:  # the first evaluation of a step, where k-diffusion calls back
                 i = index[float(sigma)]
                 if callback is not None:
@@ -117,11 +127,12 @@ def sampler_from_lambda_file(path: str | os.PathLike, require_integer_timesteps:
 
     The sampler refuses other sigmas (the λ are fitted to this grid). On a grid ending at σ_min > 0 (DPM-Solver's
     default) it returns the solver's state at σ_min, as `sample.py` does; the appended 0 only follows k-diffusion's
-    convention. A flow-matching calibration gives its flow times t (1 … 0), ComfyUI's σ for flow models. `require_integer_timesteps`: refuse discrete-time calibrations made without `integer_timesteps`
-    (ComfyUI calls discrete models at integer timesteps).
+    convention. A flow-matching calibration gives its flow times t (1 … 0), ComfyUI's σ for flow models. A
+    `first_step: mean` calibration's stored x̂₀ answers the evaluation at σ_0, so the model runs the NFE train.py was
+    given. `require_integer_timesteps`: refuse discrete-time calibrations made without `integer_timesteps` (ComfyUI
+    calls discrete models at integer timesteps).
     """
     tensors, meta = load_lambdas(path)
-    refuse_first_step(tensors, path, "a k-diffusion sampler (it calls the model at every σ it is given)")
     schedule, exact = _schedule_of(path, meta)
     if require_integer_timesteps and isinstance(schedule, VPDiscrete) and meta.get("integer_timesteps") is not True:
         raise LambdaFileError(f"{path} was not calibrated with integer_timesteps, but discrete models are called at integer timesteps here; recalibrate with the denoiser option integer_timesteps: true")
@@ -129,7 +140,7 @@ def sampler_from_lambda_file(path: str | os.PathLike, require_integer_timesteps:
         raise LambdaFileError(f"{path}: DEIS depends on the schedule's β table, which this file names only by a hash that matches no known table; sample it with sample.py")
     student = student_of(tensors, meta, schedule, path)
     flow = isinstance(schedule, FlowMatching)
-    run = solver_sampler(student.solver, student.lambdas, student.layout, flow)
+    run = solver_sampler(student.solver, student.lambdas, student.layout, flow, student.first_denoised)
     grid = schedule.sigma_inv(student.sigmas) if flow else student.sigmas
     listed = grid if float(grid[-1]) == 0 else torch.cat([grid, grid.new_zeros(1)])
 

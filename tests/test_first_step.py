@@ -8,7 +8,7 @@ from dode_lightning.api import load_student
 from dode_lightning.cli import train_main
 from dode_lightning.denoisers import FirstStepMean, eps_and_denoised
 from dode_lightning.distill import seeded_noise
-from dode_lightning.lambda_file import LambdaFileError, load_lambdas
+from dode_lightning.lambda_file import load_lambdas
 from tests.test_calibration import write_tiny_config
 
 
@@ -59,14 +59,25 @@ def test_train_py_stores_the_batch_mean_and_samplers_call_the_network_nfe_times(
     torch.testing.assert_close(again, out, rtol=0, atol=1e-12)  # sample.py's sampler = load_student
 
 
-def test_first_step_files_are_refused_where_the_network_runs_every_step(tmp_path, capsys, monkeypatch):
+def test_k_diffusion_sampler_answers_the_first_step_and_calls_the_model_nfe_times(tmp_path, capsys, monkeypatch, digits):
     monkeypatch.setattr(sys, "argv", ["train.py"])
     code, output, _ = _calibrate(tmp_path, capsys)
     assert code == 0
     from dode_lightning.k_diffusion import sampler_from_lambda_file
 
-    with pytest.raises(LambdaFileError, match=r"answers its first evaluation with a stored x̂₀ \(first_step: mean\), which a k-diffusion sampler"):
-        sampler_from_lambda_file(output)
+    sample, sigmas = sampler_from_lambda_file(output)
+    calls, steps = [], []
+
+    def model(x, sigma, **extra_args):
+        calls.append(float(sigma[0]))
+        return digits(x, sigma[0])
+
+    noise = seeded_noise(range(1_000_000, 1_000_006), (1, 8, 8))[0].to(torch.float64)
+    out = sample(model, noise * sigmas[0], sigmas, callback=lambda info: steps.append(info["i"]), disable=True)
+    assert len(calls) == 3 and float(sigmas[0]) not in calls and steps == [0, 1, 2, 3]
+    torch.testing.assert_close(out, load_student(output).sample(digits, noise), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"calibrated on images of shape \(1, 8, 8\)"):
+        sample(model, torch.zeros(2, 3, 8, 8, dtype=torch.float64), sigmas, disable=True)
 
 
 def test_first_step_mean_refuses_a_class_conditional_run_in_one_line(tmp_path, capsys, monkeypatch):
