@@ -77,9 +77,12 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 
 def output_dir(args: argparse.Namespace) -> Path | None:
-    """docs/ for a full run, nothing for --quick, or the explicit --out-dir."""
+    """docs/ for a full run, nothing for --quick, or the explicit --out-dir (created here, before the run, so that a
+    long measurement does not end in a folder that is not there)."""
     if args.out_dir is not None:
-        return Path(args.out_dir)
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        return out
     return None if args.quick else Path("docs")
 
 
