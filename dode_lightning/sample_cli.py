@@ -254,17 +254,16 @@ def _warn(message: str | None) -> None:
 
 
 def _sampling_logger(config: dict[str, Any], module: DODESampler) -> TensorBoardLogger | None:
-    """TensorBoard under <save_dir>/sampling/<solver>_nfe<N>_<d|base>[_k], apart from the calibration runs
-    (save_dir from the config's logger, default runs); none when the config turns logging off."""
+    """TensorBoard under <save_dir>/sampling/<solver>_nfe<N>_<d|base>[_k] (N: network calls per sample), apart from
+    the calibration runs (save_dir from the config's logger, default runs); none when the config turns logging off."""
     from pytorch_lightning.loggers import TensorBoardLogger
-
 
     logger = (config.get("trainer") or {}).get("logger", True)
     if logger in (False, None):
         return None
     save_dir = (logger.get("init_args") or {}).get("save_dir", "runs") if isinstance(logger, dict) else "runs"
     kind = "base" if module.lambda_file is None else "d"
-    version = unique_version(Path(save_dir) / SAMPLING_RUNS, f"{module.built.setup.name}_nfe{module.student.nfe}_{kind}")
+    version = unique_version(Path(save_dir) / SAMPLING_RUNS, f"{module.built.setup.name}_nfe{module.network_nfe}_{kind}")
     return TensorBoardLogger(save_dir=save_dir, name=SAMPLING_RUNS, version=version, default_hp_metric=False)
 
 
@@ -402,8 +401,7 @@ def _sample(argv: list[str], progress: dict[str, Any]) -> int:
     fresh, seconds = len(seeds) - data.already_written, timer.seconds
     rate = f", {fresh / seconds:.1f} images/s" if fresh else ""
     kind = "base solver" if module.lambda_file is None else f"D-solver (λ {module.lambda_file['path']})"
-    network_nfe = (module.lambda_file or {}).get("metadata", {}).get("network_nfe")
-    nfe = module.student.nfe if network_nfe is None else f"{network_nfe} (+ the stored first step)"
+    nfe = module.network_nfe if module.network_nfe == module.student.nfe else f"{module.network_nfe} (+ the stored first step)"
     print(f"\n{module.built.setup.name}, NFE {nfe}, {kind}")
     print(f"{len(seeds)} seeds ({args.seeds}): {fresh} generated on {trainer.world_size} process(es), {data.already_written} already in {outdir}; predict {seconds:.2f} s{rate}; total {time.perf_counter() - started:.2f} s")
     print(f"image grid of the first {min(len(seeds), GRID_SEEDS)} seeds: {outdir / GRID_FILE}")

@@ -519,6 +519,7 @@ class DODESampler(pl.LightningModule):
         self.decoder = self.built.loaded.decoder
         self.student = self.built.solver
         self.lambda_file: dict[str, Any] | None = None
+        self.network_nfe = self.student.nfe  # network calls per sample (the NFE train.py was given)
         fitted_conditional = None
         lam = None
         if use_file:
@@ -526,6 +527,7 @@ class DODESampler(pl.LightningModule):
             lam = lambdas_to_apply(lambdas, tensors, meta, self.student.num_stages, self.built.loaded.image_shape)
             if "first_denoised" in tensors:  # first_step mean: the first evaluation is the stored x̂₀
                 network = FirstStepMean(network, float(self.student.sigmas[0]), tensors["first_denoised"])
+                self.network_nfe -= 1
             self.lambda_file = {"path": str(Path(lambdas).resolve()), "sha256": fitted_file.sha256, "metadata": meta}
             fitted_conditional = meta.get("class_conditional")
         self.denoiser = FixedBatch(network, eval_batch)

@@ -54,6 +54,7 @@ def test_train_py_stores_the_batch_mean_and_samplers_call_the_network_nfe_times(
     from dode_lightning.sampling import DODESampler
 
     sampler = DODESampler(denoiser={"source": "gmm_digits"}, lambdas=str(output))
+    assert (sampler.network_nfe, sampler.student.nfe) == (3, 4)  # sample.py's line and TensorBoard run speak of 3
     with torch.no_grad():
         again = sampler.student.sample(sampler.denoiser, noise, sampler.lambdas)
     torch.testing.assert_close(again, out, rtol=0, atol=1e-12)  # sample.py's sampler = load_student
