@@ -49,7 +49,7 @@ class Student:
     def network_nfe(self) -> int:
         """The network calls per sample: `nfe`, less the first evaluation where `first_denoised` answers it (the NFE
         train.py was given)."""
-        return self.solver.nfe - (self.first_denoised is not None)
+        return self.solver.nfe - (0 if self.first_denoised is None else 1)
 
     def sample(
         self, denoiser: Callable[..., Tensor], noise: Tensor, class_labels: Tensor | None = None, observe: Callable[[int, Stage, Tensor], None] | None = None

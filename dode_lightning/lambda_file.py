@@ -50,6 +50,8 @@ FORMAT_1 = "dode-lightning/lambdas/1"
 # `guidance_scale` (float) is recorded for text-conditional pipelines: λ fitted for one guided denoiser;
 # `time_shift` for flow-matching models: λ fitted on one shifted time grid.
 MATCH_KEYS = ("solver", "nfe", "grid", "grid_kwargs", "schedule", "denoiser", "guidance_scale", "time_shift")
+# A λ file holds λ, σ lists and at most one image-sized x̂₀ (kilobytes to a few MiB); the whole file is read at once.
+MAX_FILE_BYTES = 256 * 2**20
 # Fitted λ are O(1) (paper units); far beyond this bound λ·Δ overflows and the samples are black.
 LAMBDA_LIMIT = 1e6
 # JSON types of the metadata fields this package reads back (a field may be absent; extra fields are kept as they are).
@@ -173,6 +175,9 @@ class LambdaFile:
         path = Path(path)
         if not path.is_file():
             raise LambdaFileError(f"λ file {path} does not exist: run train.py first or pass the path it printed")
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise LambdaFileError(f"{path} is {size / 2**20:.0f} MiB, far more than a λ file holds; pass the λ file train.py wrote")
         try:
             data = path.read_bytes()
             tensors = load_safetensors(data)

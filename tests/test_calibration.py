@@ -159,6 +159,10 @@ def test_lambda_file_round_trip_and_mismatch(tmp_path):
         load_lambdas(tmp_path / "junk.safetensors")
     with pytest.raises(LambdaFileError, match="does not exist"):
         load_lambdas(tmp_path / "missing.safetensors")
+    with open(tmp_path / "checkpoint.safetensors", "wb") as handle:  # sparse: a model checkpoint passed by mistake
+        handle.truncate(300 * 2**20)
+    with pytest.raises(LambdaFileError, match="is 300 MiB, far more than a λ file holds"):
+        load_lambdas(tmp_path / "checkpoint.safetensors")
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
