@@ -34,7 +34,6 @@ __all__ = [
     "check_metadata",
     "check_grid",
     "schedule_id",
-    "fitted_settings",
     "lambda_file_in",
     "schedule_from_id",
     "LambdaFileError",
@@ -298,11 +297,6 @@ def _rebuilt_grid(path: Path, metadata: dict[str, Any], schedule: Schedule | Non
 
 def _normalise(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True))
-
-
-def fitted_settings(path: str | Path) -> dict[str, Any]:
-    """`LambdaFile.settings` of the file at `path`."""
-    return LambdaFile.read(path).settings()
 
 
 def lambda_file_in(path: str | Path) -> Path:

@@ -43,7 +43,7 @@ from .fid import (
     verify_images,
 )
 from .images import GRID_FILE, GRID_SEEDS, MANIFEST
-from .lambda_file import LambdaFileError, fitted_settings, lambda_file_in
+from .lambda_file import LambdaFile, LambdaFileError, lambda_file_in
 from .quiet import silence_lightning_noise
 
 if TYPE_CHECKING:  # Lightning is imported only by the commands that sample (start-up time of the others)
@@ -182,17 +182,20 @@ def _read_config(path: str, overrides: dict[str, dict[str, Any]]) -> dict[str, A
     return config
 
 
-def _model_args(config: dict[str, Any], lambdas: str, eval_batch: int, command_line: dict[str, Any]) -> dict[str, Any]:
-    """DODESampler's arguments; with a λ file, solver, NFE and grid are the file's (a different value given on the
-    command line is refused, one in the config file is replaced)."""
+def _model_args(config: dict[str, Any], lambdas: str, eval_batch: int, command_line: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """DODESampler's arguments, and the SHA-256 of the λ file read for them (None without one); with a λ file,
+    solver, NFE and grid are the file's (a different value given on the command line is refused, one in the config
+    file is replaced)."""
     model = dict(config.get("model") or {})
     unknown = sorted(set(model) - set(SAMPLER_KEYS) - set(CALIBRATION_ONLY_KEYS))
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(unknown)} in the model section; accepted: {', '.join(SAMPLER_KEYS + CALIBRATION_ONLY_KEYS)}")
     args = {k: v for k, v in model.items() if k in SAMPLER_KEYS}
     args["lambdas"] = None if lambdas.lower() == "none" else str(lambda_file_in(lambdas))
+    digest = None
     if args["lambdas"] is not None:
-        fitted = fitted_settings(args["lambdas"])
+        fitted_file = LambdaFile.read(args["lambdas"])
+        fitted, digest = fitted_file.settings(), fitted_file.sha256
         values = {"solver": fitted["solver"], "nfe": fitted["nfe"], "grid": fitted["grid"], **{k: v for k, v in fitted["grid_kwargs"].items() if k in _FITTED_KEYS}}
         given = {**values, "nfe": fitted["network_nfe"]}  # what train.py was told (with a stored first step, one less)
         for key in _FITTED_KEYS:
@@ -204,7 +207,7 @@ def _model_args(config: dict[str, Any], lambdas: str, eval_batch: int, command_l
     conditional = (config.get("data") or {}).get("class_conditional")
     if conditional is not None:
         args["class_conditional"] = conditional
-    return args
+    return args, digest
 
 
 def check_writable(outdir: Path) -> None:
@@ -314,7 +317,7 @@ def _sample(argv: list[str], progress: dict[str, Any]) -> int:
         args, rest = _parser().parse_known_args(argv)
         command_line = _overrides(rest)
         config = _read_config(args.config, command_line)
-        model_args = _model_args(config, args.lambdas, args.eval_batch, command_line["model"])
+        model_args, checked_digest = _model_args(config, args.lambdas, args.eval_batch, command_line["model"])
         if args.print_config:
             data_section = {k: v for k, v in (config.get("data") or {}).items() if k == "class_conditional"}
             print(yaml.safe_dump({"trainer": config.get("trainer") or {}, "model": model_args, "data": data_section}, sort_keys=False, allow_unicode=True), end="")
@@ -350,6 +353,9 @@ def _sample(argv: list[str], progress: dict[str, Any]) -> int:
                 parser_kwargs={"exit_on_error": False},
             )
         module, trainer = cli.model, cli.trainer
+        if checked_digest is not None and module.lambda_file["sha256"] != checked_digest:
+            # The settings checked against the command line came from another file than the one the sampler read.
+            raise ConfigError(f"λ file {model_args['lambdas']} changed while sample.py started (train.py still writing it?); rerun once it is written")
         limit_threads_for_builtin(module.built.loaded, trainer.strategy.root_device)
         processes = trainer.num_devices * trainer.num_nodes
         if len(seeds) < processes:

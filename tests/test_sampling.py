@@ -234,6 +234,27 @@ def test_sampler_takes_everything_from_one_read_of_the_lambda_file(tmp_path, mon
     assert sampler.lambda_file["metadata"]["nfe"] == 9 and sampler.student.nfe == 9 and len(sampler.lambdas) == sampler.student.num_stages
 
 
+def test_sample_py_refuses_a_lambda_file_that_changes_while_it_starts(tmp_path, monkeypatch, capsys):
+    """The settings sample.py checks against the command line and the sampler's own read are of one file."""
+    from dode_lightning import sample_cli
+
+    monkeypatch.chdir(tmp_path)
+    lam = _lambda_file(tmp_path / "lam.safetensors", 9)
+    _lambda_file(tmp_path / "other.safetensors", 5)
+    checked = sample_cli.check_writable
+
+    def check_then_replace(outdir):  # runs between the settings check and the sampler's read
+        checked(outdir)
+        os.replace(tmp_path / "other.safetensors", lam)
+
+    monkeypatch.setattr(sample_cli, "check_writable", check_then_replace)
+    args = _command(tmp_path / "d", "0-3")[2:]
+    args[args.index("--lambdas") + 1] = str(lam)
+    assert sample_main(args) == 2
+    assert "changed while sample.py started" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").rglob("*.png"))
+
+
 def _bad_npz(path: Path, **arrays) -> str:
     np.savez(path, **arrays)
     return str(path)
