@@ -316,5 +316,5 @@ def refuse_first_step(tensors: dict[str, Tensor], path: str | Path, driver: str)
     if "first_denoised" in tensors:
         raise LambdaFileError(
             f"{path} answers its first evaluation with a stored x̂₀ (first_step: mean), which {driver} cannot do; "
-            "sample it with sample.py or dode_lightning.load_student, or refit with --model.first_step network"
+            "sample it with sample.py, dode_lightning.load_student or the k-diffusion / ComfyUI sampler, or refit with --model.first_step network"
         )
