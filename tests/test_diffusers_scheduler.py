@@ -18,7 +18,7 @@ from PIL import Image
 from dode_lightning.cli import train_main
 from dode_lightning.denoisers import DiscreteEpsDenoiser
 from dode_lightning.distill import seeded_noise
-from dode_lightning.lambda_file import load_lambdas, save_lambdas
+from dode_lightning.lambda_file import LambdaFileError, load_lambdas, save_lambdas
 from dode_lightning.lambda_file import schedule_id as describe_schedule
 from dode_lightning.sample_cli import export_scheduler_main, sample_main
 from dode_lightning.sampling import ImageStore, to_uint8
@@ -283,6 +283,14 @@ def test_export_keeps_the_lambda_layout(calibrated, folder, tmp_path):
     scheduler = export_scheduler(layered, folder)
     assert (scheduler.config.history, scheduler.config.lambda_groups) == (2, "channel")
     assert torch.tensor(scheduler.config.lambdas).shape == (stages, 2, 3)
+
+
+def test_export_refuses_a_stored_first_step(calibrated, folder, tmp_path):
+    """A pipeline calls the network at every timestep, from x_T: a `first_step: mean` file cannot run there."""
+    tensors, meta = load_lambdas(calibrated / "lambdas.safetensors")
+    first = save_lambdas(tmp_path / "first.safetensors", {**tensors, "first_denoised": torch.zeros(3, 32, 32)}, {**meta, "first_step": "mean"})
+    with pytest.raises(LambdaFileError, match=r"stored x̂₀ \(first_step: mean\), which a diffusers pipeline .* k-diffusion / ComfyUI sampler"):
+        export_scheduler(first, folder)
 
 
 def test_export_refuses_another_beta_table(calibrated, folder, tmp_path):
