@@ -35,8 +35,8 @@ from torch import Tensor
 from benchmarks.common import CALIBRATION_SEEDS, HELD_OUT_START, SCALE, ExactStates, machine, markdown_table, output_dir, parser
 from dode_lightning.denoisers import Denoiser
 from dode_lightning.distill import SolverSetup, StageFit, build_teacher, fit_closed_form, holdout_mask, seeded_noise, teacher_targets
-from dode_lightning.grids import karras_sigmas, logsnr_uniform_sigmas
-from dode_lightning.joint_fit import JointFit, JointResult, JointSettings
+from dode_lightning.grids import karras_sigmas
+from dode_lightning.joint_fit import JointFit, JointSettings
 from dode_lightning.placement import placed_sigmas, teacher_trajectory
 from dode_lightning.schedules import EDM
 from dode_lightning.solvers import SOLVERS, LambdaLayout, Solver
