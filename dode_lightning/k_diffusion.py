@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .api import student_of
+from .denoisers import FirstStepMean
 from .lambda_file import LambdaFileError, load_lambdas, schedule_from_id
 from .flow import flow_state
 from .schedules import FlowMatching, Schedule, VPDiscrete, flow_time, linear_betas
@@ -90,15 +91,18 @@ def solver_sampler(
         starts_step = [True]
         progress = _progress(len(sigmas) - 1, disable)
 
-        def denoiser(x_ve: Tensor, sigma: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        def network(x_ve: Tensor, sigma: Tensor, class_labels: Tensor | None = None) -> Tensor:
             x_model, sigma_model = (flow_state(x_ve, sigma), flow_time(sigma)) if flow else (x_ve, sigma)
-            if first_denoised is not None and float(sigma) == first_sigma:
-                denoised = first_denoised.to(x_model.device, x_model.dtype).expand_as(x_model).clone()
-            else:
-                denoised = model(x_model, sigma_model * s_in, **extra_args)
+            return model(x_model, sigma_model * s_in, **extra_args)
+
+        evaluate = network if first_denoised is None else FirstStepMean(network, first_sigma, first_denoised)
+
+        def denoiser(x_ve: Tensor, sigma: Tensor, class_labels: Tensor | None = None) -> Tensor:
+            denoised = evaluate(x_ve, sigma)
             if starts_step[0]:  # the first evaluation of a step, where k-diffusion calls back
                 i = index[float(sigma)]
                 if callback is not None:
+                    x_model = flow_state(x_ve, sigma) if flow else x_ve
                     callback({"x": x_model, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
                 progress.update(i + 1 - progress.n)
             return denoised
