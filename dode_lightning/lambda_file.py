@@ -170,8 +170,9 @@ class LambdaFile:
 
     @classmethod
     def read(cls, path: str | Path) -> LambdaFile:
-        """The file's contents, refused in one line unless it is a readable λ file with valid λ and metadata."""
-        path = Path(path)
+        """The file's contents, refused in one line unless it is a readable λ file with valid λ and metadata. `path`
+        may also be a run folder holding one λ file (`lambda_file_in`)."""
+        path = lambda_file_in(path)
         if not path.is_file():
             raise LambdaFileError(f"λ file {path} does not exist: run train.py first or pass the path it printed")
         size = path.stat().st_size

@@ -38,6 +38,14 @@ def test_calibrate_takes_a_bare_network(digits):
 def test_load_student_refuses_a_missing_file(tmp_path):
     with pytest.raises(LambdaFileError, match="does not exist"):
         dode_lightning.load_student(tmp_path / "nothing.safetensors")
+    with pytest.raises(LambdaFileError, match=r"holds 0 λ files \(\*\.safetensors\); pass the λ file itself"):
+        dode_lightning.load_student(tmp_path)
+
+
+def test_load_student_takes_the_run_folder_train_py_wrote(tmp_path, digits):
+    dode_lightning.calibrate(digits, "euler", 3, image_shape=(1, 8, 8), data={"batch_size": 8, "class_conditional": False}, output=tmp_path / "run" / "lambdas.safetensors")
+    student = dode_lightning.load_student(tmp_path / "run")
+    assert torch.equal(student.sigmas, dode_lightning.load_student(tmp_path / "run" / "lambdas.safetensors").sigmas)
 
 
 def test_student_counts_its_network_calls_and_refuses_noise_of_another_shape(digits):
