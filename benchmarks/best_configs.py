@@ -16,6 +16,7 @@ Usage: PYTHONPATH=. python benchmarks/best_configs.py [--quick] [--model exact|n
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import tempfile
 import time
@@ -77,6 +78,26 @@ def calibrated_student(config: Path, nfe: int) -> Student:
         output = Path(folder) / "lambdas.safetensors"
         calibrate(config, nfe, output)
         return load_student(output)
+
+
+def student_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of a benchmark that studies one config's student on the exact model's large held-out set:
+    `--config`, `--nfe`, `--seeds` (resolve the last with `large_seed_count`)."""
+    args_parser = parser(doc)
+    args_parser.add_argument("--config", type=Path, default=CONFIGS["exact"], help="a train.py config of the exact model")
+    args_parser.add_argument("--nfe", type=int, default=10)
+    args_parser.add_argument("--seeds", type=int, default=None, help="held-out seeds from 3,000,000 (default 20,000; --quick 2,000)")
+    return args_parser
+
+
+def large_seed_count(args: argparse.Namespace) -> int:
+    """`--seeds`, else 20,000 (2,000 with --quick)."""
+    return args.seeds or (2_000 if args.quick else 20_000)
+
+
+def large_held_out(denoiser: torch.nn.Module, reference: Solver, count: int) -> HeldOut:
+    """The first `count` held-out seeds from LARGE_SEEDS (3,000,000)."""
+    return HeldOut(denoiser, reference, seeded_noise(range(LARGE_SEEDS, LARGE_SEEDS + count), (1, 8, 8))[0])
 
 
 def shown(config: Path) -> Path:
@@ -147,7 +168,7 @@ def main() -> None:
     count = 50 if args.quick else count
     held = HeldOut(denoiser, reference, seeded_noise(range(HELD_OUT_START, HELD_OUT_START + count), (1, 8, 8))[0])
     more = HeldOut(denoiser, reference, seeded_noise(range(MORE_SEEDS, MORE_SEEDS + (100 if args.quick else 2 * count)), (1, 8, 8))[0])
-    large = HeldOut(denoiser, reference, seeded_noise(range(LARGE_SEEDS, LARGE_SEEDS + args.large), (1, 8, 8))[0]) if args.large else None
+    large = large_held_out(denoiser, reference, args.large) if args.large else None
     large_header = [f"RMSE on {args.large:,} seeds from 3,000,000 (seeds in another mode)", "GITS, LD3 there", "× better of them there"]
     header = HEADER[:7] + (large_header if large else []) + HEADER[7:]
     config = CONFIGS[args.model] if args.config is None else Path(args.config).resolve()

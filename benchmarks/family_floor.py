@@ -13,13 +13,12 @@ Usage: PYTHONPATH=. python benchmarks/family_floor.py [--quick] [--config config
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from benchmarks.best_configs import CONFIGS, LARGE_SEEDS, WRONG_MODE, calibrated_student, shown
-from benchmarks.common import machine, markdown_table, output_dir, parser, print_and_write
+from benchmarks.best_configs import WRONG_MODE, calibrated_student, large_held_out, large_seed_count, shown, student_parser
+from benchmarks.common import machine, markdown_table, output_dir, print_and_write
 from benchmarks.learned_steps import HeldOut, load_model
 from dode_lightning.api import Student
 from dode_lightning.denoisers import FirstStepMean
@@ -69,22 +68,19 @@ def row(name: str, student: Student, held: HeldOut) -> list[str]:
 
 
 def main() -> None:
-    args_parser = parser(__doc__)
-    args_parser.add_argument("--config", type=Path, default=CONFIGS["exact"], help="a train.py config of the exact model")
-    args_parser.add_argument("--nfe", type=int, default=10)
+    args_parser = student_parser(__doc__)
     args_parser.add_argument("--calibration-seeds", type=int, default=None, help="seeds of the exact refit (default 1,000; --quick 100)")
     args_parser.add_argument("--iterations", type=int, default=None, help="L-BFGS iterations of the refit (default 100; --quick 10)")
-    args_parser.add_argument("--seeds", type=int, default=None, help="held-out seeds from 3,000,000 (default 20,000; --quick 2,000)")
     args = args_parser.parse_args()
     args.calibration_seeds = args.calibration_seeds or (100 if args.quick else 1_000)
     args.iterations = args.iterations or (10 if args.quick else 100)
-    args.seeds = args.seeds or (2_000 if args.quick else 20_000)
+    args.seeds = large_seed_count(args)
     silence_lightning_noise()
     torch.set_num_threads(1)
     mixture, reference, _ = load_model("exact")
     student = calibrated_student(args.config, args.nfe)
     refitted, loss_start, loss_end, seconds = refit(mixture, student, args.calibration_seeds, args.iterations)
-    held = HeldOut(mixture, reference, seeded_noise(range(LARGE_SEEDS, LARGE_SEEDS + args.seeds), (1, 8, 8))[0])
+    held = large_held_out(mixture, reference, args.seeds)
     config = shown(args.config)
     rows = [
         row(f"`{config}` (train.py: its teacher targets on its batch)", student, held),

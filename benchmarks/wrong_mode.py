@@ -13,16 +13,14 @@ Usage: PYTHONPATH=. python benchmarks/wrong_mode.py [--quick] [--config configs/
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from benchmarks.best_configs import CONFIGS, LARGE_SEEDS, WRONG_MODE, calibrated_student, shown
-from benchmarks.common import machine, markdown_table, output_dir, parser, print_and_write
-from benchmarks.learned_steps import HeldOut, load_model
+from benchmarks.best_configs import WRONG_MODE, calibrated_student, large_held_out, large_seed_count, shown, student_parser
+from benchmarks.common import machine, markdown_table, output_dir, print_and_write
+from benchmarks.learned_steps import load_model
 from dode_lightning.api import Student
-from dode_lightning.distill import seeded_noise
 from dode_lightning.gmm import GaussianMixture
 from dode_lightning.quiet import silence_lightning_noise
 
@@ -73,19 +71,16 @@ def first_step_rows(mixture: GaussianMixture, student: Student, noise: Tensor, e
 
 
 def main() -> None:
-    args_parser = parser(__doc__)
-    args_parser.add_argument("--config", type=Path, default=CONFIGS["exact"], help="a train.py config of the exact model")
-    args_parser.add_argument("--nfe", type=int, default=10)
-    args_parser.add_argument("--seeds", type=int, default=None, help="held-out seeds from 3,000,000 (default 20,000; --quick 2,000)")
+    args_parser = student_parser(__doc__)
     args_parser.add_argument("--first-step-seeds", type=int, default=None, help="seeds of the one-step check and of the other seeds' column (default 4,000; --quick 500)")
     args = args_parser.parse_args()
-    args.seeds = args.seeds or (2_000 if args.quick else 20_000)
+    args.seeds = large_seed_count(args)
     args.first_step_seeds = args.first_step_seeds or (500 if args.quick else 4_000)
     silence_lightning_noise()
     torch.set_num_threads(1)
     mixture, reference, _ = load_model("exact")
     student = calibrated_student(args.config, args.nfe)
-    held = HeldOut(mixture, reference, seeded_noise(range(LARGE_SEEDS, LARGE_SEEDS + args.seeds), (1, 8, 8))[0])
+    held = large_held_out(mixture, reference, args.seeds)
     end = held.exact(student.solver)
     final = student.sample(mixture, held.noise)
     per_seed = held.per_seed_mse(final, student.solver)
