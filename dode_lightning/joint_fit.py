@@ -201,8 +201,9 @@ class JointFit:
     `target`: the teacher's final state (B, …) at the grid's end; `path`: its trajectory, for `intermediate` > 0.
     `lambdas`: compact λ to start from (`layout.shape`); `lambda_scale`: c_k per stage (default 1).
     `held`: rows (bool per sample) left out of the fit and used to keep its best iterate (the never-worse guard).
-    `weights`: a weight per row (default 1): the losses are weighted means, e.g. `stratified_weights` for a batch
-    enriched with hard seeds.
+    `weights`: a weight per row (default 1) of the final state's error, whose term is then a weighted mean, e.g.
+    `stratified_weights` for a batch enriched with hard seeds. The per-stage errors (`intermediate`) are summed
+    unweighted: every row's path counts alike (weighting them as well measured the same on 20,000 held-out seeds).
     `reduce` pools sums across processes: the loss and gradient are those of the union batch on every rank.
     """
 

@@ -220,9 +220,9 @@ class DODECalibration(pl.LightningModule):
             steps fitted end to end with λ held, then λ by the paper's least squares on them).
         joint_pool: hard seeds for the joint fit (0 = off): the closed-form student and a 3×-step reference sample
             seeds data.seed … data.seed + joint_pool − 1 (the batch's own included); the `joint_hard` seeds where they
-            disagree most join the fit with their teacher endpoints, weighted so that the loss still estimates the
-            pool's mean squared error (few-step RMSE is carried by about 1 % of the seeds, which a batch of 100 rarely
-            holds). One process only.
+            disagree most join the fit with their teacher endpoints, weighted so that the final-state loss still
+            estimates the pool's mean squared error (few-step RMSE is carried by about 1 % of the seeds, which a batch
+            of 100 rarely holds). One process only.
         joint_hard: how many of the pool's hardest seeds join the joint fit.
         first_step: `network` (default) or `mean`: the student's first evaluation, at σ_max, is answered by the mean
             x̂₀ of the calibration batch there (stored in the λ file), so `nfe` network calls drive nfe + 1 solver
